@@ -1,0 +1,3 @@
+from medloupe.cli import main
+
+main()

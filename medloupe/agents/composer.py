@@ -1,0 +1,106 @@
+"""The default path with no VLM: a rule-based planner and an answer composed from evidence.
+
+Nothing here guesses what the image shows. The composer answers only what the evidence states
+outright (modality, body part, size and spacing, measurements) and abstains, with the reason,
+on everything else.
+"""
+
+from __future__ import annotations
+
+import re
+
+from medloupe.io.records import ImageRecord
+from medloupe.schemas import Claim, Draft, Evidence, GroundedAnswer, Plan, PlannedCall, Region
+from medloupe.tools.registry import ToolRegistry
+
+NO_VLM_NOTE = "no vision-language model configured: the first look is skipped"
+
+_MODALITY_Q = re.compile(
+    r"\b(modality|imaging (technique|method|type)|what (kind|type) of (image|scan|imaging)|"
+    r"how was (this|the) image (taken|acquired)|x-?ray|ct|mri|ultrasound)\b",
+    re.I,
+)
+_BODY_Q = re.compile(r"\b(body part|which organ system|what part of the body|region of the body|anatomy)\b", re.I)
+_SIZE_Q = re.compile(r"\b(size|dimensions?|field of view|pixel spacing|resolution|how large|how big)\b", re.I)
+
+
+def heuristic_plan(question: str, registry: ToolRegistry, image: ImageRecord, draft: Draft) -> Plan:
+    """A fixed, honest plan when no VLM plans: image facts, then intensity-based regions
+    (grayscale images), then a measurement of each region the draft asked to re-examine."""
+    calls: list[PlannedCall] = []
+
+    def add(tool: str, arguments: dict[str, object], reason: str) -> None:
+        if tool in registry and registry.get(tool).suits(image.modality) and registry.get(tool).available().ok:
+            calls.append(PlannedCall(tool=tool, arguments=arguments, reason=reason))
+
+    add("image_info", {}, "technical facts of the image (modality, body part, size, spacing)")
+    if image.channels == 1:
+        add("find_regions", {"polarity": "dark"}, "candidate regions to look at more closely")
+    for roi in draft.regions[:3]:
+        add("measure", {"box_xyxy": list(roi.box_xyxy)}, f"size of a region of interest: {roi.reason}")
+    return Plan(calls=calls, rationale="rule-based plan (no VLM configured)")
+
+
+def _ok(evidence: list[Evidence], tool: str) -> list[Evidence]:
+    return [e for e in evidence if e.tool == tool and e.status == "ok"]
+
+
+def compose_answer(
+    question: str,
+    image: ImageRecord,
+    evidence: list[Evidence],
+    *,
+    vlm_answer: str | None = None,
+) -> GroundedAnswer:
+    """Compose a grounded answer from evidence alone, or abstain with the reason.
+
+    Answers modality / body-part and size questions from ``image_info`` evidence; everything
+    else is an abstention that says what was gathered and what would be needed.
+    """
+    info = _ok(evidence, "image_info")
+    regions: list[Region] = [r for e in evidence if e.status == "ok" for r in e.regions if r.label != "crop"]
+    claims: list[Claim] = []
+    parts: list[str] = []
+    if info and (_MODALITY_Q.search(question) or _BODY_Q.search(question)):
+        out = info[0].output or {}
+        modality = out.get("modality", image.modality)
+        name = out.get("modality_name", modality)
+        body = out.get("body_part")
+        answer = f"{name}" + (f" of the {str(body).lower()}" if body else "")
+        claims.append(Claim(text=f"The image header gives modality {modality} ({name}).", evidence_ids=[info[0].id]))
+        if body:
+            claims.append(Claim(text=f"The header gives the body part examined as {body}.", evidence_ids=[info[0].id]))
+        parts.append(answer)
+    if info and _SIZE_Q.search(question):
+        out = info[0].output or {}
+        w, h = out.get("width_px"), out.get("height_px")
+        fov = out.get("field_of_view_mm")
+        text = f"{w}x{h} pixels"
+        if fov:
+            text += f", {fov[0]:.0f}x{fov[1]:.0f} mm"
+            claims.append(Claim(text=f"The field of view is {fov[0]:.0f}x{fov[1]:.0f} mm.", evidence_ids=[info[0].id]))
+        else:
+            text += " (pixel spacing unknown, so no size in mm)"
+        claims.append(Claim(text=f"The image is {w}x{h} pixels.", evidence_ids=[info[0].id]))
+        parts.append(text)
+    errors = [e for e in evidence if e.status == "error"]
+    if parts:
+        explanation = "Composed from the image's technical evidence; no VLM interpreted the pixels."
+        if errors:
+            explanation += f" {len(errors)} tool call(s) failed (see the trace)."
+        return GroundedAnswer(
+            question=question, short_answer="; ".join(parts), explanation=explanation,
+            confidence=0.95, claims=claims, regions=regions,
+        )
+    gathered = ", ".join(sorted({e.tool or e.kind for e in evidence if e.status == "ok"})) or "nothing"
+    reason = (
+        "No vision-language model is configured and the evidence gathered "
+        f"({gathered}) does not answer this question; configure one with --vlm."
+    )
+    if vlm_answer:
+        reason = f"The model's answer could not be grounded in the evidence ({vlm_answer!r})."
+    return GroundedAnswer(
+        question=question, short_answer=None, abstained=True, abstention_reason=reason,
+        explanation="The regions found are shown for review; they are not a finding.",
+        confidence=0.0, regions=regions,
+    )

@@ -1,0 +1,327 @@
+"""The ``medloupe`` command line (typer + rich). Heavy modules are imported inside commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from medloupe.config import Settings
+    from medloupe.runner import Run
+    from medloupe.schemas import GroundedAnswer
+    from medloupe.trace import TraceEvent
+
+app = typer.Typer(
+    name="medloupe",
+    help="Grounded, traced answers to diagnostic questions about medical images. "
+    "Research tool, not a medical device.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+tools_app = typer.Typer(help="List and describe the registered tools.", no_args_is_help=True)
+runs_app = typer.Typer(help="Runs recorded under MEDLOUPE_HOME.", no_args_is_help=True)
+trace_app = typer.Typer(help="Show a run's trace.", no_args_is_help=True)
+app.add_typer(tools_app, name="tools")
+app.add_typer(runs_app, name="runs")
+app.add_typer(trace_app, name="trace")
+
+out_console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger("medloupe")
+
+DEMO_QUESTION = "What imaging modality and body part is this, and how large is the image?"
+
+
+def _settings() -> Settings:
+    from medloupe.config import Settings
+
+    try:
+        return Settings.from_env()
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _fail(exc: BaseException) -> typer.Exit:
+    from medloupe.errors import InputError
+
+    code = 2 if isinstance(exc, InputError) else 1
+    err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _progress(event: TraceEvent) -> None:
+    if event.kind == "node_start":
+        err_console.print(f"[dim]>[/dim] {event.node}", highlight=False)
+    elif event.kind == "tool_call":
+        mark = "[green]ok[/green]" if event.status == "ok" else "[red]error[/red]"
+        detail = event.payload.get("summary") or event.payload.get("error") or ""
+        err_console.print(
+            f"    tool {event.name} {mark} {event.duration_ms or 0:.0f} ms  [dim]{detail[:110]}[/dim]",
+            highlight=False,
+        )
+    elif event.kind == "model_call":
+        err_console.print(f"    model {event.name} {event.duration_ms or 0:.0f} ms", highlight=False)
+    elif event.kind == "rethink_round":
+        p = event.payload
+        err_console.print(
+            f"    rethink round {p.get('round')}: {len(p.get('crops', []))} crop(s), "
+            f"confidence {p.get('confidence_before', 0):.2f} -> {p.get('confidence_after', 0):.2f}",
+            highlight=False,
+        )
+    elif event.kind == "node_error":
+        err_console.print(f"[red]  {event.node} failed: {event.payload.get('error')}[/red]", highlight=False)
+
+
+def _review_in_terminal(payload: dict[str, Any]) -> dict[str, Any]:
+    err_console.print("[bold]Plan for review[/bold]")
+    if payload.get("problem"):
+        err_console.print(f"[red]previous edit rejected:[/red] {payload['problem']}", highlight=False)
+    err_console.print_json(json.dumps(payload["plan"]))
+    choice = typer.prompt("approve [a], edit [e] or reject [r]", default="a", err=True).strip().lower()
+    if choice.startswith("r"):
+        return {"action": "reject"}
+    if choice.startswith("e"):
+        raw = typer.prompt("plan as JSON (one line)", err=True)
+        try:
+            return {"action": "edit", "plan": json.loads(raw)}
+        except json.JSONDecodeError as exc:
+            return {"action": "edit", "plan": {"calls": "invalid JSON: " + exc.msg}}
+    return {"action": "approve"}
+
+
+def _print_answer(answer: GroundedAnswer, run: Run) -> None:
+    from rich.panel import Panel
+
+    if answer.abstained:
+        body = f"[yellow]Abstained:[/yellow] {answer.abstention_reason}"
+    else:
+        body = f"[bold]{answer.short_answer}[/bold]\n{answer.explanation}"
+    body += f"\nconfidence {answer.confidence:.2f}"
+    for claim in answer.claims:
+        body += f"\n  - {claim.text} [dim]({', '.join(claim.evidence_ids)})[/dim]"
+    for i, region in enumerate(answer.regions, 1):
+        box = ", ".join(f"{v:.0f}" for v in region.box_xyxy)
+        body += f"\n  region {i}: {region.label} [{box}] from {region.tool}"
+    for c in answer.citations:
+        body += f"\n  cites {c.document}{' - ' + c.section if c.section else ''}"
+    body += f"\n[dim]{answer.disclaimer}[/dim]"
+    out_console.print(Panel(body, title=f"medloupe - {run.run_id}", subtitle=str(run.dir)), highlight=False)
+
+
+def _run_and_report(run: Run, settings: Settings, *, as_json: bool, resume: bool = False) -> None:
+    from medloupe.errors import MedloupeError
+    from medloupe.runner import execute
+
+    try:
+        answer = asyncio.run(
+            execute(
+                run, settings=settings, resume=resume, review=_review_in_terminal,
+                on_event=None if as_json else _progress,
+            )
+        )
+    except MedloupeError as exc:
+        err_console.print(f"[dim]trace kept in {run.dir / 'trace.json'}[/dim]")
+        raise _fail(exc) from None
+    if as_json:
+        sys.stdout.write(json.dumps({"run_id": run.run_id, "run_dir": str(run.dir), **answer.model_dump(mode="json")}, indent=2) + "\n")
+    else:
+        _print_answer(answer, run)
+
+
+@app.command()
+def ask(
+    image: Annotated[Path, typer.Argument(help="PNG/JPEG/TIFF, DICOM or NIfTI file")],
+    question: Annotated[str, typer.Argument(help="free-form question about the image")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON")] = False,
+    out: Annotated[Path | None, typer.Option(help="run directory (default under MEDLOUPE_HOME/runs)")] = None,
+    vlm: Annotated[str | None, typer.Option(help="VLM backend spec, e.g. openai:URL#MODEL")] = None,
+    kb: Annotated[str | None, typer.Option(help="knowledge base to cite")] = None,
+    max_steps: Annotated[int, typer.Option(min=1, max=20, help="plan-act-rethink rounds at most")] = 2,
+    time_budget: Annotated[float, typer.Option(min=1.0, help="seconds before no further round starts")] = 300.0,
+    review_plan: Annotated[bool, typer.Option("--review-plan", help="pause after planning for approval")] = False,
+    frame: Annotated[int | None, typer.Option(min=0, help="DICOM frame / TIFF page / NIfTI volume")] = None,
+    slice_index: Annotated[int | None, typer.Option("--slice", min=0, help="NIfTI slice index")] = None,
+    axis: Annotated[int, typer.Option(min=0, max=2, help="NIfTI axis: 0 sagittal, 1 coronal, 2 axial")] = 2,
+    modality: Annotated[str | None, typer.Option(help="modality code (CT, MR, CR, ...) if the file has none")] = None,
+) -> None:
+    """Answer a question about one image, with evidence, regions and a trace."""
+    from medloupe.api import prepare_run
+    from medloupe.errors import MedloupeError
+
+    settings = _settings()
+    options: dict[str, Any] = {
+        "max_steps": max_steps, "time_budget_s": time_budget, "review_plan": review_plan, "axis": axis,
+    }
+    for key, value in (("frame", frame), ("slice_index", slice_index), ("modality", modality)):
+        if value is not None:
+            options[key] = value
+    try:
+        run = prepare_run(image, question, settings=settings, out=out, vlm=vlm, kb=kb, options=options)
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+    _run_and_report(run, settings, as_json=as_json)
+
+
+def demo_image() -> Path:
+    """The bundled sample: a real chest radiograph (CR) from ``pydicom-data``."""
+    import data_store
+
+    path = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
+    if not path.is_file():
+        raise FileNotFoundError(f"the demo image {path} is missing; reinstall pydicom-data")
+    return path
+
+
+@app.command()
+def demo(
+    as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON")] = False,
+    out: Annotated[Path | None, typer.Option(help="run directory")] = None,
+) -> None:
+    """Ask a question about a bundled real chest radiograph (no network, no GPU)."""
+    from medloupe.api import prepare_run
+    from medloupe.errors import MedloupeError
+
+    settings = _settings()
+    image = demo_image()
+    err_console.print(f"[dim]demo image: {image.name} (pydicom-data); question: {DEMO_QUESTION}[/dim]")
+    try:
+        run = prepare_run(image, DEMO_QUESTION, settings=settings, out=out)
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+    _run_and_report(run, settings, as_json=as_json)
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(help="run id or run directory")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Resume an interrupted run from its last checkpoint."""
+    from medloupe.errors import MedloupeError
+    from medloupe.runner import find_run
+
+    settings = _settings()
+    try:
+        run = find_run(run_id, settings)
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+    _run_and_report(run, settings, as_json=as_json, resume=True)
+
+
+@tools_app.command("list")
+def tools_list() -> None:
+    """Every registered tool with its availability and reason."""
+    from rich.table import Table
+
+    from medloupe.tools import default_registry
+
+    registry = default_registry()
+    table = Table("tool", "available", "modalities", "from", "description")
+    for t in registry:
+        a = t.available()
+        table.add_row(
+            t.name, ("[green]yes[/green] " if a.ok else "[red]no[/red] ") + a.reason,
+            ", ".join(sorted(t.modalities)) if t.modalities else "any",
+            registry.origin(t.name), t.description,
+        )
+    out_console.print(table)
+    for p in registry.problems:
+        err_console.print(f"[red]plugin failed to load:[/red] {p.entry_point} ({p.distribution}): {p.error}")
+
+
+@tools_app.command("describe")
+def tools_describe(name: Annotated[str, typer.Argument(help="tool name")]) -> None:
+    """Print a tool's JSON schemas (input and output)."""
+    from medloupe.errors import MedloupeError
+    from medloupe.tools import default_registry
+
+    try:
+        tool = default_registry().get(name)
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+    sys.stdout.write(json.dumps(tool.describe(), indent=2) + "\n")
+
+
+@app.command()
+def schema(
+    which: Annotated[str, typer.Argument(help="answer | trace | evidence | image")] = "answer",
+) -> None:
+    """Print the JSON schema of an output document."""
+    from medloupe.io.records import ImageRecord
+    from medloupe.schemas import Evidence, GroundedAnswer
+    from medloupe.trace import TraceDocument
+
+    models = {"answer": GroundedAnswer, "trace": TraceDocument, "evidence": Evidence, "image": ImageRecord}
+    if which not in models:
+        err_console.print(f"[red]error:[/red] unknown schema {which!r}; choose from {', '.join(models)}")
+        raise typer.Exit(2)
+    sys.stdout.write(json.dumps(models[which].model_json_schema(), indent=2) + "\n")
+
+
+@runs_app.command("list")
+def runs_list(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
+    """Recent runs: id, status, question, answer."""
+    from rich.table import Table
+
+    from medloupe.runner import RunIndex
+
+    settings = _settings()
+    if not settings.index_path.exists():
+        err_console.print(f"no runs yet under {settings.home}")
+        return
+    table = Table("run", "status", "question", "answer", "dir")
+    for r in RunIndex(settings.index_path).list(limit):
+        table.add_row(r["run_id"], r["status"], r["question"] or "", r["answer"] or r["error"] or "", r["dir"])
+    out_console.print(table)
+
+
+@trace_app.command("show")
+def trace_show(run_id: Annotated[str, typer.Argument(help="run id or run directory")]) -> None:
+    """A terminal timeline of a run: nodes, tool calls, model calls, rethink rounds."""
+    from rich.table import Table
+
+    from medloupe.errors import MedloupeError
+    from medloupe.runner import find_run
+    from medloupe.trace import TraceRecorder
+
+    settings = _settings()
+    try:
+        run = find_run(run_id, settings)
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+    rec = TraceRecorder(run.trace_path)
+    try:
+        events = rec.events()
+    finally:
+        rec.close()
+    t0 = events[0].ts if events else 0.0
+    table = Table("t (s)", "event", "node", "name", "status", "ms", "detail", title=f"{run.run_id}: {run.meta['question']}")
+    for e in events:
+        detail = e.payload.get("summary") or e.payload.get("error") or e.payload.get("note") or ""
+        if e.kind == "plan":
+            detail = ", ".join(c["tool"] for c in e.payload.get("plan", {}).get("calls", []))
+        elif e.kind == "rethink_round":
+            detail = f"{e.payload.get('answer_before')!r} -> {e.payload.get('answer_after')!r}"
+        table.add_row(
+            f"{e.ts - t0:.2f}", e.kind, e.node or "", e.name or "", e.status or "",
+            f"{e.duration_ms:.0f}" if e.duration_ms is not None else "", str(detail)[:80],
+        )
+    out_console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

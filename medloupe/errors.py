@@ -1,0 +1,118 @@
+"""Typed errors. Every message names the problem and, where there is one, the fix.
+
+The CLI maps :class:`InputError` (bad user input: image, arguments, unknown names) to exit
+code 2 and writes nothing; other :class:`MedloupeError` subclasses exit with code 1.
+"""
+
+from __future__ import annotations
+
+
+class MedloupeError(Exception):
+    """Base class of every error medloupe raises on purpose."""
+
+
+class InputError(MedloupeError):
+    """The user gave something medloupe cannot use (CLI exit code 2)."""
+
+
+# --- image intake ------------------------------------------------------------------------
+
+
+class ImageIntakeError(InputError):
+    """An image could not be read. ``path`` names the file (never its DICOM contents)."""
+
+    def __init__(self, path: str, problem: str, fix: str | None = None) -> None:
+        self.path = path
+        self.problem = problem
+        self.fix = fix
+        msg = f"{path}: {problem}"
+        if fix:
+            msg += f" ({fix})"
+        super().__init__(msg)
+
+
+class EmptyImageError(ImageIntakeError):
+    """The file has no bytes, or decodes to an image with no pixels."""
+
+
+class CorruptImageError(ImageIntakeError):
+    """The file is truncated or its bytes are not a valid image of the format it claims."""
+
+
+class UnsupportedImageError(ImageIntakeError):
+    """The file is not a format medloupe reads (PNG/JPEG/TIFF, DICOM, NIfTI)."""
+
+
+class UnsupportedTransferSyntaxError(ImageIntakeError):
+    """A DICOM file is compressed with a transfer syntax no installed decoder handles."""
+
+
+class ImageTooLargeError(ImageIntakeError):
+    """The image has more pixels than the configured limit (``MEDLOUPE_MAX_PIXELS``)."""
+
+
+# --- tools -------------------------------------------------------------------------------
+
+
+class ToolError(MedloupeError):
+    """Base class of tool registry and tool call errors."""
+
+
+class DuplicateToolError(ToolError):
+    """Two tools were registered under one name."""
+
+
+class UnknownToolError(ToolError, InputError):
+    """A tool name is not registered; the message carries a "did you mean" hint."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        import difflib
+
+        self.name = name
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        listing = ", ".join(sorted(known)) or "none"
+        super().__init__(f"unknown tool {name!r}{hint} (registered tools: {listing})")
+
+
+class ToolArgumentsError(ToolError, InputError):
+    """Arguments for a tool failed validation against its input model."""
+
+
+class ToolUnavailableError(ToolError):
+    """A tool cannot run here (missing weights, device); the message gives the reason."""
+
+
+class ToolTimeoutError(ToolError):
+    """A tool call ran past its timeout."""
+
+
+class ToolExecutionError(ToolError):
+    """A tool raised while running. The original exception is chained."""
+
+
+class PluginLoadError(ToolError):
+    """A ``medloupe.tools`` entry point could not be imported or returned no tools."""
+
+
+# --- graph, answer, runs -----------------------------------------------------------------
+
+
+class DanglingEvidenceError(MedloupeError, ValueError):
+    """A claim cites an evidence id that does not exist in the run."""
+
+
+class RunNotFoundError(InputError):
+    """No run with that id (or directory) is known."""
+
+
+class BackendError(MedloupeError):
+    """A VLM backend failed (endpoint down after retries, unparseable output, ...)."""
+
+
+class BackendSpecError(InputError):
+    """A ``--vlm`` spec string names no known backend or is malformed."""
+
+
+class KnowledgeBaseError(InputError):
+    """A knowledge base could not be opened."""

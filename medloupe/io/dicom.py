@@ -1,0 +1,296 @@
+"""DICOM intake with pydicom.
+
+Only an allow-list of technical attributes leaves this module (:data:`SAFE_TECHNICAL_ATTRIBUTES`);
+patient-identifying elements (names, ids, dates, institutions, UIDs, free text) are never read
+into records, logs or error messages. pydicom's own value-validation warnings, which can quote
+element values, are silenced while a file is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medloupe.errors import (
+    CorruptImageError,
+    EmptyImageError,
+    ImageIntakeError,
+    ImageTooLargeError,
+    UnsupportedTransferSyntaxError,
+)
+from medloupe.io.records import ImageRecord, LoadedImage
+from medloupe.io.render import content_hash, percentile_window, to_uint8, window_linear
+
+log = logging.getLogger(__name__)
+
+#: The only DICOM attributes intake reads into an :class:`ImageRecord`. None identifies a person.
+SAFE_TECHNICAL_ATTRIBUTES = (
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsStored",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "SliceThickness",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "WindowCenter",
+    "WindowWidth",
+)
+
+#: Keywords of elements that identify a patient (DICOM PS3.15 Basic Profile, abridged to the
+#: ones that commonly carry values). Tests use this list to prove none reaches a run's outputs.
+PHI_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientMotherBirthName",
+    "MedicalRecordLocator",
+    "AccessionNumber",
+    "InstitutionName",
+    "InstitutionAddress",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "StudyID",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "StudyTime",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
+    "StationName",
+    "DeviceSerialNumber",
+    "StudyDescription",
+    "SeriesDescription",
+    "ImageComments",
+    "AdditionalPatientHistory",
+)
+
+_DECODER_FIX = (
+    "install the decoders with `pip install 'medloupe[codecs]'` "
+    "(pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg) or GDCM, or convert the file to an "
+    "uncompressed transfer syntax"
+)
+
+
+def _get(ds: Any, keyword: str) -> Any:
+    if keyword not in SAFE_TECHNICAL_ATTRIBUTES:  # guard against future misuse
+        raise KeyError(f"{keyword} is not an allow-listed technical attribute")
+    return ds.get(keyword, None)
+
+
+def _first_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        seq = list(value) if not isinstance(value, str | bytes) and hasattr(value, "__iter__") else [value]
+        return float(seq[0]) if seq else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _spacing(ds: Any, notes: list[str]) -> tuple[tuple[float, float] | None, str | None]:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = _get(ds, keyword)
+        if value is None:
+            continue
+        try:
+            row, col = float(value[0]), float(value[1])
+        except (TypeError, ValueError, IndexError):
+            notes.append(f"{keyword} is malformed; ignored")
+            continue
+        if row > 0 and col > 0:
+            if keyword == "ImagerPixelSpacing":
+                notes.append(
+                    "spacing from ImagerPixelSpacing (detector plane, not corrected for "
+                    "geometric magnification)"
+                )
+            return (row, col), keyword
+        notes.append(f"{keyword} is {row:g}\\{col:g} (not positive); spacing unknown")
+    return None, None
+
+
+def read_dicom(
+    path: Path, *, frame: int | None, max_pixels: int, modality_override: str | None = None
+) -> LoadedImage:
+    """Decode one frame of a DICOM file.
+
+    Args:
+        path: the file.
+        frame: frame index for multi-frame files (default: the middle frame).
+        max_pixels: rows x columns limit, checked before the pixel data is decoded.
+        modality_override: replaces the file's Modality in the record.
+
+    Returns:
+        A :class:`LoadedImage` whose ``raw`` holds modality values (rescale slope/intercept
+        applied; Hounsfield units for CT) for grayscale images, and whose ``display`` is the
+        8-bit rendering after the VOI LUT or window centre/width (or a 0.5-99.5 percentile
+        window when the file has neither), with MONOCHROME1 inverted so that higher
+        attenuation is brighter.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi_lut, pixel_array
+
+    name = str(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warnings may quote element values (PHI)
+        pydicom_logger = logging.getLogger("pydicom")
+        old_level = pydicom_logger.level
+        pydicom_logger.setLevel(logging.CRITICAL)
+        try:
+            try:
+                ds = pydicom.dcmread(path)
+            except InvalidDicomError:
+                try:
+                    ds = pydicom.dcmread(path, force=True)
+                except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad bytes
+                    raise CorruptImageError(
+                        name, f"not a readable DICOM file ({type(exc).__name__})"
+                    ) from None
+            except (EOFError, OSError, ValueError, KeyError, TypeError, struct_error()) as exc:
+                raise CorruptImageError(
+                    name, f"truncated or corrupt DICOM file ({type(exc).__name__})"
+                ) from None
+
+            if "PixelData" not in ds and "FloatPixelData" not in ds:
+                raise EmptyImageError(
+                    name,
+                    "the DICOM file has no pixel data",
+                    "it may be a structured report or presentation state; give an image object",
+                )
+            rows, cols = _get(ds, "Rows"), _get(ds, "Columns")
+            if not rows or not cols:
+                raise EmptyImageError(name, "the DICOM image has zero rows or columns")
+            rows, cols = int(rows), int(cols)
+            if rows * cols > max_pixels:
+                raise ImageTooLargeError(
+                    name,
+                    f"{cols}x{rows} = {rows * cols:,} pixels exceeds the limit of {max_pixels:,}",
+                    "raise MEDLOUPE_MAX_PIXELS or downsample the image",
+                )
+            n_frames = int(_get(ds, "NumberOfFrames") or 1)
+            index = n_frames // 2 if frame is None else frame
+            if not 0 <= index < n_frames:
+                raise ImageIntakeError(
+                    name, f"frame {index} requested but the file has {n_frames} frame(s)",
+                    f"choose a frame from 0 to {n_frames - 1}",
+                )
+
+            ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+            try:
+                arr = pixel_array(ds, index=index if n_frames > 1 else None)
+            except NotImplementedError as exc:
+                ts_name = getattr(ts, "name", str(ts))
+                raise UnsupportedTransferSyntaxError(
+                    name, f"no installed decoder handles transfer syntax {ts_name!r}", _DECODER_FIX
+                ) from exc
+            except RuntimeError as exc:
+                ts_name = getattr(ts, "name", str(ts))
+                if "plugin" in str(exc).lower() or "decoder" in str(exc).lower():
+                    raise UnsupportedTransferSyntaxError(
+                        name,
+                        f"no available decoder could decode transfer syntax {ts_name!r}",
+                        _DECODER_FIX,
+                    ) from None
+                raise CorruptImageError(name, "the pixel data could not be decoded") from None
+            except (ValueError, EOFError, OSError, IndexError, TypeError) as exc:
+                raise CorruptImageError(
+                    name,
+                    f"the pixel data is truncated or inconsistent with the header "
+                    f"({type(exc).__name__})",
+                ) from None
+        finally:
+            pydicom_logger.setLevel(old_level)
+
+    notes: list[str] = []
+    photometric = str(_get(ds, "PhotometricInterpretation") or "MONOCHROME2")
+    modality = modality_override or str(_get(ds, "Modality") or "OT")
+    spacing, spacing_source = _spacing(ds, notes)
+    raw: np.ndarray | None = None
+    window: tuple[float, float] | None = None
+    value_unit: str | None = None
+
+    if photometric == "PALETTE COLOR":
+        display = to_uint8(apply_color_lut(arr, ds))
+        channels = 3
+    elif arr.ndim == 3:  # RGB / YBR (pydicom converts YBR to RGB)
+        display = to_uint8(arr)
+        channels = 3
+    else:
+        channels = 1
+        values = np.asarray(apply_rescale(arr, ds), dtype=np.float32)
+        raw = values
+        if modality == "CT":
+            value_unit = "HU"
+        center = _first_float(_get(ds, "WindowCenter"))
+        width = _first_float(_get(ds, "WindowWidth"))
+        if center is not None and width is not None and width > 1:
+            window = (center, width)
+            display = window_linear(values, center, width)
+        elif "VOILUTSequence" in ds:
+            display = to_uint8(np.asarray(apply_voi_lut(values, ds), dtype=np.float32))
+            notes.append("rendered with the file's VOI LUT")
+        else:
+            window = percentile_window(values)
+            display = window_linear(values, *window)
+            notes.append("no window in the file; rendered with a 0.5-99.5 percentile window")
+        if photometric == "MONOCHROME1":
+            display = 255 - display
+            notes.append("MONOCHROME1 inverted for display (higher attenuation is brighter)")
+
+    if display.size == 0:
+        raise EmptyImageError(name, "the decoded image has no pixels")
+    thickness = _first_float(_get(ds, "SliceThickness"))
+    record = ImageRecord(
+        content_hash=content_hash(arr),
+        format="dicom",
+        modality=modality,
+        body_part=_safe_str(_get(ds, "BodyPartExamined")),
+        view_position=_safe_str(_get(ds, "ViewPosition")),
+        width=int(display.shape[1]),
+        height=int(display.shape[0]),
+        channels=channels,  # type: ignore[arg-type]
+        frames=n_frames,
+        frame=index,
+        spacing_mm=spacing,
+        spacing_source=spacing_source,  # type: ignore[arg-type]
+        slice_thickness_mm=thickness if thickness and thickness > 0 else None,
+        photometric=photometric,
+        value_unit=value_unit,
+        window=window,
+        notes=notes,
+    )
+    return LoadedImage(record=record, display=display, raw=raw)
+
+
+def _safe_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def struct_error() -> type[Exception]:
+    import struct
+
+    return struct.error

@@ -1,0 +1,43 @@
+"""Drawing regions (boxes, masks, labels) over an image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from medloupe.schemas import Region
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+
+
+def draw_overlay(
+    rgb: np.ndarray, regions: Sequence[Region], masks: dict[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """Draw ``regions`` on a copy of ``rgb``.
+
+    Args:
+        rgb: ``(H, W, 3)`` uint8 image.
+        regions: boxes in XYXY pixels of ``rgb``; each is outlined and numbered.
+        masks: optional ``{region id: (H, W) bool}`` tinted in the region's colour.
+
+    Returns:
+        ``(H, W, 3)`` uint8 image.
+    """
+    from PIL import Image, ImageDraw
+
+    out = rgb.astype(np.float32).copy()
+    for i, region in enumerate(regions):
+        mask = (masks or {}).get(region.id)
+        if mask is not None and mask.shape == rgb.shape[:2]:
+            colour = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
+            out[mask] = out[mask] * 0.6 + colour * 0.4
+    img = Image.fromarray(out.astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    width = max(2, round(max(rgb.shape[:2]) / 400))
+    for i, region in enumerate(regions):
+        colour = PALETTE[i % len(PALETTE)]
+        x0, y0, x1, y1 = region.box_xyxy
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
+        draw.text((x0 + width + 2, y0 + width + 2), str(i + 1), fill=colour)
+    return np.asarray(img)

@@ -1,0 +1,421 @@
+"""Built-in tools that need no weights: image facts, candidate regions, crop, measure, window.
+
+All coordinates are ``XYXY`` / ``(x, y)`` pixels of the run's image. Lengths are in mm when
+the image's pixel spacing is known, otherwise in pixels with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, model_validator
+
+from medloupe.schemas import Box, Region
+from medloupe.tools.base import Tool, ToolContext, ToolResult, tool
+
+MODALITY_NAMES = {
+    "CR": "computed radiography (X-ray)",
+    "DX": "digital radiography (X-ray)",
+    "CT": "computed tomography (CT)",
+    "MR": "magnetic resonance imaging (MRI)",
+    "US": "ultrasound",
+    "MG": "mammography",
+    "NM": "nuclear medicine",
+    "PT": "positron emission tomography (PET)",
+    "XA": "X-ray angiography",
+    "RF": "radiofluoroscopy",
+    "SM": "slide microscopy",
+    "OT": "unknown (other)",
+}
+
+
+def _clamp_box(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = box
+    return (
+        max(0, min(width, math.floor(x0))),
+        max(0, min(height, math.floor(y0))),
+        max(0, min(width, math.ceil(x1))),
+        max(0, min(height, math.ceil(y1))),
+    )
+
+
+def _check_inside(box: Box, width: int, height: int) -> None:
+    x0, y0, x1, y1 = box
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        raise ValueError(
+            f"box {list(box)} lies outside the {width}x{height} image (XYXY pixels expected)"
+        )
+
+
+# --- image_info ---------------------------------------------------------------------------
+
+
+class NoArgs(BaseModel):
+    """This tool takes no arguments."""
+
+    model_config = {"extra": "forbid"}
+
+
+class ImageInfo(ToolResult):
+    modality: str
+    modality_name: str
+    body_part: str | None
+    view_position: str | None
+    format: str
+    width_px: int
+    height_px: int
+    spacing_mm: tuple[float, float] | None
+    field_of_view_mm: tuple[float, float] | None
+    value_unit: str | None
+    intensity_p1: float
+    intensity_p50: float
+    intensity_p99: float
+    notes: list[str]
+
+    def summary(self) -> str:
+        part = f" of the {self.body_part.lower()}" if self.body_part else ""
+        size = f"{self.width_px}x{self.height_px} px"
+        if self.field_of_view_mm:
+            size += f" ({self.field_of_view_mm[0]:.0f}x{self.field_of_view_mm[1]:.0f} mm)"
+        else:
+            size += " (pixel spacing unknown)"
+        return f"{self.modality} - {self.modality_name}{part}; {size}"
+
+
+@tool(name="image_info")
+def image_info(args: NoArgs, ctx: ToolContext) -> ImageInfo:
+    """Technical facts of the image: modality, body part, size, pixel spacing, intensities."""
+    rec = ctx.image
+    values = ctx.raw() if ctx.raw() is not None else ctx.gray()
+    p1, p50, p99 = (float(v) for v in np.percentile(values, [1, 50, 99]))
+    fov = None
+    if rec.spacing_mm:
+        fov = (rec.width * rec.spacing_mm[1], rec.height * rec.spacing_mm[0])
+    return ImageInfo(
+        modality=rec.modality,
+        modality_name=MODALITY_NAMES.get(rec.modality.upper(), rec.modality),
+        body_part=rec.body_part,
+        view_position=rec.view_position,
+        format=rec.format,
+        width_px=rec.width,
+        height_px=rec.height,
+        spacing_mm=rec.spacing_mm,
+        field_of_view_mm=fov,
+        value_unit=rec.value_unit,
+        intensity_p1=p1,
+        intensity_p50=p50,
+        intensity_p99=p99,
+        notes=list(rec.notes),
+    )
+
+
+# --- find_regions -------------------------------------------------------------------------
+
+
+class FindRegionsArgs(BaseModel):
+    polarity: Literal["dark", "bright"] = Field(
+        default="dark", description="look for regions darker or brighter than Otsu's threshold"
+    )
+    max_regions: int = Field(default=4, ge=1, le=20)
+    min_area_fraction: float = Field(
+        default=0.01, gt=0.0, lt=1.0, description="smallest region kept, as a share of the image"
+    )
+    exclude_border: bool = Field(
+        default=True, description="drop regions touching the image border (background, air)"
+    )
+
+
+class RegionStats(BaseModel):
+    box_xyxy: Box
+    area_px: int
+    area_mm2: float | None
+    mean_intensity: float
+    centroid_xy: tuple[float, float]
+
+
+class FindRegionsResult(ToolResult):
+    threshold: float
+    polarity: str
+    found: list[RegionStats]
+
+    def summary(self) -> str:
+        if not self.found:
+            return f"no {self.polarity} regions above the size limit"
+        boxes = "; ".join(
+            f"[{', '.join(f'{v:.0f}' for v in r.box_xyxy)}] {r.area_px} px" for r in self.found
+        )
+        return f"{len(self.found)} {self.polarity} region(s) (Otsu threshold {self.threshold:.0f}): {boxes}"
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of a ``uint8`` image (maximises between-class variance)."""
+    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    levels = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(hist)
+    w1 = total - w0
+    m0 = np.cumsum(hist * levels)
+    mt = m0[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mt * w0 / total - m0) ** 2 / (w0 * w1 / total)
+    between[~np.isfinite(between)] = 0.0
+    return float(np.argmax(between))
+
+
+@tool(name="find_regions")
+def find_regions(args: FindRegionsArgs, ctx: ToolContext) -> FindRegionsResult:
+    """Candidate regions by intensity (Otsu threshold + connected components), largest first.
+
+    A classical, weight-free instrument: on a chest radiograph the dark regions inside the
+    body are typically the lung fields; on CT, air-filled structures. It names no anatomy.
+    """
+    from scipy import ndimage as ndi
+
+    gray = ctx.gray()
+    h, w = gray.shape
+    scale = max(1.0, max(h, w) / 512.0)
+    small = gray
+    if scale > 1.0:
+        step = int(math.ceil(scale))
+        small = gray[::step, ::step]
+        scale = float(step)
+    smooth = ndi.gaussian_filter(small.astype(np.float32), sigma=2.0)
+    smooth8 = np.clip(smooth, 0, 255).astype(np.uint8)
+    t = otsu_threshold(smooth8)
+    mask = smooth8 < t if args.polarity == "dark" else smooth8 > t
+    mask = ndi.binary_opening(mask, structure=np.ones((5, 5), dtype=bool))
+    labels, n = ndi.label(mask)
+    found: list[RegionStats] = []
+    regions: list[Region] = []
+    if n:
+        objects = ndi.find_objects(labels)
+        areas = ndi.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
+        means = ndi.mean(small, labels, index=np.arange(1, n + 1))
+        order = np.argsort(-areas)
+        sh, sw = small.shape
+        min_area = args.min_area_fraction * sh * sw
+        spacing = ctx.image.spacing_mm
+        for idx in order:
+            if areas[idx] < min_area or len(found) >= args.max_regions:
+                break
+            sl = objects[idx]
+            if sl is None:
+                continue
+            ys, xs = sl
+            if args.exclude_border and (ys.start == 0 or xs.start == 0 or ys.stop == sh or xs.stop == sw):
+                continue
+            box = (
+                xs.start * scale, ys.start * scale,
+                min(w, xs.stop * scale), min(h, ys.stop * scale),
+            )
+            cy, cx = ndi.center_of_mass(labels == idx + 1)
+            area_px = int(areas[idx] * scale * scale)
+            found.append(
+                RegionStats(
+                    box_xyxy=box,
+                    area_px=area_px,
+                    area_mm2=area_px * spacing[0] * spacing[1] if spacing else None,
+                    mean_intensity=float(means[idx]),
+                    centroid_xy=(float(cx * scale), float(cy * scale)),
+                )
+            )
+            regions.append(
+                Region(id="pending", box_xyxy=box, label=f"{args.polarity} region {len(found)}")
+            )
+    return FindRegionsResult(
+        threshold=t, polarity=args.polarity, found=found, regions=regions
+    )
+
+
+# --- crop ---------------------------------------------------------------------------------
+
+
+class CropArgs(BaseModel):
+    box_xyxy: Box = Field(description="XYXY pixels of the region to crop")
+    margin: float = Field(
+        default=0.15, ge=0.0, le=2.0, description="context added on each side, share of box size"
+    )
+    zoom_to: int = Field(
+        default=512, ge=32, le=2048, description="longer side of the output crop, pixels"
+    )
+
+    @model_validator(mode="after")
+    def _box(self) -> CropArgs:
+        x0, y0, x1, y1 = self.box_xyxy
+        if not (x1 > x0 and y1 > y0):
+            raise ValueError(f"box_xyxy {list(self.box_xyxy)} must have x0 < x1 and y0 < y1")
+        return self
+
+
+class CropResult(ToolResult):
+    crop_artifact: str
+    crop_box_xyxy: Box
+    scale: float = Field(description="output pixels per source pixel")
+
+
+def crop_array(image: np.ndarray, box: Box, margin: float, zoom_to: int) -> tuple[np.ndarray, tuple[int, int, int, int], float]:
+    """Crop ``image`` (``(H, W)`` or ``(H, W, C)`` uint8) around ``box`` with ``margin``, clamped
+    to the image, resized so its longer side is ``zoom_to`` pixels.
+
+    Returns:
+        The crop, the clamped crop box (XYXY int pixels), and the scale factor applied.
+    """
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    _check_inside(box, w, h)
+    x0, y0, x1, y1 = box
+    mx, my = (x1 - x0) * margin, (y1 - y0) * margin
+    cx0, cy0, cx1, cy1 = _clamp_box((x0 - mx, y0 - my, x1 + mx, y1 + my), w, h)
+    if cx1 - cx0 < 1 or cy1 - cy0 < 1:
+        raise ValueError(f"box {list(box)} leaves no pixels inside the {w}x{h} image")
+    patch = image[cy0:cy1, cx0:cx1]
+    scale = zoom_to / max(patch.shape[0], patch.shape[1])
+    size = (max(1, round(patch.shape[1] * scale)), max(1, round(patch.shape[0] * scale)))
+    resized = np.asarray(Image.fromarray(patch).resize(size, Image.Resampling.LANCZOS))
+    return resized, (cx0, cy0, cx1, cy1), scale
+
+
+@tool(name="crop")
+def crop(args: CropArgs, ctx: ToolContext) -> CropResult:
+    """Crop a region with a context margin (clamped to the image) and zoom it for a closer look."""
+    patch, box, scale = crop_array(ctx.pixels(), args.box_xyxy, args.margin, args.zoom_to)
+    artifact = ctx.store.put_png(patch, kind="crop")
+    region = Region(id="pending", box_xyxy=tuple(float(v) for v in box), label="crop")  # type: ignore[arg-type]
+    return CropResult(
+        crop_artifact=artifact, crop_box_xyxy=region.box_xyxy, scale=scale,
+        regions=[region], artifacts=[artifact],
+    )
+
+
+# --- measure ------------------------------------------------------------------------------
+
+
+class MeasureArgs(BaseModel):
+    points: list[tuple[float, float]] | None = Field(
+        default=None, description="two (x, y) pixel points: their distance is measured"
+    )
+    box_xyxy: Box | None = Field(
+        default=None, description="a box: its width, height, diagonal and area are measured"
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> MeasureArgs:
+        if (self.points is None) == (self.box_xyxy is None):
+            raise ValueError("give exactly one of `points` (two points) or `box_xyxy`")
+        if self.points is not None and len(self.points) != 2:
+            raise ValueError(f"`points` needs exactly two (x, y) points, got {len(self.points)}")
+        if self.box_xyxy is not None:
+            x0, y0, x1, y1 = self.box_xyxy
+            if not (x1 > x0 and y1 > y0):
+                raise ValueError(f"box_xyxy {list(self.box_xyxy)} must have x0 < x1 and y0 < y1")
+        return self
+
+
+class MeasureResult(ToolResult):
+    unit: Literal["mm", "px"]
+    distance: float | None = None
+    width: float | None = None
+    height: float | None = None
+    diagonal: float | None = None
+    area: float | None = Field(default=None, description="mm^2 or px^2")
+    warning: str | None = None
+
+    def summary(self) -> str:
+        parts = [
+            f"{k} {v:.1f} {self.unit}"
+            for k, v in (("distance", self.distance), ("width", self.width),
+                         ("height", self.height), ("diagonal", self.diagonal))
+            if v is not None
+        ]
+        if self.area is not None:
+            parts.append(f"area {self.area:.1f} {self.unit}^2")
+        return ", ".join(parts) + (f" ({self.warning})" if self.warning else "")
+
+
+@tool(name="measure")
+def measure(args: MeasureArgs, ctx: ToolContext) -> MeasureResult:
+    """Distance between two points, or a box's width, height, diagonal and area; mm when the
+    pixel spacing is known, pixels with a warning otherwise."""
+    rec = ctx.image
+    spacing = rec.spacing_mm
+    sy, sx = spacing if spacing else (1.0, 1.0)
+    unit: Literal["mm", "px"] = "mm" if spacing else "px"
+    warning = None if spacing else "pixel spacing unknown: lengths are in pixels, not mm"
+    if args.points is not None:
+        (ax, ay), (bx, by) = args.points
+        for x, y in args.points:
+            if not (0 <= x <= rec.width and 0 <= y <= rec.height):
+                raise ValueError(f"point ({x}, {y}) lies outside the {rec.width}x{rec.height} image")
+        d = math.hypot((bx - ax) * sx, (by - ay) * sy)
+        return MeasureResult(unit=unit, distance=d, warning=warning)
+    assert args.box_xyxy is not None
+    _check_inside(args.box_xyxy, rec.width, rec.height)
+    x0, y0, x1, y1 = args.box_xyxy
+    bw, bh = (x1 - x0) * sx, (y1 - y0) * sy
+    region = Region(id="pending", box_xyxy=args.box_xyxy, label="measured box")
+    return MeasureResult(
+        unit=unit, width=bw, height=bh, diagonal=math.hypot(bw, bh), area=bw * bh,
+        warning=warning, regions=[region],
+    )
+
+
+# --- window -------------------------------------------------------------------------------
+
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    # (centre, width) in HU
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "abdomen": (40.0, 400.0),
+}
+
+
+class WindowArgs(BaseModel):
+    preset: Literal["lung", "mediastinum", "bone", "brain", "abdomen"] | None = None
+    center: float | None = None
+    width: float | None = Field(default=None, gt=1.0)
+
+    @model_validator(mode="after")
+    def _one(self) -> WindowArgs:
+        if self.preset is None and (self.center is None or self.width is None):
+            raise ValueError("give a `preset` or both `center` and `width`")
+        return self
+
+
+class WindowResult(ToolResult):
+    windowed_artifact: str
+    center: float
+    width: float
+    unit: str | None
+
+
+@tool(name="window", modalities={"CT", "MR"})
+def window(args: WindowArgs, ctx: ToolContext) -> WindowResult:
+    """Re-render a CT/MR image with a window (presets in HU: lung, mediastinum, bone, brain,
+    abdomen; or an explicit centre and width)."""
+    from medloupe.io.render import window_linear
+
+    raw = ctx.raw()
+    if raw is None:
+        raise ValueError("the image has no modality values to window (it is not DICOM/NIfTI CT or MR)")
+    if args.preset is not None:
+        if ctx.image.value_unit != "HU":
+            raise ValueError(f"preset {args.preset!r} is in HU but the image's values are not HU")
+        center, width = WINDOW_PRESETS[args.preset]
+    else:
+        assert args.center is not None and args.width is not None
+        center, width = args.center, args.width
+    artifact = ctx.store.put_png(window_linear(raw, center, width), kind="image")
+    return WindowResult(
+        windowed_artifact=artifact, center=center, width=width, unit=ctx.image.value_unit,
+        artifacts=[artifact],
+    )
+
+
+def builtin_tools() -> list[Tool]:
+    """The tools medloupe itself provides."""
+    return [image_info, find_regions, crop, measure, window]

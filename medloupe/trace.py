@@ -1,0 +1,195 @@
+"""Durable run traces in SQLite, exported as ``trace.json``.
+
+Every node entry and exit, tool call, model call, retrieval and rethink round is one row of
+``events`` in ``<run>/trace.sqlite``, committed as it happens (WAL journal), so a killed run
+keeps everything recorded up to the kill. :func:`export_trace` writes the documented
+``trace.json`` (schema: :class:`TraceDocument`, ``medloupe schema trace``).
+
+Only technical data is recorded: image records carry no DICOM patient elements, and tool
+arguments and outputs are the validated pydantic models.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+EventKind = Literal[
+    "run_start", "run_end", "run_error", "resume", "node_start", "node_end", "node_error",
+    "tool_call", "model_call", "retrieval", "rethink_round", "plan", "review", "note",
+]
+
+TRACE_SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    node TEXT,
+    name TEXT,
+    status TEXT,
+    duration_ms REAL,
+    payload TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class TraceEvent(BaseModel):
+    """One row of the trace."""
+
+    seq: int = Field(description="1-based order of recording")
+    ts: float = Field(description="UNIX time, seconds")
+    kind: EventKind
+    node: str | None = Field(default=None, description="graph node the event belongs to")
+    name: str | None = Field(default=None, description="tool name, backend, or event subject")
+    status: str | None = Field(default=None, description="ok | error | started | ...")
+    duration_ms: float | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class TraceDocument(BaseModel):
+    """``trace.json``: the whole recorded reasoning of one run."""
+
+    schema_version: int = TRACE_SCHEMA_VERSION
+    run_id: str
+    meta: dict[str, Any] = Field(
+        default_factory=dict, description="question, options, image record, backend, versions"
+    )
+    events: list[TraceEvent]
+    answer: dict[str, Any] | None = Field(default=None, description="the GroundedAnswer, if any")
+
+
+Listener = Callable[[TraceEvent], None]
+
+
+class TraceRecorder:
+    """Appends events to a run's SQLite trace; thread-safe; notifies listeners.
+
+    Args:
+        path: the ``trace.sqlite`` file (created if absent).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.executescript(_SCHEMA)
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` for each new event; returns an unsubscribe function."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def set_meta(self, **values: Any) -> None:
+        with self._lock:
+            for key, value in values.items():
+                self._conn.execute(
+                    "INSERT INTO meta(key, value) VALUES(?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    (key, json.dumps(value, default=str)),
+                )
+
+    def meta(self) -> dict[str, Any]:
+        with self._lock:
+            rows = self._conn.execute("SELECT key, value FROM meta").fetchall()
+        return {k: json.loads(v) for k, v in rows}
+
+    def record(
+        self,
+        kind: EventKind,
+        *,
+        node: str | None = None,
+        name: str | None = None,
+        status: str | None = None,
+        duration_ms: float | None = None,
+        **payload: Any,
+    ) -> TraceEvent:
+        """Append one event (committed before returning)."""
+        ts = time.time()
+        body = json.dumps(payload, default=str)
+        with self._lock:
+            cur = self._conn.execute(
+                "INSERT INTO events(ts, kind, node, name, status, duration_ms, payload) "
+                "VALUES(?, ?, ?, ?, ?, ?, ?)",
+                (ts, kind, node, name, status, duration_ms, body),
+            )
+            seq = int(cur.lastrowid or 0)
+        event = TraceEvent(
+            seq=seq, ts=ts, kind=kind, node=node, name=name, status=status,
+            duration_ms=duration_ms, payload=json.loads(body),
+        )
+        for listener in list(self._listeners):
+            listener(event)
+        return event
+
+    def events(self, kinds: set[str] | None = None) -> list[TraceEvent]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT seq, ts, kind, node, name, status, duration_ms, payload FROM events "
+                "ORDER BY seq"
+            ).fetchall()
+        out = [
+            TraceEvent(
+                seq=r[0], ts=r[1], kind=r[2], node=r[3], name=r[4], status=r[5],
+                duration_ms=r[6], payload=json.loads(r[7]),
+            )
+            for r in rows
+        ]
+        return [e for e in out if kinds is None or e.kind in kinds]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> TraceRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_trace(run_dir: str | Path, run_id: str, answer: dict[str, Any] | None = None) -> TraceDocument:
+    """Build the :class:`TraceDocument` of a run from its ``trace.sqlite``."""
+    rec = TraceRecorder(Path(run_dir) / "trace.sqlite")
+    try:
+        return TraceDocument(run_id=run_id, meta=rec.meta(), events=rec.events(), answer=answer)
+    finally:
+        rec.close()
+
+
+class NodeTimer:
+    """Context manager recording ``node_start`` / ``node_end`` (or ``node_error``) events."""
+
+    def __init__(self, trace: TraceRecorder, node: str, step: int) -> None:
+        self.trace, self.node, self.step = trace, node, step
+        self.t0 = 0.0
+
+    def __enter__(self) -> NodeTimer:
+        self.t0 = time.perf_counter()
+        self.trace.record("node_start", node=self.node, status="started", step=self.step)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        ms = (time.perf_counter() - self.t0) * 1000.0
+        if exc is None:
+            self.trace.record("node_end", node=self.node, status="ok", duration_ms=ms, step=self.step)
+        elif exc_type is not None and exc_type.__name__ == "GraphInterrupt":
+            self.trace.record("node_end", node=self.node, status="interrupted", duration_ms=ms, step=self.step)
+        else:
+            self.trace.record(
+                "node_error", node=self.node, status="error", duration_ms=ms, step=self.step,
+                error=f"{type(exc).__name__}: {exc}",
+            )
