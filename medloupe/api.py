@@ -8,7 +8,7 @@ from typing import Any
 
 from medloupe.config import Settings
 from medloupe.io import load_image
-from medloupe.runner import Run, ReviewCallback, create_run, execute
+from medloupe.runner import ReviewCallback, Run, create_run, execute
 from medloupe.schemas import GroundedAnswer
 
 
@@ -26,8 +26,12 @@ def prepare_run(
     validate the backend spec and knowledge base, then create the run directory."""
     opts = dict(options or {})
     loaded = load_image(
-        image, frame=opts.get("frame"), slice_index=opts.get("slice_index"),
-        axis=opts.get("axis", 2), modality=opts.get("modality"), max_pixels=settings.max_pixels,
+        image,
+        frame=opts.get("frame"),
+        slice_index=opts.get("slice_index"),
+        axis=opts.get("axis", 2),
+        modality=opts.get("modality"),
+        max_pixels=settings.max_pixels,
     )
     if vlm:
         from medloupe.agents.protocol import load_backend
@@ -38,8 +42,13 @@ def prepare_run(
 
         open_knowledge_base(kb)
     return create_run(
-        loaded, question, settings=settings, out_dir=Path(out) if out else None, options=opts,
-        vlm_spec=vlm, kb_path=str(kb) if kb else None,
+        loaded,
+        question,
+        settings=settings,
+        out_dir=Path(out) if out else None,
+        options=opts,
+        vlm_spec=vlm,
+        kb_path=str(kb) if kb else None,
     )
 
 

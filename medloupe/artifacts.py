@@ -51,7 +51,9 @@ def encode_png(array: np.ndarray) -> bytes:
     if arr.dtype != np.uint8:
         raise TypeError(f"PNG artifacts take uint8 or bool arrays, not {arr.dtype}")
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise ValueError(f"PNG artifacts take (H, W), (H, W, 3) or (H, W, 4) arrays, not {arr.shape}")
+        raise ValueError(
+            f"PNG artifacts take (H, W), (H, W, 3) or (H, W, 4) arrays, not {arr.shape}"
+        )
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()

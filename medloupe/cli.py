@@ -64,11 +64,14 @@ def _progress(event: TraceEvent) -> None:
         mark = "[green]ok[/green]" if event.status == "ok" else "[red]error[/red]"
         detail = event.payload.get("summary") or event.payload.get("error") or ""
         err_console.print(
-            f"    tool {event.name} {mark} {event.duration_ms or 0:.0f} ms  [dim]{detail[:110]}[/dim]",
+            f"    tool {event.name} {mark} {event.duration_ms or 0:.0f} ms  "
+            f"[dim]{detail[:110]}[/dim]",
             highlight=False,
         )
     elif event.kind == "model_call":
-        err_console.print(f"    model {event.name} {event.duration_ms or 0:.0f} ms", highlight=False)
+        err_console.print(
+            f"    model {event.name} {event.duration_ms or 0:.0f} ms", highlight=False
+        )
     elif event.kind == "rethink_round":
         p = event.payload
         err_console.print(
@@ -77,15 +80,21 @@ def _progress(event: TraceEvent) -> None:
             highlight=False,
         )
     elif event.kind == "node_error":
-        err_console.print(f"[red]  {event.node} failed: {event.payload.get('error')}[/red]", highlight=False)
+        err_console.print(
+            f"[red]  {event.node} failed: {event.payload.get('error')}[/red]", highlight=False
+        )
 
 
 def _review_in_terminal(payload: dict[str, Any]) -> dict[str, Any]:
     err_console.print("[bold]Plan for review[/bold]")
     if payload.get("problem"):
-        err_console.print(f"[red]previous edit rejected:[/red] {payload['problem']}", highlight=False)
+        err_console.print(
+            f"[red]previous edit rejected:[/red] {payload['problem']}", highlight=False
+        )
     err_console.print_json(json.dumps(payload["plan"]))
-    choice = typer.prompt("approve [a], edit [e] or reject [r]", default="a", err=True).strip().lower()
+    choice = (
+        typer.prompt("approve [a], edit [e] or reject [r]", default="a", err=True).strip().lower()
+    )
     if choice.startswith("r"):
         return {"action": "reject"}
     if choice.startswith("e"):
@@ -113,7 +122,9 @@ def _print_answer(answer: GroundedAnswer, run: Run) -> None:
     for c in answer.citations:
         body += f"\n  cites {c.document}{' - ' + c.section if c.section else ''}"
     body += f"\n[dim]{answer.disclaimer}[/dim]"
-    out_console.print(Panel(body, title=f"medloupe - {run.run_id}", subtitle=str(run.dir)), highlight=False)
+    out_console.print(
+        Panel(body, title=f"medloupe - {run.run_id}", subtitle=str(run.dir)), highlight=False
+    )
 
 
 def _run_and_report(run: Run, settings: Settings, *, as_json: bool, resume: bool = False) -> None:
@@ -123,7 +134,10 @@ def _run_and_report(run: Run, settings: Settings, *, as_json: bool, resume: bool
     try:
         answer = asyncio.run(
             execute(
-                run, settings=settings, resume=resume, review=_review_in_terminal,
+                run,
+                settings=settings,
+                resume=resume,
+                review=_review_in_terminal,
                 on_event=None if as_json else _progress,
             )
         )
@@ -131,7 +145,13 @@ def _run_and_report(run: Run, settings: Settings, *, as_json: bool, resume: bool
         err_console.print(f"[dim]trace kept in {run.dir / 'trace.json'}[/dim]")
         raise _fail(exc) from None
     if as_json:
-        sys.stdout.write(json.dumps({"run_id": run.run_id, "run_dir": str(run.dir), **answer.model_dump(mode="json")}, indent=2) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                {"run_id": run.run_id, "run_dir": str(run.dir), **answer.model_dump(mode="json")},
+                indent=2,
+            )
+            + "\n"
+        )
     else:
         _print_answer(answer, run)
 
@@ -141,16 +161,32 @@ def ask(
     image: Annotated[Path, typer.Argument(help="PNG/JPEG/TIFF, DICOM or NIfTI file")],
     question: Annotated[str, typer.Argument(help="free-form question about the image")],
     as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON")] = False,
-    out: Annotated[Path | None, typer.Option(help="run directory (default under MEDLOUPE_HOME/runs)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run directory (default under MEDLOUPE_HOME/runs)")
+    ] = None,
     vlm: Annotated[str | None, typer.Option(help="VLM backend spec, e.g. openai:URL#MODEL")] = None,
     kb: Annotated[str | None, typer.Option(help="knowledge base to cite")] = None,
-    max_steps: Annotated[int, typer.Option(min=1, max=20, help="plan-act-rethink rounds at most")] = 2,
-    time_budget: Annotated[float, typer.Option(min=1.0, help="seconds before no further round starts")] = 300.0,
-    review_plan: Annotated[bool, typer.Option("--review-plan", help="pause after planning for approval")] = False,
-    frame: Annotated[int | None, typer.Option(min=0, help="DICOM frame / TIFF page / NIfTI volume")] = None,
-    slice_index: Annotated[int | None, typer.Option("--slice", min=0, help="NIfTI slice index")] = None,
-    axis: Annotated[int, typer.Option(min=0, max=2, help="NIfTI axis: 0 sagittal, 1 coronal, 2 axial")] = 2,
-    modality: Annotated[str | None, typer.Option(help="modality code (CT, MR, CR, ...) if the file has none")] = None,
+    max_steps: Annotated[
+        int, typer.Option(min=1, max=20, help="plan-act-rethink rounds at most")
+    ] = 2,
+    time_budget: Annotated[
+        float, typer.Option(min=1.0, help="seconds before no further round starts")
+    ] = 300.0,
+    review_plan: Annotated[
+        bool, typer.Option("--review-plan", help="pause after planning for approval")
+    ] = False,
+    frame: Annotated[
+        int | None, typer.Option(min=0, help="DICOM frame / TIFF page / NIfTI volume")
+    ] = None,
+    slice_index: Annotated[
+        int | None, typer.Option("--slice", min=0, help="NIfTI slice index")
+    ] = None,
+    axis: Annotated[
+        int, typer.Option(min=0, max=2, help="NIfTI axis: 0 sagittal, 1 coronal, 2 axial")
+    ] = 2,
+    modality: Annotated[
+        str | None, typer.Option(help="modality code (CT, MR, CR, ...) if the file has none")
+    ] = None,
 ) -> None:
     """Answer a question about one image, with evidence, regions and a trace."""
     from medloupe.api import prepare_run
@@ -158,13 +194,18 @@ def ask(
 
     settings = _settings()
     options: dict[str, Any] = {
-        "max_steps": max_steps, "time_budget_s": time_budget, "review_plan": review_plan, "axis": axis,
+        "max_steps": max_steps,
+        "time_budget_s": time_budget,
+        "review_plan": review_plan,
+        "axis": axis,
     }
     for key, value in (("frame", frame), ("slice_index", slice_index), ("modality", modality)):
         if value is not None:
             options[key] = value
     try:
-        run = prepare_run(image, question, settings=settings, out=out, vlm=vlm, kb=kb, options=options)
+        run = prepare_run(
+            image, question, settings=settings, out=out, vlm=vlm, kb=kb, options=options
+        )
     except MedloupeError as exc:
         raise _fail(exc) from None
     _run_and_report(run, settings, as_json=as_json)
@@ -191,7 +232,9 @@ def demo(
 
     settings = _settings()
     image = demo_image()
-    err_console.print(f"[dim]demo image: {image.name} (pydicom-data); question: {DEMO_QUESTION}[/dim]")
+    err_console.print(
+        f"[dim]demo image: {image.name} (pydicom-data); question: {DEMO_QUESTION}[/dim]"
+    )
     try:
         run = prepare_run(image, DEMO_QUESTION, settings=settings, out=out)
     except MedloupeError as exc:
@@ -228,13 +271,17 @@ def tools_list() -> None:
     for t in registry:
         a = t.available()
         table.add_row(
-            t.name, ("[green]yes[/green] " if a.ok else "[red]no[/red] ") + a.reason,
+            t.name,
+            ("[green]yes[/green] " if a.ok else "[red]no[/red] ") + a.reason,
             ", ".join(sorted(t.modalities)) if t.modalities else "any",
-            registry.origin(t.name), t.description,
+            registry.origin(t.name),
+            t.description,
         )
     out_console.print(table)
     for p in registry.problems:
-        err_console.print(f"[red]plugin failed to load:[/red] {p.entry_point} ({p.distribution}): {p.error}")
+        err_console.print(
+            f"[red]plugin failed to load:[/red] {p.entry_point} ({p.distribution}): {p.error}"
+        )
 
 
 @tools_app.command("describe")
@@ -255,13 +302,22 @@ def schema(
     which: Annotated[str, typer.Argument(help="answer | trace | evidence | image")] = "answer",
 ) -> None:
     """Print the JSON schema of an output document."""
+    from pydantic import BaseModel
+
     from medloupe.io.records import ImageRecord
     from medloupe.schemas import Evidence, GroundedAnswer
     from medloupe.trace import TraceDocument
 
-    models = {"answer": GroundedAnswer, "trace": TraceDocument, "evidence": Evidence, "image": ImageRecord}
+    models: dict[str, type[BaseModel]] = {
+        "answer": GroundedAnswer,
+        "trace": TraceDocument,
+        "evidence": Evidence,
+        "image": ImageRecord,
+    }
     if which not in models:
-        err_console.print(f"[red]error:[/red] unknown schema {which!r}; choose from {', '.join(models)}")
+        err_console.print(
+            f"[red]error:[/red] unknown schema {which!r}; choose from {', '.join(models)}"
+        )
         raise typer.Exit(2)
     sys.stdout.write(json.dumps(models[which].model_json_schema(), indent=2) + "\n")
 
@@ -279,7 +335,9 @@ def runs_list(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
         return
     table = Table("run", "status", "question", "answer", "dir")
     for r in RunIndex(settings.index_path).list(limit):
-        table.add_row(r["run_id"], r["status"], r["question"] or "", r["answer"] or r["error"] or "", r["dir"])
+        table.add_row(
+            r["run_id"], r["status"], r["question"] or "", r["answer"] or r["error"] or "", r["dir"]
+        )
     out_console.print(table)
 
 
@@ -303,7 +361,16 @@ def trace_show(run_id: Annotated[str, typer.Argument(help="run id or run directo
     finally:
         rec.close()
     t0 = events[0].ts if events else 0.0
-    table = Table("t (s)", "event", "node", "name", "status", "ms", "detail", title=f"{run.run_id}: {run.meta['question']}")
+    table = Table(
+        "t (s)",
+        "event",
+        "node",
+        "name",
+        "status",
+        "ms",
+        "detail",
+        title=f"{run.run_id}: {run.meta['question']}",
+    )
     for e in events:
         detail = e.payload.get("summary") or e.payload.get("error") or e.payload.get("note") or ""
         if e.kind == "plan":
@@ -311,8 +378,13 @@ def trace_show(run_id: Annotated[str, typer.Argument(help="run id or run directo
         elif e.kind == "rethink_round":
             detail = f"{e.payload.get('answer_before')!r} -> {e.payload.get('answer_after')!r}"
         table.add_row(
-            f"{e.ts - t0:.2f}", e.kind, e.node or "", e.name or "", e.status or "",
-            f"{e.duration_ms:.0f}" if e.duration_ms is not None else "", str(detail)[:80],
+            f"{e.ts - t0:.2f}",
+            e.kind,
+            e.node or "",
+            e.name or "",
+            e.status or "",
+            f"{e.duration_ms:.0f}" if e.duration_ms is not None else "",
+            str(detail)[:80],
         )
     out_console.print(table)
 

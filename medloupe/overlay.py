@@ -8,7 +8,14 @@ import numpy as np
 
 from medloupe.schemas import Region
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+]
 
 
 def draw_overlay(
@@ -30,8 +37,8 @@ def draw_overlay(
     for i, region in enumerate(regions):
         mask = (masks or {}).get(region.id)
         if mask is not None and mask.shape == rgb.shape[:2]:
-            colour = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
-            out[mask] = out[mask] * 0.6 + colour * 0.4
+            tint = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
+            out[mask] = out[mask] * 0.6 + tint * 0.4
     img = Image.fromarray(out.astype(np.uint8))
     draw = ImageDraw.Draw(img)
     width = max(2, round(max(rgb.shape[:2]) / 400))

@@ -72,7 +72,9 @@ class RunIndex:
                 (run_id, str(run_dir.resolve()), question, now, now),
             )
 
-    def update(self, run_id: str, status: str, answer: str | None = None, error: str | None = None) -> None:
+    def update(
+        self, run_id: str, status: str, answer: str | None = None, error: str | None = None
+    ) -> None:
         with self._conn() as c:
             c.execute(
                 "UPDATE runs SET status=?, answer=?, error=?, updated=? WHERE run_id=?",
@@ -88,7 +90,9 @@ class RunIndex:
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         with self._conn() as c:
             c.row_factory = sqlite3.Row
-            rows = c.execute("SELECT * FROM runs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
+            rows = c.execute(
+                "SELECT * FROM runs ORDER BY created DESC LIMIT ?", (limit,)
+            ).fetchall()
         return [dict(r) for r in rows]
 
 
@@ -178,7 +182,11 @@ def _cli_context(run: Run, trace: TraceRecorder, settings: Settings) -> Any:
 
         retriever = open_knowledge_base(run.meta["kb"])
     return RunContext(
-        store=run.store, trace=trace, registry=default_registry(), vlm=vlm, retriever=retriever,
+        store=run.store,
+        trace=trace,
+        registry=default_registry(),
+        vlm=vlm,
+        retriever=retriever,
         settings=settings,
     )
 
@@ -204,6 +212,7 @@ async def execute(
     On failure the run is marked failed in the index, the error is recorded, and
     ``trace.json`` is still written; ``answer.json`` is only written for a finished answer.
     """
+    from langchain_core.runnables import RunnableConfig
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
     from langgraph.types import Command
 
@@ -217,12 +226,16 @@ async def execute(
         if context is None:
             context = _cli_context(run, trace, settings)
         trace.set_meta(
-            run_id=run.run_id, question=run.meta["question"], options=run.meta.get("options", {}),
-            image=run.meta["image"], vlm=run.meta.get("vlm"), kb=run.meta.get("kb"),
+            run_id=run.run_id,
+            question=run.meta["question"],
+            options=run.meta.get("options", {}),
+            image=run.meta["image"],
+            vlm=run.meta.get("vlm"),
+            kb=run.meta.get("kb"),
         )
         trace.record("resume" if resume else "run_start", status="started")
         index.update(run.run_id, "running")
-        config: dict[str, Any] = {"configurable": {"thread_id": run.run_id}, "recursion_limit": 100}
+        config: RunnableConfig = {"configurable": {"thread_id": run.run_id}, "recursion_limit": 100}
         async with AsyncSqliteSaver.from_conn_string(str(run.checkpoint_path)) as saver:
             app = builder.compile(checkpointer=saver)
             start: Any = {
@@ -267,7 +280,10 @@ async def execute(
         _write_outputs(run, answer, trace)
         trace.record("run_end", status="ok", abstained=answer.abstained)
         index.update(run.run_id, "done", answer=answer.short_answer or "(abstained)")
-        write_json(run.dir / "trace.json", read_trace(run.dir, run.run_id, values["answer"]).model_dump(mode="json"))
+        write_json(
+            run.dir / "trace.json",
+            read_trace(run.dir, run.run_id, values["answer"]).model_dump(mode="json"),
+        )
         return answer
     except BaseException as exc:
         trace.record("run_error", status="error", error=f"{type(exc).__name__}: {exc}")
@@ -290,7 +306,9 @@ def _write_outputs(run: Run, answer: GroundedAnswer, trace: TraceRecorder) -> No
     px = store.load(image.display_artifact)
     rgb = px if px.ndim == 3 else px[:, :, None].repeat(3, axis=2)
     masks = {
-        r.id: store.load(r.mask_artifact) > 0 for r in answer.regions if r.mask_artifact and store.exists(r.mask_artifact)
+        r.id: store.load(r.mask_artifact) > 0
+        for r in answer.regions
+        if r.mask_artifact and store.exists(r.mask_artifact)
     }
     overlay = draw_overlay(rgb, answer.regions, masks)
     atomic_write_bytes(run.dir / "overlay.png", encode_png(overlay))

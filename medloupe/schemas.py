@@ -170,13 +170,14 @@ class GroundedAnswer(BaseModel):
     citations: list[Citation] = Field(default_factory=list)
     timings_ms: dict[str, float] = Field(default_factory=dict)
     provenance: Provenance = Field(default_factory=Provenance)
-    disclaimer: Literal[
-        "medloupe is a research tool, not a medical device. Its answers are not a diagnosis and "
-        "must not be used for clinical decisions without review by a qualified professional."
-    ] = DISCLAIMER
+    disclaimer: str = Field(
+        default=DISCLAIMER, description="fixed: research tool, not a medical device"
+    )
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> GroundedAnswer:
+        if self.disclaimer != DISCLAIMER:
+            raise ValueError("the disclaimer is fixed and cannot be changed")
         if self.abstained:
             if not self.abstention_reason:
                 raise ValueError("an abstention must give abstention_reason")

@@ -22,8 +22,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 EventKind = Literal[
-    "run_start", "run_end", "run_error", "resume", "node_start", "node_end", "node_error",
-    "tool_call", "model_call", "retrieval", "rethink_round", "plan", "review", "note",
+    "run_start",
+    "run_end",
+    "run_error",
+    "resume",
+    "node_start",
+    "node_end",
+    "node_error",
+    "tool_call",
+    "model_call",
+    "retrieval",
+    "rethink_round",
+    "plan",
+    "review",
+    "note",
 ]
 
 TRACE_SCHEMA_VERSION = 1
@@ -128,8 +140,14 @@ class TraceRecorder:
             )
             seq = int(cur.lastrowid or 0)
         event = TraceEvent(
-            seq=seq, ts=ts, kind=kind, node=node, name=name, status=status,
-            duration_ms=duration_ms, payload=json.loads(body),
+            seq=seq,
+            ts=ts,
+            kind=kind,
+            node=node,
+            name=name,
+            status=status,
+            duration_ms=duration_ms,
+            payload=json.loads(body),
         )
         for listener in list(self._listeners):
             listener(event)
@@ -143,8 +161,14 @@ class TraceRecorder:
             ).fetchall()
         out = [
             TraceEvent(
-                seq=r[0], ts=r[1], kind=r[2], node=r[3], name=r[4], status=r[5],
-                duration_ms=r[6], payload=json.loads(r[7]),
+                seq=r[0],
+                ts=r[1],
+                kind=r[2],
+                node=r[3],
+                name=r[4],
+                status=r[5],
+                duration_ms=r[6],
+                payload=json.loads(r[7]),
             )
             for r in rows
         ]
@@ -161,7 +185,9 @@ class TraceRecorder:
         self.close()
 
 
-def read_trace(run_dir: str | Path, run_id: str, answer: dict[str, Any] | None = None) -> TraceDocument:
+def read_trace(
+    run_dir: str | Path, run_id: str, answer: dict[str, Any] | None = None
+) -> TraceDocument:
     """Build the :class:`TraceDocument` of a run from its ``trace.sqlite``."""
     rec = TraceRecorder(Path(run_dir) / "trace.sqlite")
     try:
@@ -182,14 +208,24 @@ class NodeTimer:
         self.trace.record("node_start", node=self.node, status="started", step=self.step)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
         ms = (time.perf_counter() - self.t0) * 1000.0
         if exc is None:
-            self.trace.record("node_end", node=self.node, status="ok", duration_ms=ms, step=self.step)
+            self.trace.record(
+                "node_end", node=self.node, status="ok", duration_ms=ms, step=self.step
+            )
         elif exc_type is not None and exc_type.__name__ == "GraphInterrupt":
-            self.trace.record("node_end", node=self.node, status="interrupted", duration_ms=ms, step=self.step)
+            self.trace.record(
+                "node_end", node=self.node, status="interrupted", duration_ms=ms, step=self.step
+            )
         else:
             self.trace.record(
-                "node_error", node=self.node, status="error", duration_ms=ms, step=self.step,
+                "node_error",
+                node=self.node,
+                status="error",
+                duration_ms=ms,
+                step=self.step,
                 error=f"{type(exc).__name__}: {exc}",
             )

@@ -13,4 +13,12 @@ from medloupe.agents.protocol import (
     load_backend,
 )
 
-__all__ = ["ChatMessage", "Generation", "ImagePart", "TextPart", "Usage", "VLMBackend", "load_backend"]
+__all__ = [
+    "ChatMessage",
+    "Generation",
+    "ImagePart",
+    "TextPart",
+    "Usage",
+    "VLMBackend",
+    "load_backend",
+]

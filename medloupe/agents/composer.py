@@ -20,8 +20,12 @@ _MODALITY_Q = re.compile(
     r"how was (this|the) image (taken|acquired)|x-?ray|ct|mri|ultrasound)\b",
     re.I,
 )
-_BODY_Q = re.compile(r"\b(body part|which organ system|what part of the body|region of the body|anatomy)\b", re.I)
-_SIZE_Q = re.compile(r"\b(size|dimensions?|field of view|pixel spacing|resolution|how large|how big)\b", re.I)
+_BODY_Q = re.compile(
+    r"\b(body part|which organ system|what part of the body|region of the body|anatomy)\b", re.I
+)
+_SIZE_Q = re.compile(
+    r"\b(size|dimensions?|field of view|pixel spacing|resolution|how large|how big)\b", re.I
+)
 
 
 def heuristic_plan(question: str, registry: ToolRegistry, image: ImageRecord, draft: Draft) -> Plan:
@@ -30,14 +34,22 @@ def heuristic_plan(question: str, registry: ToolRegistry, image: ImageRecord, dr
     calls: list[PlannedCall] = []
 
     def add(tool: str, arguments: dict[str, object], reason: str) -> None:
-        if tool in registry and registry.get(tool).suits(image.modality) and registry.get(tool).available().ok:
+        if (
+            tool in registry
+            and registry.get(tool).suits(image.modality)
+            and registry.get(tool).available().ok
+        ):
             calls.append(PlannedCall(tool=tool, arguments=arguments, reason=reason))
 
     add("image_info", {}, "technical facts of the image (modality, body part, size, spacing)")
     if image.channels == 1:
         add("find_regions", {"polarity": "dark"}, "candidate regions to look at more closely")
     for roi in draft.regions[:3]:
-        add("measure", {"box_xyxy": list(roi.box_xyxy)}, f"size of a region of interest: {roi.reason}")
+        add(
+            "measure",
+            {"box_xyxy": list(roi.box_xyxy)},
+            f"size of a region of interest: {roi.reason}",
+        )
     return Plan(calls=calls, rationale="rule-based plan (no VLM configured)")
 
 
@@ -58,7 +70,9 @@ def compose_answer(
     else is an abstention that says what was gathered and what would be needed.
     """
     info = _ok(evidence, "image_info")
-    regions: list[Region] = [r for e in evidence if e.status == "ok" for r in e.regions if r.label != "crop"]
+    regions: list[Region] = [
+        r for e in evidence if e.status == "ok" for r in e.regions if r.label != "crop"
+    ]
     claims: list[Claim] = []
     parts: list[str] = []
     if info and (_MODALITY_Q.search(question) or _BODY_Q.search(question)):
@@ -67,9 +81,19 @@ def compose_answer(
         name = out.get("modality_name", modality)
         body = out.get("body_part")
         answer = f"{name}" + (f" of the {str(body).lower()}" if body else "")
-        claims.append(Claim(text=f"The image header gives modality {modality} ({name}).", evidence_ids=[info[0].id]))
+        claims.append(
+            Claim(
+                text=f"The image header gives modality {modality} ({name}).",
+                evidence_ids=[info[0].id],
+            )
+        )
         if body:
-            claims.append(Claim(text=f"The header gives the body part examined as {body}.", evidence_ids=[info[0].id]))
+            claims.append(
+                Claim(
+                    text=f"The header gives the body part examined as {body}.",
+                    evidence_ids=[info[0].id],
+                )
+            )
         parts.append(answer)
     if info and _SIZE_Q.search(question):
         out = info[0].output or {}
@@ -78,7 +102,12 @@ def compose_answer(
         text = f"{w}x{h} pixels"
         if fov:
             text += f", {fov[0]:.0f}x{fov[1]:.0f} mm"
-            claims.append(Claim(text=f"The field of view is {fov[0]:.0f}x{fov[1]:.0f} mm.", evidence_ids=[info[0].id]))
+            claims.append(
+                Claim(
+                    text=f"The field of view is {fov[0]:.0f}x{fov[1]:.0f} mm.",
+                    evidence_ids=[info[0].id],
+                )
+            )
         else:
             text += " (pixel spacing unknown, so no size in mm)"
         claims.append(Claim(text=f"The image is {w}x{h} pixels.", evidence_ids=[info[0].id]))
@@ -89,10 +118,16 @@ def compose_answer(
         if errors:
             explanation += f" {len(errors)} tool call(s) failed (see the trace)."
         return GroundedAnswer(
-            question=question, short_answer="; ".join(parts), explanation=explanation,
-            confidence=0.95, claims=claims, regions=regions,
+            question=question,
+            short_answer="; ".join(parts),
+            explanation=explanation,
+            confidence=0.95,
+            claims=claims,
+            regions=regions,
         )
-    gathered = ", ".join(sorted({e.tool or e.kind for e in evidence if e.status == "ok"})) or "nothing"
+    gathered = (
+        ", ".join(sorted({e.tool or e.kind for e in evidence if e.status == "ok"})) or "nothing"
+    )
     reason = (
         "No vision-language model is configured and the evidence gathered "
         f"({gathered}) does not answer this question; configure one with --vlm."
@@ -100,7 +135,11 @@ def compose_answer(
     if vlm_answer:
         reason = f"The model's answer could not be grounded in the evidence ({vlm_answer!r})."
     return GroundedAnswer(
-        question=question, short_answer=None, abstained=True, abstention_reason=reason,
+        question=question,
+        short_answer=None,
+        abstained=True,
+        abstention_reason=reason,
         explanation="The regions found are shown for review; they are not a finding.",
-        confidence=0.0, regions=regions,
+        confidence=0.0,
+        regions=regions,
     )

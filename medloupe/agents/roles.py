@@ -32,7 +32,11 @@ def evidence_digest(evidence: list[Evidence], limit: int = 40) -> str:
 
 
 async def _ask(
-    vlm: VLMBackend, store: ArtifactStore, text: str, images: list[str], schema: type[BaseModel],
+    vlm: VLMBackend,
+    store: ArtifactStore,
+    text: str,
+    images: list[str],
+    schema: type[BaseModel],
     history: list[ChatMessage] | None = None,
 ) -> tuple[Any, Generation, list[ChatMessage]]:
     content: list[TextPart | ImagePart] = [ImagePart(artifact=a) for a in images]
@@ -44,7 +48,9 @@ async def _ask(
         try:
             parsed = schema.model_validate_json(gen.text)
         except ValidationError as exc:
-            raise BackendError(f"{vlm.spec}: reply does not match {schema.__name__}: {exc}") from None
+            raise BackendError(
+                f"{vlm.spec}: reply does not match {schema.__name__}: {exc}"
+            ) from None
     return parsed, gen, messages
 
 
@@ -54,7 +60,10 @@ async def think(
     """First look at the whole image: draft answer, findings, regions to re-examine."""
     assert image.display_artifact is not None
     text = prompts.render(
-        "think", question=question, width=image.width, height=image.height,
+        "think",
+        question=question,
+        width=image.width,
+        height=image.height,
         modality_name=MODALITY_NAMES.get(image.modality, image.modality),
         body_part=f" of the {image.body_part.lower()}" if image.body_part else "",
     )
@@ -82,11 +91,17 @@ async def plan(
     assert image.display_artifact is not None
     catalogue = registry.catalogue(image.modality)
     text = prompts.render(
-        "plan", question=question, draft_answer=draft.answer, draft_confidence=draft.confidence,
+        "plan",
+        question=question,
+        draft_answer=draft.answer,
+        draft_confidence=draft.confidence,
         draft_regions=json.dumps([r.model_dump(mode="json") for r in draft.regions]),
         evidence=evidence_digest(evidence),
         catalogue=json.dumps(
-            [{"name": c["name"], "description": c["description"], "arguments": c["input_schema"]} for c in catalogue]
+            [
+                {"name": c["name"], "description": c["description"], "arguments": c["input_schema"]}
+                for c in catalogue
+            ]
         ),
     )
     available = {c["name"] for c in catalogue}
@@ -135,8 +150,12 @@ async def rethink(
 ) -> tuple[RethinkDecision, Generation]:
     """Second look: the whole image with boxes drawn, the zoomed crops, the passages."""
     text = prompts.render(
-        "rethink", question=question, answer=answer, confidence=confidence,
-        evidence=evidence_digest(evidence), passages=evidence_digest(passages),
+        "rethink",
+        question=question,
+        answer=answer,
+        confidence=confidence,
+        evidence=evidence_digest(evidence),
+        passages=evidence_digest(passages),
     )
     decision, gen, _ = await _ask(vlm, store, text, [overview_artifact, *crops], RethinkDecision)
     return decision, gen
@@ -163,7 +182,10 @@ async def answer(
 ) -> tuple[AnswerDraft, Generation]:
     """The final answer with claims citing evidence ids."""
     text = prompts.render(
-        "answer", question=question, answer=current, confidence=confidence,
+        "answer",
+        question=question,
+        answer=current,
+        confidence=confidence,
         evidence=evidence_digest(evidence),
     )
     draft, gen, _ = await _ask(vlm, store, text, [], AnswerDraft)

@@ -54,7 +54,8 @@ MAX_RETHINK_REGIONS = 3
 
 
 def option(state: State, key: str) -> Any:
-    return state.get("options", {}).get(key, DEFAULTS.get(key))  # type: ignore[misc]
+    opts: dict[str, Any] = dict(state.get("options", {}))
+    return opts.get(key, dict(DEFAULTS).get(key))
 
 
 def _ctx(runtime: Runtime[RunContext]) -> RunContext:
@@ -76,16 +77,24 @@ def _evidence(state: State, key: str = "evidence") -> list[Evidence]:
 
 def _record_model_call(ctx: RunContext, node: str, purpose: str, gen: Generation) -> None:
     ctx.trace.record(
-        "model_call", node=node, name=ctx.vlm.spec if ctx.vlm else None, status="ok",
-        duration_ms=gen.latency_ms, purpose=purpose, model=gen.model,
-        prompt_tokens=gen.usage.prompt_tokens, completion_tokens=gen.usage.completion_tokens,
+        "model_call",
+        node=node,
+        name=ctx.vlm.spec if ctx.vlm else None,
+        status="ok",
+        duration_ms=gen.latency_ms,
+        purpose=purpose,
+        model=gen.model,
+        prompt_tokens=gen.usage.prompt_tokens,
+        completion_tokens=gen.usage.completion_tokens,
     )
 
 
 NodeFn = Callable[[State, RunContext], Awaitable[dict[str, Any]]]
 
 
-def traced(name: str, fn: NodeFn) -> Callable[[State, Runtime[RunContext]], Awaitable[dict[str, Any]]]:
+def traced(
+    name: str, fn: NodeFn
+) -> Callable[[State, Runtime[RunContext]], Awaitable[dict[str, Any]]]:
     """Wrap a node so that its entry and exit (or error) are recorded in the trace."""
 
     async def node(state: State, runtime: Runtime[RunContext]) -> dict[str, Any]:
@@ -98,13 +107,19 @@ def traced(name: str, fn: NodeFn) -> Callable[[State, Runtime[RunContext]], Awai
         except BaseException as exc:
             status = "interrupted" if type(exc).__name__ == "GraphInterrupt" else "error"
             ctx.trace.record(
-                "node_end" if status == "interrupted" else "node_error", node=name, status=status,
-                duration_ms=(time.perf_counter() - t0) * 1000.0, step=step,
+                "node_end" if status == "interrupted" else "node_error",
+                node=name,
+                status=status,
+                duration_ms=(time.perf_counter() - t0) * 1000.0,
+                step=step,
                 error=None if status == "interrupted" else f"{type(exc).__name__}: {exc}",
             )
             raise
         ctx.trace.record(
-            "node_end", node=name, status="ok", duration_ms=(time.perf_counter() - t0) * 1000.0,
+            "node_end",
+            node=name,
+            status="ok",
+            duration_ms=(time.perf_counter() - t0) * 1000.0,
             step=step,
         )
         return update
@@ -124,14 +139,18 @@ async def intake(state: State, ctx: RunContext) -> dict[str, Any]:
         return update
     if not state.get("image_path"):
         raise ValueError("the input needs `image` (an ingested record) or `image_path`")
-    from medloupe.runner import ingest_image
     from medloupe.io import load_image
+    from medloupe.runner import ingest_image
 
     opts = state.get("options", {})
     loaded = await asyncio.to_thread(
-        load_image, Path(state["image_path"]), frame=opts.get("frame"),
-        slice_index=opts.get("slice_index"), axis=opts.get("axis", 2),
-        modality=opts.get("modality"), max_pixels=ctx.settings.max_pixels,
+        load_image,
+        Path(state["image_path"]),
+        frame=opts.get("frame"),
+        slice_index=opts.get("slice_index"),
+        axis=opts.get("axis", 2),
+        modality=opts.get("modality"),
+        max_pixels=ctx.settings.max_pixels,
     )
     update["image"] = ingest_image(loaded, ctx.store).model_dump(mode="json")
     return update
@@ -158,8 +177,14 @@ async def plan(state: State, ctx: RunContext) -> dict[str, Any]:
     problems: list[str] = []
     if ctx.vlm is not None:
         p, gens, problems = await roles.plan(
-            ctx.vlm, ctx.store, ctx.registry, image, state["question"], draft,
-            _evidence(state), max_repairs=ctx.max_plan_repairs,
+            ctx.vlm,
+            ctx.store,
+            ctx.registry,
+            image,
+            state["question"],
+            draft,
+            _evidence(state),
+            max_repairs=ctx.max_plan_repairs,
         )
         for gen in gens:
             _record_model_call(ctx, "plan", "plan", gen)
@@ -168,8 +193,12 @@ async def plan(state: State, ctx: RunContext) -> dict[str, Any]:
     else:
         p = Plan(rationale="no VLM: nothing further to plan")
     ctx.trace.record(
-        "plan", node="plan", status="ok" if not problems else "repaired", step=step,
-        plan=p.model_dump(mode="json"), problems=problems,
+        "plan",
+        node="plan",
+        status="ok" if not problems else "repaired",
+        step=step,
+        plan=p.model_dump(mode="json"),
+        problems=problems,
     )
     return {"plan": p.model_dump(mode="json")}
 
@@ -185,7 +214,11 @@ async def review_plan(state: State, ctx: RunContext) -> dict[str, Any]:
     problem: str | None = None
     while True:
         decision = interrupt(
-            {"plan": current.model_dump(mode="json"), "problem": problem, "tools": ctx.registry.names()}
+            {
+                "plan": current.model_dump(mode="json"),
+                "problem": problem,
+                "tools": ctx.registry.names(),
+            }
         )
         action = (decision or {}).get("action", "approve")
         if action == "approve":
@@ -200,7 +233,9 @@ async def review_plan(state: State, ctx: RunContext) -> dict[str, Any]:
             break
         except (ValueError, UnknownToolError, ToolArgumentsError) as exc:
             problem = str(exc)
-    ctx.trace.record("review", node="review_plan", status=action, plan=current.model_dump(mode="json"))
+    ctx.trace.record(
+        "review", node="review_plan", status=action, plan=current.model_dump(mode="json")
+    )
     return {"plan": current.model_dump(mode="json")}
 
 
@@ -210,50 +245,73 @@ async def act(state: State, ctx: RunContext) -> dict[str, Any]:
     step = state.get("step", 0)
     tctx = ToolContext(image=_image(state), store=ctx.store)
     results = await asyncio.gather(
-        *(
-            ctx.registry.call(
-                c.tool, c.arguments, tctx, default_timeout_s=ctx.settings.tool_timeout_s, step=step
-            )
-            for c in p.calls
-        )
+        *(_call_tool(ctx, "act", c.tool, c.arguments, tctx, step) for c in p.calls)
     )
-    for ev in results:
-        _record_tool(ctx, "act", ev)
     return {"evidence": [e.model_dump(mode="json") for e in results], "step": step + 1}
 
 
-def _record_tool(ctx: RunContext, node: str, ev: Evidence) -> None:
-    ctx.trace.record(
-        "tool_call", node=node, name=ev.tool, status=ev.status, duration_ms=ev.duration_ms,
-        evidence_id=ev.id, arguments=ev.arguments, summary=ev.summary, error=ev.error,
-        regions=[r.model_dump(mode="json") for r in ev.regions], artifacts=ev.artifacts,
+async def _call_tool(
+    ctx: RunContext, node: str, name: str, arguments: dict[str, Any], tctx: ToolContext, step: int
+) -> Evidence:
+    """Run one tool call and record it in the trace as soon as it finishes."""
+    ev = await ctx.registry.call(
+        name, arguments, tctx, default_timeout_s=ctx.settings.tool_timeout_s, step=step
     )
+    ctx.trace.record(
+        "tool_call",
+        node=node,
+        name=ev.tool,
+        status=ev.status,
+        duration_ms=ev.duration_ms,
+        evidence_id=ev.id,
+        arguments=ev.arguments,
+        summary=ev.summary,
+        error=ev.error,
+        regions=[r.model_dump(mode="json") for r in ev.regions],
+        artifacts=ev.artifacts,
+    )
+    return ev
 
 
 async def retrieve(state: State, ctx: RunContext) -> dict[str, Any]:
     """Query the knowledge base with the question and the draft findings."""
     if ctx.retriever is None:
-        ctx.trace.record("retrieval", node="retrieve", status="skipped", reason="no knowledge base configured")
+        ctx.trace.record(
+            "retrieval", node="retrieve", status="skipped", reason="no knowledge base configured"
+        )
         return {}
     draft = Draft.model_validate(state.get("draft", {}))
-    query = " ".join([state["question"], state.get("current_answer") or "", *draft.findings]).strip()
+    query = " ".join(
+        [state["question"], state.get("current_answer") or "", *draft.findings]
+    ).strip()
     t0 = time.perf_counter()
     passages = await ctx.retriever.search(query, k=5)
     items = []
     for p in passages:
         cit = Citation(
-            id=f"cit-{p.id}", document=p.document, section=p.section, page=p.page,
-            snippet=p.text[:500], score=p.score,
+            id=f"cit-{p.id}",
+            document=p.document,
+            section=p.section,
+            page=p.page,
+            snippet=p.text[:500],
+            score=p.score,
         )
         items.append(
             Evidence(
-                id=f"ev-passage-{p.id}", kind="passage", step=state.get("step", 0), citation=cit,
+                id=f"ev-passage-{p.id}",
+                kind="passage",
+                step=state.get("step", 0),
+                citation=cit,
                 summary=f"{p.document}{' - ' + p.section if p.section else ''}: {p.text[:200]}",
             )
         )
     ctx.trace.record(
-        "retrieval", node="retrieve", name=ctx.retriever.name, status="ok",
-        duration_ms=(time.perf_counter() - t0) * 1000.0, query=query,
+        "retrieval",
+        node="retrieve",
+        name=ctx.retriever.name,
+        status="ok",
+        duration_ms=(time.perf_counter() - t0) * 1000.0,
+        query=query,
         passages=[e.citation.model_dump(mode="json") for e in items if e.citation],
     )
     return {"passages": [e.model_dump(mode="json") for e in items]}
@@ -279,40 +337,54 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
     step = state.get("step", 0)
     boxes = _regions_to_examine(state, draft)
     tctx = ToolContext(image=image, store=ctx.store)
-    crops = await asyncio.gather(
-        *(
-            ctx.registry.call(
-                "crop", {"box_xyxy": list(b)}, tctx, default_timeout_s=ctx.settings.tool_timeout_s,
-                step=step,
+    crops: list[Evidence] = []
+    if "crop" in ctx.registry:
+        crops = list(
+            await asyncio.gather(
+                *(
+                    _call_tool(ctx, "rethink", "crop", {"box_xyxy": list(b)}, tctx, step)
+                    for b in boxes
+                )
             )
-            for b in boxes
         )
-    ) if "crop" in ctx.registry else []
-    for ev in crops:
-        _record_tool(ctx, "rethink", ev)
     crop_ids = [a for ev in crops if ev.status == "ok" for a in ev.artifacts]
     before, conf_before = state.get("current_answer"), state.get("current_confidence", 0.0)
-    if ctx.vlm is not None and crop_ids:
+    if ctx.vlm is not None:
         regions = [Region(id=f"roi-{i}", box_xyxy=b, label=str(i + 1)) for i, b in enumerate(boxes)]
         overview = ctx.store.put_png(draw_overlay(tctx.rgb(), regions), kind="overlay")
         decision, gen = await roles.rethink(
-            ctx.vlm, ctx.store, state["question"], overview, crop_ids, before, conf_before,
-            _evidence(state), _evidence(state, "passages"),
+            ctx.vlm,
+            ctx.store,
+            state["question"],
+            overview,
+            crop_ids,
+            before,
+            conf_before,
+            _evidence(state),
+            _evidence(state, "passages"),
         )
         _record_model_call(ctx, "rethink", "second look", gen)
-    elif ctx.vlm is not None:
-        decision = RethinkDecision(answer=before, confidence=conf_before, note="no regions to re-examine")
     else:
         decision = RethinkDecision(
-            answer=before, confidence=conf_before,
+            answer=before,
+            confidence=conf_before,
             note="no VLM: crops stored for review; the answer is unchanged",
         )
     rnd = RethinkRound(
-        round=step, crops=crop_ids, boxes=boxes, answer_before=before, answer_after=decision.answer,
-        confidence_before=conf_before, confidence_after=decision.confidence,
-        needs_more_evidence=decision.needs_more_evidence, request=decision.request, note=decision.note,
+        round=step,
+        crops=crop_ids,
+        boxes=boxes,
+        answer_before=before,
+        answer_after=decision.answer,
+        confidence_before=conf_before,
+        confidence_after=decision.confidence,
+        needs_more_evidence=decision.needs_more_evidence,
+        request=decision.request,
+        note=decision.note,
     )
-    ctx.trace.record("rethink_round", node="rethink", status="ok", step=step, **rnd.model_dump(mode="json"))
+    ctx.trace.record(
+        "rethink_round", node="rethink", status="ok", step=step, **rnd.model_dump(mode="json")
+    )
     return {
         "rethinks": [rnd.model_dump(mode="json")],
         "evidence": [e.model_dump(mode="json") for e in crops],
@@ -331,17 +403,31 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
     notes: list[str] = []
     if ctx.vlm is not None:
         draft, gen = await roles.answer(
-            ctx.vlm, ctx.store, state["question"], state.get("current_answer"),
-            state.get("current_confidence", 0.0), evidence,
+            ctx.vlm,
+            ctx.store,
+            state["question"],
+            state.get("current_answer"),
+            state.get("current_confidence", 0.0),
+            evidence,
         )
         _record_model_call(ctx, "answer", "final answer", gen)
         cited = {i for c in draft.claims for i in c.evidence_ids}
         try:
             result = GroundedAnswer.model_validate(
                 {
-                    "question": state["question"], **draft.model_dump(),
-                    "regions": [r.model_dump() for i in sorted(cited) if i in by_id for r in by_id[i].regions],
-                    "citations": [by_id[i].citation.model_dump() for i in sorted(cited) if i in by_id and by_id[i].citation],  # type: ignore[union-attr]
+                    "question": state["question"],
+                    **draft.model_dump(),
+                    "regions": [
+                        r.model_dump()
+                        for i in sorted(cited)
+                        if i in by_id
+                        for r in by_id[i].regions
+                    ],
+                    "citations": [
+                        c.model_dump()
+                        for i in sorted(cited)
+                        if i in by_id and (c := by_id[i].citation) is not None
+                    ],
                     "provenance": {"answer_source": "vlm"},
                 },
                 context={"evidence_ids": set(by_id)},
@@ -350,7 +436,9 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
             notes.append(f"the model's answer was rejected ({exc}); composed from evidence instead")
             ctx.trace.record("note", node="answer", status="error", message=notes[-1])
     if result is None:
-        result = compose_answer(state["question"], image, evidence, vlm_answer=state.get("current_answer"))
+        result = compose_answer(
+            state["question"], image, evidence, vlm_answer=state.get("current_answer")
+        )
     timings: dict[str, float] = {}
     for ev in ctx.trace.events({"node_end"}):
         if ev.node and ev.duration_ms is not None:
@@ -390,12 +478,18 @@ def route_after_rethink(state: State) -> Literal["plan", "answer"]:
     return "plan"
 
 
-def build() -> StateGraph:
+def build() -> StateGraph[State, RunContext, InputState, State]:
     """The uncompiled graph (compile it with your checkpointer)."""
     b = StateGraph(State, context_schema=RunContext, input_schema=InputState)
     for name, fn in (
-        ("intake", intake), ("think", think), ("plan", plan), ("review_plan", review_plan),
-        ("act", act), ("retrieve", retrieve), ("rethink", rethink), ("answer", answer),
+        ("intake", intake),
+        ("think", think),
+        ("plan", plan),
+        ("review_plan", review_plan),
+        ("act", act),
+        ("retrieve", retrieve),
+        ("rethink", rethink),
+        ("answer", answer),
     ):
         b.add_node(name, traced(name, fn))  # type: ignore[call-overload]
     b.add_edge(START, "intake")

@@ -18,7 +18,9 @@ from medloupe.tools.registry import ToolRegistry
 from medloupe.trace import TraceRecorder
 
 
-def merge_by_id(left: list[dict[str, Any]] | None, right: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+def merge_by_id(
+    left: list[dict[str, Any]] | None, right: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
     """Reducer: append items, replacing any with the same ``id`` (order of first appearance)."""
     out = {item["id"]: item for item in (left or [])}
     for item in right or []:

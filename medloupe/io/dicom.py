@@ -102,7 +102,11 @@ def _first_float(value: Any) -> float | None:
     if value is None:
         return None
     try:
-        seq = list(value) if not isinstance(value, str | bytes) and hasattr(value, "__iter__") else [value]
+        seq = (
+            list(value)
+            if not isinstance(value, str | bytes) and hasattr(value, "__iter__")
+            else [value]
+        )
         return float(seq[0]) if seq else None
     except (TypeError, ValueError):
         return None
@@ -158,9 +162,11 @@ def read_dicom(
         old_level = pydicom_logger.level
         pydicom_logger.setLevel(logging.CRITICAL)
         try:
+            forced = False
             try:
                 ds = pydicom.dcmread(path)
             except InvalidDicomError:
+                forced = True
                 try:
                     ds = pydicom.dcmread(path, force=True)
                 except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad bytes
@@ -172,6 +178,8 @@ def read_dicom(
                     name, f"truncated or corrupt DICOM file ({type(exc).__name__})"
                 ) from None
 
+            if forced and ("PixelData" not in ds or "Rows" not in ds):
+                raise CorruptImageError(name, "not a DICOM file (no preamble, no image elements)")
             if "PixelData" not in ds and "FloatPixelData" not in ds:
                 raise EmptyImageError(
                     name,
@@ -192,7 +200,8 @@ def read_dicom(
             index = n_frames // 2 if frame is None else frame
             if not 0 <= index < n_frames:
                 raise ImageIntakeError(
-                    name, f"frame {index} requested but the file has {n_frames} frame(s)",
+                    name,
+                    f"frame {index} requested but the file has {n_frames} frame(s)",
                     f"choose a frame from 0 to {n_frames - 1}",
                 )
 

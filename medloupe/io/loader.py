@@ -90,7 +90,11 @@ def load_image(
         from medloupe.io.nifti import read_nifti
 
         return read_nifti(
-            p, axis=axis, slice_index=slice_index, frame=frame, max_pixels=max_pixels,
+            p,
+            axis=axis,
+            slice_index=slice_index,
+            frame=frame,
+            max_pixels=max_pixels,
             modality=modality,
         )
     from medloupe.io.raster import read_raster

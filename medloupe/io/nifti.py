@@ -8,6 +8,7 @@ show the patient's right on the viewer's left; superior and anterior are up.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,9 +43,11 @@ def read_nifti(
 
     name = str(path)
     if axis not in AXIS_NAMES:
-        raise ImageIntakeError(name, f"axis {axis} is not 0, 1 or 2", "use 0 sagittal, 1 coronal, 2 axial")
+        raise ImageIntakeError(
+            name, f"axis {axis} is not 0, 1 or 2", "use 0 sagittal, 1 coronal, 2 axial"
+        )
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
     except (ImageFileError, EOFError, OSError, ValueError) as exc:
         raise CorruptImageError(name, f"not a readable NIfTI file ({type(exc).__name__})") from None
     shape = tuple(int(s) for s in img.shape)
@@ -61,14 +64,16 @@ def read_nifti(
     slice_pixels = shape[others[0]] * shape[others[1]]
     if slice_pixels > max_pixels:
         raise ImageTooLargeError(
-            name, f"a slice has {slice_pixels:,} pixels, over the limit of {max_pixels:,}",
+            name,
+            f"a slice has {slice_pixels:,} pixels, over the limit of {max_pixels:,}",
             "raise MEDLOUPE_MAX_PIXELS",
         )
     n = shape[array_axis]
     canonical_index = n // 2 if slice_index is None else slice_index
     if not 0 <= canonical_index < n:
         raise ImageIntakeError(
-            name, f"slice {canonical_index} requested but axis {axis} has {n} slices",
+            name,
+            f"slice {canonical_index} requested but axis {axis} has {n} slices",
             f"choose a slice from 0 to {n - 1}",
         )
     index = canonical_index if ornt[array_axis, 1] > 0 else n - 1 - canonical_index
@@ -104,9 +109,7 @@ def read_nifti(
     # the higher axis (superior/anterior up), columns from the lower (radiological: right on left
     # for x; anterior on the left for sagittal y).
     display_values = np.flip(data.T, axis=0)
-    if world[0] == 0:  # x across columns: patient's right on the viewer's left
-        display_values = np.flip(display_values, axis=1)
-    elif world[0] == 1:  # sagittal: anterior on the viewer's left
+    if world[0] == 0 or world[0] == 1:  # x across columns: patient's right on the viewer's left
         display_values = np.flip(display_values, axis=1)
     display_values = np.ascontiguousarray(display_values, dtype=np.float32)
     zooms = [float(z) for z in img.header.get_zooms()[:3]]

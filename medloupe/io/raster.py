@@ -36,7 +36,7 @@ def read_raster(
     except (OSError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise CorruptImageError(name, f"cannot open image ({exc})") from None
     with img:
-        fmt = _FORMATS.get(img.format or "", None)
+        fmt = _FORMATS.get(img.format or "")
         if fmt is None:
             raise CorruptImageError(
                 name, f"image format {img.format!r} is not supported", "convert it to PNG"
@@ -71,15 +71,14 @@ def read_raster(
             display = window_linear(raw, *window)
             notes.append(f"{img.mode} image rendered with a 0.5-99.5 percentile window")
             channels = 1
-        elif img.mode in ("L", "1"):
-            display = np.asarray(img.convert("L"), dtype=np.uint8)
-            channels = 1
-        elif img.mode == "LA":
+        elif img.mode in ("L", "1") or img.mode == "LA":
             display = np.asarray(img.convert("L"), dtype=np.uint8)
             channels = 1
         else:
             rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-            if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+            if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(
+                rgb[..., 1], rgb[..., 2]
+            ):
                 display = np.ascontiguousarray(rgb[..., 0])
                 channels = 1
             else:

@@ -34,6 +34,8 @@ class Retriever(Protocol):
         """Identifies the knowledge base in traces and provenance."""
         ...
 
-    async def search(self, query: str, *, image: np.ndarray | None = None, k: int = 5) -> list[Passage]:
+    async def search(
+        self, query: str, *, image: np.ndarray | None = None, k: int = 5
+    ) -> list[Passage]:
         """Top ``k`` passages for ``query`` (and the ``(H, W, 3)`` uint8 ``image`` crop, if any)."""
         ...

@@ -55,7 +55,9 @@ class PassageIndex:
     @staticmethod
     def _read(path: Path) -> list[dict[str, Any]]:
         if not path.is_file():
-            raise KnowledgeBaseError(f"knowledge base {path} does not exist (give a JSONL file of passages)")
+            raise KnowledgeBaseError(
+                f"knowledge base {path} does not exist (give a JSONL file of passages)"
+            )
         out = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -76,7 +78,9 @@ class PassageIndex:
             if self._encoder is None:
                 from sentence_transformers import SentenceTransformer
 
-                self._encoder = SentenceTransformer(self.model_name or default_text_model(), device="cpu")
+                self._encoder = SentenceTransformer(
+                    self.model_name or default_text_model(), device="cpu"
+                )
             vecs = self._encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
         return np.asarray(vecs, dtype=np.float32)
 
@@ -88,14 +92,19 @@ class PassageIndex:
         order = np.argsort(-scores)[:k]
         return [
             Passage(
-                id=str(self.passages[i]["id"]), document=self.passages[i]["document"],
-                section=self.passages[i].get("section"), page=self.passages[i].get("page"),
-                text=self.passages[i]["text"], score=float(scores[i]),
+                id=str(self.passages[i]["id"]),
+                document=self.passages[i]["document"],
+                section=self.passages[i].get("section"),
+                page=self.passages[i].get("page"),
+                text=self.passages[i]["text"],
+                score=float(scores[i]),
             )
             for i in order
         ]
 
-    async def search(self, query: str, *, image: np.ndarray | None = None, k: int = 5) -> list[Passage]:
+    async def search(
+        self, query: str, *, image: np.ndarray | None = None, k: int = 5
+    ) -> list[Passage]:
         """Top ``k`` passages by cosine similarity to ``query`` (``image`` is not used here)."""
         return await asyncio.to_thread(self.search_sync, query, k)
 

@@ -30,7 +30,6 @@ and expose it to medloupe from your own distribution with an entry point::
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import re
 from abc import ABC, abstractmethod
@@ -254,10 +253,13 @@ def tool(
 
     def wrap(f: Callable[..., Any]) -> FunctionTool:
         return FunctionTool(
-            f, name=name, description=description, modalities=modalities, requires=requires,
-            timeout_s=timeout_s, available=available,
+            f,
+            name=name,
+            description=description,
+            modalities=modalities,
+            requires=requires,
+            timeout_s=timeout_s,
+            available=available,
         )
 
     return wrap(fn) if fn is not None else wrap
-
-

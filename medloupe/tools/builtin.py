@@ -88,7 +88,8 @@ class ImageInfo(ToolResult):
 def image_info(args: NoArgs, ctx: ToolContext) -> ImageInfo:
     """Technical facts of the image: modality, body part, size, pixel spacing, intensities."""
     rec = ctx.image
-    values = ctx.raw() if ctx.raw() is not None else ctx.gray()
+    raw = ctx.raw()
+    values = raw if raw is not None else ctx.gray()
     p1, p50, p99 = (float(v) for v in np.percentile(values, [1, 50, 99]))
     fov = None
     if rec.spacing_mm:
@@ -146,7 +147,8 @@ class FindRegionsResult(ToolResult):
         boxes = "; ".join(
             f"[{', '.join(f'{v:.0f}' for v in r.box_xyxy)}] {r.area_px} px" for r in self.found
         )
-        return f"{len(self.found)} {self.polarity} region(s) (Otsu threshold {self.threshold:.0f}): {boxes}"
+        head = f"{len(self.found)} {self.polarity} region(s)"
+        return f"{head} (Otsu threshold {self.threshold:.0f}): {boxes}"
 
 
 def otsu_threshold(values: np.ndarray) -> float:
@@ -178,7 +180,7 @@ def find_regions(args: FindRegionsArgs, ctx: ToolContext) -> FindRegionsResult:
     scale = max(1.0, max(h, w) / 512.0)
     small = gray
     if scale > 1.0:
-        step = int(math.ceil(scale))
+        step = math.ceil(scale)
         small = gray[::step, ::step]
         scale = float(step)
     smooth = ndi.gaussian_filter(small.astype(np.float32), sigma=2.0)
@@ -204,11 +206,15 @@ def find_regions(args: FindRegionsArgs, ctx: ToolContext) -> FindRegionsResult:
             if sl is None:
                 continue
             ys, xs = sl
-            if args.exclude_border and (ys.start == 0 or xs.start == 0 or ys.stop == sh or xs.stop == sw):
+            if args.exclude_border and (
+                ys.start == 0 or xs.start == 0 or ys.stop == sh or xs.stop == sw
+            ):
                 continue
             box = (
-                xs.start * scale, ys.start * scale,
-                min(w, xs.stop * scale), min(h, ys.stop * scale),
+                xs.start * scale,
+                ys.start * scale,
+                min(w, xs.stop * scale),
+                min(h, ys.stop * scale),
             )
             cy, cx = ndi.center_of_mass(labels == idx + 1)
             area_px = int(areas[idx] * scale * scale)
@@ -224,9 +230,7 @@ def find_regions(args: FindRegionsArgs, ctx: ToolContext) -> FindRegionsResult:
             regions.append(
                 Region(id="pending", box_xyxy=box, label=f"{args.polarity} region {len(found)}")
             )
-    return FindRegionsResult(
-        threshold=t, polarity=args.polarity, found=found, regions=regions
-    )
+    return FindRegionsResult(threshold=t, polarity=args.polarity, found=found, regions=regions)
 
 
 # --- crop ---------------------------------------------------------------------------------
@@ -255,7 +259,9 @@ class CropResult(ToolResult):
     scale: float = Field(description="output pixels per source pixel")
 
 
-def crop_array(image: np.ndarray, box: Box, margin: float, zoom_to: int) -> tuple[np.ndarray, tuple[int, int, int, int], float]:
+def crop_array(
+    image: np.ndarray, box: Box, margin: float, zoom_to: int
+) -> tuple[np.ndarray, tuple[int, int, int, int], float]:
     """Crop ``image`` (``(H, W)`` or ``(H, W, C)`` uint8) around ``box`` with ``margin``, clamped
     to the image, resized so its longer side is ``zoom_to`` pixels.
 
@@ -285,8 +291,11 @@ def crop(args: CropArgs, ctx: ToolContext) -> CropResult:
     artifact = ctx.store.put_png(patch, kind="crop")
     region = Region(id="pending", box_xyxy=tuple(float(v) for v in box), label="crop")  # type: ignore[arg-type]
     return CropResult(
-        crop_artifact=artifact, crop_box_xyxy=region.box_xyxy, scale=scale,
-        regions=[region], artifacts=[artifact],
+        crop_artifact=artifact,
+        crop_box_xyxy=region.box_xyxy,
+        scale=scale,
+        regions=[region],
+        artifacts=[artifact],
     )
 
 
@@ -326,8 +335,12 @@ class MeasureResult(ToolResult):
     def summary(self) -> str:
         parts = [
             f"{k} {v:.1f} {self.unit}"
-            for k, v in (("distance", self.distance), ("width", self.width),
-                         ("height", self.height), ("diagonal", self.diagonal))
+            for k, v in (
+                ("distance", self.distance),
+                ("width", self.width),
+                ("height", self.height),
+                ("diagonal", self.diagonal),
+            )
             if v is not None
         ]
         if self.area is not None:
@@ -348,7 +361,9 @@ def measure(args: MeasureArgs, ctx: ToolContext) -> MeasureResult:
         (ax, ay), (bx, by) = args.points
         for x, y in args.points:
             if not (0 <= x <= rec.width and 0 <= y <= rec.height):
-                raise ValueError(f"point ({x}, {y}) lies outside the {rec.width}x{rec.height} image")
+                raise ValueError(
+                    f"point ({x}, {y}) lies outside the {rec.width}x{rec.height} image"
+                )
         d = math.hypot((bx - ax) * sx, (by - ay) * sy)
         return MeasureResult(unit=unit, distance=d, warning=warning)
     assert args.box_xyxy is not None
@@ -357,8 +372,13 @@ def measure(args: MeasureArgs, ctx: ToolContext) -> MeasureResult:
     bw, bh = (x1 - x0) * sx, (y1 - y0) * sy
     region = Region(id="pending", box_xyxy=args.box_xyxy, label="measured box")
     return MeasureResult(
-        unit=unit, width=bw, height=bh, diagonal=math.hypot(bw, bh), area=bw * bh,
-        warning=warning, regions=[region],
+        unit=unit,
+        width=bw,
+        height=bh,
+        diagonal=math.hypot(bw, bh),
+        area=bw * bh,
+        warning=warning,
+        regions=[region],
     )
 
 
@@ -401,7 +421,9 @@ def window(args: WindowArgs, ctx: ToolContext) -> WindowResult:
 
     raw = ctx.raw()
     if raw is None:
-        raise ValueError("the image has no modality values to window (it is not DICOM/NIfTI CT or MR)")
+        raise ValueError(
+            "the image has no modality values to window (it is not DICOM/NIfTI CT or MR)"
+        )
     if args.preset is not None:
         if ctx.image.value_unit != "HU":
             raise ValueError(f"preset {args.preset!r} is in HU but the image's values are not HU")
@@ -411,7 +433,10 @@ def window(args: WindowArgs, ctx: ToolContext) -> WindowResult:
         center, width = args.center, args.width
     artifact = ctx.store.put_png(window_linear(raw, center, width), kind="image")
     return WindowResult(
-        windowed_artifact=artifact, center=center, width=width, unit=ctx.image.value_unit,
+        windowed_artifact=artifact,
+        center=center,
+        width=width,
+        unit=ctx.image.value_unit,
         artifacts=[artifact],
     )
 

@@ -75,7 +75,8 @@ class ToolRegistry:
             raise TypeError(f"{tool!r} is not a medloupe Tool (use the @tool decorator)")
         if tool.name in self._tools:
             raise DuplicateToolError(
-                f"a tool named {tool.name!r} is already registered (from {self._origin[tool.name]}); "
+                f"a tool named {tool.name!r} is already registered "
+                f"(from {self._origin[tool.name]}); "
                 f"the one from {origin} clashes with it: rename one of them"
             )
         self._tools[tool.name] = tool
@@ -177,8 +178,13 @@ class ToolRegistry:
 
         def failed(exc: Exception) -> Evidence:
             return Evidence(
-                id=ev_id, kind="tool", step=step, tool=name, arguments=arguments,
-                status="error", error=f"{type(exc).__name__}: {exc}",
+                id=ev_id,
+                kind="tool",
+                step=step,
+                tool=name,
+                arguments=arguments,
+                status="error",
+                error=f"{type(exc).__name__}: {exc}",
                 summary=f"{name} failed: {exc}"[:300],
                 duration_ms=(time.perf_counter() - started) * 1000.0,
             )
@@ -190,17 +196,14 @@ class ToolRegistry:
             if not availability.ok:
                 raise ToolUnavailableError(f"tool {name!r} is unavailable: {availability.reason}")
             timeout = tool.timeout_s or default_timeout_s
-            if tool.is_async:
-                coro = tool.run(args, ctx)
-            else:
-                coro = asyncio.to_thread(tool.run, args, ctx)
+            coro = tool.run(args, ctx) if tool.is_async else asyncio.to_thread(tool.run, args, ctx)
             try:
                 result = await asyncio.wait_for(coro, timeout=timeout)  # type: ignore[arg-type]
             except TimeoutError:
                 raise ToolTimeoutError(f"tool {name!r} timed out after {timeout:g} s") from None
             except (UnknownToolError, ToolArgumentsError, ToolUnavailableError):
                 raise
-            except Exception as exc:  # noqa: BLE001 - a tool's failure becomes evidence
+            except Exception as exc:
                 log.warning("tool %s raised %s: %s", name, type(exc).__name__, exc)
                 log.debug("tool %s traceback", name, exc_info=True)
                 raise ToolExecutionError(f"{type(exc).__name__}: {exc}") from exc
@@ -210,7 +213,10 @@ class ToolRegistry:
                     f"not its declared {tool.output_model.__name__}"
                 )
         except (
-            UnknownToolError, ToolArgumentsError, ToolUnavailableError, ToolTimeoutError,
+            UnknownToolError,
+            ToolArgumentsError,
+            ToolUnavailableError,
+            ToolTimeoutError,
             ToolExecutionError,
         ) as exc:
             return failed(exc)
@@ -226,9 +232,16 @@ class ToolRegistry:
             summary = result.summary()
         output = result.model_dump(mode="json", exclude={"regions", "artifacts"})
         return Evidence(
-            id=ev_id, kind="tool", step=step, tool=name, arguments=args.model_dump(mode="json"),
-            status="ok", summary=summary or json.dumps(output)[:300], output=output,
-            regions=regions, artifacts=artifacts,
+            id=ev_id,
+            kind="tool",
+            step=step,
+            tool=name,
+            arguments=args.model_dump(mode="json"),
+            status="ok",
+            summary=summary or json.dumps(output)[:300],
+            output=output,
+            regions=regions,
+            artifacts=artifacts,
             duration_ms=(time.perf_counter() - started) * 1000.0,
         )
 
@@ -246,7 +259,7 @@ def _origin_of(ep: EntryPoint) -> str:
 def _tools_from_entry_point(ep: EntryPoint) -> list[Tool]:
     try:
         obj = ep.load()
-    except Exception as exc:  # noqa: BLE001 - any import failure of a plugin is reported
+    except Exception as exc:
         raise PluginLoadError(
             f"entry point {ep.name} = {ep.value} of {_dist_name(ep)} failed to import: "
             f"{type(exc).__name__}: {exc}"
@@ -254,7 +267,7 @@ def _tools_from_entry_point(ep: EntryPoint) -> list[Tool]:
     if not isinstance(obj, Tool) and callable(obj):
         try:
             obj = obj()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise PluginLoadError(f"entry point {ep.value} raised when called: {exc}") from exc
     items = [obj] if isinstance(obj, Tool) else list(obj) if isinstance(obj, Iterable) else []
     bad = [o for o in items if not isinstance(o, Tool)]

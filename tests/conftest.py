@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from medloupe.config import Settings
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    home = tmp_path / "home"
+    monkeypatch.setenv("MEDLOUPE_HOME", str(home))
+    return Settings(home=home)
+
+
+@pytest.fixture(scope="session")
+def dicom_dir() -> Path:
+    import data_store
+
+    return Path(data_store.__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def chest_dcm(dicom_dir: Path) -> Path:
+    return dicom_dir / "RG1_UNCR.dcm"
+
+
+@pytest.fixture(scope="session")
+def ct_dcm(dicom_dir: Path) -> Path:
+    return dicom_dir / "693_UNCR.dcm"
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    path = SHARED / "datasets"
+    if not path.is_dir():
+        pytest.skip(f"../shared/datasets is absent ({path}); these tests need the shared data")
+    return path
+
+
+def cli_env(home: Path, extra_path: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MEDLOUPE_HOME"] = str(home)
+    env["COLUMNS"] = "200"
+    if extra_path is not None:
+        env["PYTHONPATH"] = str(extra_path) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

@@ -1,0 +1,251 @@
+"""Orchestration tests: routing, loop bounds, plan repair, answer validation, concurrency and
+plan review, driven by a scripted FAKE VLM (tests/fakes.py); plus the real no-VLM path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from medloupe.agents.roles import AnswerDraft
+from medloupe.config import Settings
+from medloupe.graphs.state import RunContext
+from medloupe.io import load_image
+from medloupe.runner import create_run, execute, find_run
+from medloupe.schemas import Plan, RethinkDecision
+from medloupe.tools import ToolContext, ToolResult, default_registry, tool
+from medloupe.trace import TraceRecorder
+from tests.fakes import ScriptedFakeVLM
+
+
+def run_graph(
+    settings: Settings,
+    image: Path,
+    vlm: Any,
+    tmp_path: Path,
+    *,
+    registry: Any = None,
+    review: Any = None,
+    **options: Any,
+) -> tuple[Any, Any, list]:
+    run = create_run(
+        load_image(image),
+        "Is there a nodule?",
+        settings=settings,
+        out_dir=tmp_path / "run",
+        options=options,
+    )
+    trace = TraceRecorder(run.trace_path)
+    ctx = RunContext(
+        store=run.store,
+        trace=trace,
+        registry=registry or default_registry(plugins=False),
+        vlm=vlm,
+        settings=settings,
+    )
+    answer = asyncio.run(execute(run, settings=settings, context=ctx, review=review))
+    events = trace.events()
+    trace.close()
+    return run, answer, events
+
+
+def nodes(events: list) -> list[str]:
+    return [e.node for e in events if e.kind == "node_start"]
+
+
+def test_no_vlm_full_graph_on_a_real_radiograph(
+    settings: Settings, chest_dcm: Path, tmp_path: Path
+) -> None:
+    run, answer, events = run_graph(settings, chest_dcm, None, tmp_path)
+    assert nodes(events) == ["intake", "think", "plan", "act", "retrieve", "rethink", "answer"]
+    assert answer.abstained and "No vision-language model" in answer.abstention_reason
+    assert len(answer.regions) == 2  # the two regions find_regions found are shown for review
+    for name in ("answer.json", "trace.json", "overlay.png", "run.json"):
+        assert (run.dir / name).is_file()
+    doc = json.loads((run.dir / "trace.json").read_text())
+    kinds = {e["kind"] for e in doc["events"]}
+    assert {
+        "run_start",
+        "node_start",
+        "node_end",
+        "tool_call",
+        "plan",
+        "rethink_round",
+        "run_end",
+    } <= kinds
+    rounds = [e for e in doc["events"] if e["kind"] == "rethink_round"]
+    assert len(rounds) == 1 and len(rounds[0]["payload"]["crops"]) == 2
+
+
+def test_rethink_loop_is_bounded_by_max_steps(
+    settings: Settings, chest_dcm: Path, tmp_path: Path
+) -> None:
+    vlm = ScriptedFakeVLM(
+        rethink=lambda m, n: RethinkDecision(
+            answer=f"r{n}", confidence=0.2, needs_more_evidence=True
+        )
+    )
+    _, answer, events = run_graph(settings, chest_dcm, vlm, tmp_path, max_steps=3)
+    assert nodes(events).count("act") == 3 and nodes(events).count("rethink") == 3
+    assert nodes(events)[-1] == "answer"
+    rounds = [e.payload for e in events if e.kind == "rethink_round"]
+    assert [r["answer_after"] for r in rounds] == ["r0", "r1", "r2"]
+    assert rounds[1]["answer_before"] == "r0"  # each round records what the second look changed
+    assert answer.short_answer == "scripted answer"
+
+
+def test_confidence_threshold_stops_the_loop(
+    settings: Settings, chest_dcm: Path, tmp_path: Path
+) -> None:
+    vlm = ScriptedFakeVLM(
+        rethink=lambda m, n: RethinkDecision(
+            answer="sure", confidence=0.95, needs_more_evidence=True
+        )
+    )
+    _, _, events = run_graph(settings, chest_dcm, vlm, tmp_path, max_steps=5)
+    assert nodes(events).count("rethink") == 1
+
+
+def test_rethink_gets_crops_and_overview(
+    settings: Settings, chest_dcm: Path, tmp_path: Path
+) -> None:
+    vlm = ScriptedFakeVLM(
+        think=lambda m, n: __import__("medloupe.schemas", fromlist=["Draft"]).Draft(
+            answer="maybe",
+            confidence=0.3,
+            regions=[{"box_xyxy": [100, 100, 500, 600], "reason": "opacity"}],
+        )
+    )
+    run_graph(settings, chest_dcm, vlm, tmp_path)
+    rethink_msgs = next(m for role, m in vlm.calls if role == "rethink")
+    images = [p.artifact for p in rethink_msgs[-1].content if p.type == "image"]
+    assert images[0].startswith("overlay-") and all(a.startswith("crop-") for a in images[1:])
+    assert len(images) >= 2
+
+
+def test_plan_with_unknown_tool_is_repaired_then_dropped(
+    settings: Settings, chest_dcm: Path, tmp_path: Path
+) -> None:
+    bad = Plan(
+        calls=[{"tool": "segment_lungs", "arguments": {}}, {"tool": "image_info", "arguments": {}}]
+    )  # type: ignore[list-item]
+    vlm = ScriptedFakeVLM(plan=lambda m, n: bad)
+    _, answer, events = run_graph(settings, chest_dcm, vlm, tmp_path)
+    plan_calls = [m for role, m in vlm.calls if role == "plan"]
+    assert len(plan_calls) == 3  # first try + 2 repairs, each told what was wrong
+    assert "unknown tool 'segment_lungs'" in plan_calls[1][-1].content[-1].text
+    plan_event = next(e for e in events if e.kind == "plan")
+    assert [c["tool"] for c in plan_event.payload["plan"]["calls"]] == ["image_info"]
+    assert plan_event.status == "repaired"
+
+
+def test_dangling_evidence_claim_is_rejected(
+    settings: Settings, chest_dcm: Path, tmp_path: Path
+) -> None:
+    vlm = ScriptedFakeVLM(
+        answer=lambda m, n: AnswerDraft(
+            short_answer="nodule",
+            confidence=0.9,
+            claims=[{"text": "x", "evidence_ids": ["ev-made-up"]}],
+        )
+    )  # type: ignore[list-item]
+    _, answer, events = run_graph(settings, chest_dcm, vlm, tmp_path)
+    assert answer.abstained  # fell back to the evidence composer, which cannot answer this
+    assert all("ev-made-up" not in c.evidence_ids for c in answer.claims)
+    assert any(e.kind == "note" and "unknown evidence id" in e.payload["message"] for e in events)
+
+
+def test_unparseable_model_output_fails_the_run_with_trace_kept(
+    settings: Settings, chest_dcm: Path, tmp_path: Path
+) -> None:
+    from medloupe.errors import BackendError
+
+    vlm = ScriptedFakeVLM(think=lambda m, n: "this is not json")
+    with pytest.raises(BackendError, match="does not match Draft"):
+        run_graph(settings, chest_dcm, vlm, tmp_path)
+    doc = json.loads((tmp_path / "run" / "trace.json").read_text())
+    assert doc["events"][-1]["kind"] == "run_error"
+    assert not (tmp_path / "run" / "answer.json").exists()
+    assert find_run(doc["run_id"], settings).run_id == doc["run_id"]
+
+
+class Pause(BaseModel):
+    seconds: float
+
+
+class Paused(ToolResult):
+    seconds: float
+
+
+@tool(description="sleep (test)")
+def pause(args: Pause, ctx: ToolContext) -> Paused:
+    time.sleep(args.seconds)
+    return Paused(seconds=args.seconds)
+
+
+def test_independent_tool_calls_run_concurrently(
+    settings: Settings, chest_dcm: Path, tmp_path: Path
+) -> None:
+    reg = default_registry(plugins=False)
+    reg.register(pause)
+    plan = Plan(
+        calls=[{"tool": "pause", "arguments": {"seconds": 1.0 + i / 1000}} for i in range(3)]
+    )  # type: ignore[misc]
+    vlm = ScriptedFakeVLM(plan=lambda m, n: plan)
+    _, _, events = run_graph(settings, chest_dcm, vlm, tmp_path, registry=reg)
+    act = next(e for e in events if e.kind == "node_end" and e.node == "act")
+    assert act.duration_ms < 2500  # three 1-second tools, not 3 s
+
+
+def test_review_plan_edit_and_reject(settings: Settings, chest_dcm: Path, tmp_path: Path) -> None:
+    seen: list[dict] = []
+
+    def reviewer(payload: dict) -> dict:
+        seen.append(payload)
+        if len(seen) == 1:
+            return {
+                "action": "edit",
+                "plan": {"calls": [{"tool": "measure", "arguments": {"points": [[0, 0]]}}]},
+            }
+        return {
+            "action": "edit",
+            "plan": {"calls": [{"tool": "measure", "arguments": {"box_xyxy": [0, 0, 30, 40]}}]},
+        }
+
+    _, answer, events = run_graph(
+        settings, chest_dcm, None, tmp_path, review=reviewer, review_plan=True
+    )
+    assert len(seen) == 2 and "exactly two" in seen[1]["problem"]
+    tools = [e.name for e in events if e.kind == "tool_call" and e.node == "act"]
+    assert tools == ["measure"]
+    _, _, events = run_graph(
+        settings,
+        chest_dcm,
+        None,
+        tmp_path / "b",
+        review=lambda p: {"action": "reject"},
+        review_plan=True,
+    )
+    assert [e for e in events if e.kind == "tool_call" and e.node == "act"] == []
+
+
+def test_compiled_graph_is_exported_for_langgraph() -> None:
+    from medloupe.graphs import diagnose
+
+    root = Path(__file__).resolve().parents[1]
+    spec = json.loads((root / "langgraph.json").read_text())["graphs"]["diagnose"]
+    assert spec.endswith("medloupe/graphs/diagnose.py:graph")
+    assert set(diagnose.graph.get_graph().nodes) >= {
+        "intake",
+        "think",
+        "plan",
+        "act",
+        "retrieve",
+        "rethink",
+        "answer",
+    }

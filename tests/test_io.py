@@ -1,0 +1,220 @@
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from medloupe.errors import (
+    CorruptImageError,
+    EmptyImageError,
+    ImageIntakeError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+    UnsupportedTransferSyntaxError,
+)
+from medloupe.io import detect_format, load_image
+
+
+def test_chest_cr_monochrome1_is_inverted(chest_dcm: Path) -> None:
+    img = load_image(chest_dcm)
+    rec = img.record
+    assert (rec.format, rec.modality, rec.body_part) == ("dicom", "CR", "CHEST")
+    assert (rec.width, rec.height, rec.channels) == (1841, 1955, 1)
+    assert rec.photometric == "MONOCHROME1"
+    # the file's PixelSpacing is 0\0: spacing is unknown, with a note saying so
+    assert rec.spacing_mm is None and any("not positive" in n for n in rec.notes)
+    # MONOCHROME1: high stored values are dark, so after inversion display falls as raw rises
+    assert img.raw is not None
+    corr = np.corrcoef(img.raw.ravel()[::97], img.display.ravel()[::97].astype(float))[0, 1]
+    assert corr < -0.9
+    assert img.display.dtype == np.uint8
+
+
+def test_ct_rescale_to_hounsfield_and_spacing(ct_dcm: Path) -> None:
+    ds = pydicom.dcmread(ct_dcm)
+    img = load_image(ct_dcm)
+    stored = ds.pixel_array.astype(np.float64)
+    expected = stored * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert img.raw is not None
+    np.testing.assert_allclose(img.raw, expected, rtol=0, atol=1e-3)
+    assert img.record.value_unit == "HU"
+    assert img.record.spacing_mm == pytest.approx((0.478516, 0.478516))
+    assert img.record.spacing_source == "PixelSpacing"
+    assert img.record.window == (40.0, 100.0)  # the file's window centre/width
+    assert img.raw.min() < -900  # air outside the head is about -1000 HU
+
+
+def test_imager_pixel_spacing_used_when_no_pixel_spacing(chest_dcm: Path, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(chest_dcm)
+    del ds.PixelSpacing
+    ds.ImagerPixelSpacing = [0.15, 0.16]
+    p = tmp_path / "ips.dcm"
+    ds.save_as(p)
+    rec = load_image(p).record
+    assert rec.spacing_mm == (0.15, 0.16)
+    assert rec.spacing_source == "ImagerPixelSpacing"
+    assert any("magnification" in n for n in rec.notes)
+
+
+def test_voi_lut_absent_window_falls_back_to_percentiles(ct_dcm: Path, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(ct_dcm)
+    del ds.WindowCenter
+    del ds.WindowWidth
+    p = tmp_path / "nowin.dcm"
+    ds.save_as(p)
+    img = load_image(p)
+    assert img.record.window is not None and img.record.window != (40.0, 100.0)
+    assert any("percentile" in n for n in img.record.notes)
+
+
+def test_multiframe_frame_choice(dicom_dir: Path) -> None:
+    path = dicom_dir / "OBXXXX1A_2frame.dcm"
+    f0, f1 = load_image(path, frame=0), load_image(path, frame=1)
+    assert f0.record.frames == 2 and f1.record.frame == 1
+    assert f0.record.content_hash != f1.record.content_hash
+    with pytest.raises(ImageIntakeError, match="frame 5 requested but the file has 2"):
+        load_image(path, frame=5)
+
+
+def test_colour_ultrasound(dicom_dir: Path) -> None:
+    img = load_image(dicom_dir / "US1_UNCR.dcm")
+    assert img.record.channels == 3 and img.display.shape == (480, 640, 3)
+    assert img.raw is None
+
+
+def _nifti(tmp_path: Path, affine: np.ndarray) -> tuple[Path, np.ndarray]:
+    import nibabel as nib
+
+    data = np.zeros((20, 30, 10), dtype=np.int16)
+    data[15:18, 2:5, :] = 1000  # high x (RAS+: patient's right), low y (posterior)
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_zooms((0.8, 0.9, 2.5))
+    p = tmp_path / "vol.nii.gz"
+    nib.save(img, p)
+    return p, data
+
+
+def test_nifti_axial_slice_orientation_and_spacing(tmp_path: Path) -> None:
+    p, _ = _nifti(tmp_path, np.diag([0.8, 0.9, 2.5, 1.0]))
+    img = load_image(p, axis=2, slice_index=4)
+    rec = img.record
+    assert (rec.format, rec.width, rec.height, rec.frames, rec.frame) == ("nifti", 20, 30, 10, 4)
+    assert rec.spacing_mm == pytest.approx((0.9, 0.8))  # (row = y, column = x)
+    assert rec.slice_thickness_mm == pytest.approx(2.5)
+    ys, xs = np.nonzero(img.display > 128)
+    # posterior (low y) is at the bottom; the patient's right (+x) is on the viewer's left
+    assert ys.min() >= 25 and xs.max() <= 4
+
+
+def test_nifti_flipped_affine_gives_same_display(tmp_path: Path) -> None:
+    p1, data = _nifti(tmp_path, np.diag([0.8, 0.9, 2.5, 1.0]))
+    import nibabel as nib
+
+    flipped = nib.Nifti1Image(
+        data[::-1].copy(),
+        np.diag([-0.8, 0.9, 2.5, 1.0])
+        @ np.array([[1, 0, 0, -19], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
+    )
+    p2 = tmp_path / "flipped.nii"
+    nib.save(flipped, p2)
+    a, b = load_image(p1, axis=2, slice_index=4), load_image(p2, axis=2, slice_index=4)
+    np.testing.assert_array_equal(a.display, b.display)
+    with pytest.raises(ImageIntakeError, match="slice 10 requested"):
+        load_image(p1, axis=2, slice_index=10)
+
+
+def test_png_gray_rgb_and_16bit(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    img = load_image(tmp_path / "c.png")
+    assert img.record.channels == 3 and img.record.format == "png"
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.jpg")
+    assert load_image(tmp_path / "g.jpg").record.channels == 1
+    wide = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 10
+    Image.fromarray(wide).save(tmp_path / "w.png")
+    w = load_image(tmp_path / "w.png")
+    assert w.raw is not None and w.raw.max() == pytest.approx(float(wide.max()))
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    p = tmp_path / "empty.dcm"
+    p.write_bytes(b"")
+    with pytest.raises(EmptyImageError, match="empty"):
+        load_image(p)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageIntakeError, match="no such file"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_unrecognised_bytes(tmp_path: Path) -> None:
+    p = tmp_path / "notes.txt"
+    p.write_text("hello")
+    with pytest.raises(UnsupportedImageError, match="unrecognised file format"):
+        load_image(p)
+
+
+def test_truncated_png(tmp_path: Path) -> None:
+    Image.fromarray(np.full((200, 200), 7, np.uint8)).save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptImageError):
+        load_image(tmp_path / "t.png")
+
+
+def test_truncated_dicom_pixel_data(ct_dcm: Path, tmp_path: Path) -> None:
+    data = ct_dcm.read_bytes()
+    p = tmp_path / "trunc.dcm"
+    p.write_bytes(data[: len(data) - 200_000])
+    with pytest.raises((CorruptImageError, EmptyImageError)):
+        load_image(p)
+
+
+def test_garbage_with_dicom_extension(tmp_path: Path) -> None:
+    p = tmp_path / "x.dcm"
+    p.write_bytes(b"\x00\x01garbage" * 50)
+    with pytest.raises(CorruptImageError):
+        load_image(p)
+
+
+def test_unsupported_transfer_syntax(ct_dcm: Path, tmp_path: Path) -> None:
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(ct_dcm)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video: no decoder exists
+    ds.PixelData = encapsulate([b"\x00" * 1024])
+    ds["PixelData"].VR = "OB"
+    p = tmp_path / "mpeg.dcm"
+    ds.save_as(p, enforce_file_format=True)
+    with pytest.raises(UnsupportedTransferSyntaxError, match="MPEG2") as info:
+        load_image(p)
+    assert "medloupe[codecs]" in str(info.value)
+
+
+def test_too_many_pixels_checked_before_decoding(chest_dcm: Path, tmp_path: Path) -> None:
+    with pytest.raises(ImageTooLargeError, match="exceeds the limit of 1,000,000"):
+        load_image(chest_dcm, max_pixels=1_000_000)
+    Image.fromarray(np.zeros((300, 400), np.uint8)).save(tmp_path / "big.png")
+    with pytest.raises(ImageTooLargeError, match="MEDLOUPE_MAX_PIXELS"):
+        load_image(tmp_path / "big.png", max_pixels=100_000)
+
+
+def test_corrupt_nifti(tmp_path: Path) -> None:
+    p = tmp_path / "bad.nii.gz"
+    p.write_bytes(gzip.compress(b"not a nifti header" * 10))
+    with pytest.raises(CorruptImageError):
+        load_image(p)
+
+
+def test_detect_format_sniffs_content(ct_dcm: Path, tmp_path: Path) -> None:
+    renamed = tmp_path / "scan.bin"
+    renamed.write_bytes(ct_dcm.read_bytes())
+    assert detect_format(renamed) == "dicom"
