@@ -23,27 +23,17 @@ DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_TOOL_TIMEOUT_S = 60.0
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default: float, cast: type[int] | type[float]) -> float:
+    """A positive number from the environment, or ``default`` when unset or blank."""
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
-        value = int(raw)
+        value = cast(raw)
     except ValueError as exc:
-        raise ValueError(f"{name}={raw!r} is not an integer") from exc
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be positive")
-    return value
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name}={raw!r} is not a number") from exc
+        raise ValueError(
+            f"{name}={raw!r} is not {'an integer' if cast is int else 'a number'}"
+        ) from exc
     if value <= 0:
         raise ValueError(f"{name}={raw!r} must be positive")
     return value
@@ -62,8 +52,8 @@ class Settings:
         home = os.environ.get("MEDLOUPE_HOME")
         return cls(
             home=Path(home).expanduser() if home else Path.home() / ".medloupe",
-            max_pixels=_env_int("MEDLOUPE_MAX_PIXELS", DEFAULT_MAX_PIXELS),
-            tool_timeout_s=_env_float("MEDLOUPE_TOOL_TIMEOUT", DEFAULT_TOOL_TIMEOUT_S),
+            max_pixels=int(_env_number("MEDLOUPE_MAX_PIXELS", DEFAULT_MAX_PIXELS, int)),
+            tool_timeout_s=_env_number("MEDLOUPE_TOOL_TIMEOUT", DEFAULT_TOOL_TIMEOUT_S, float),
         )
 
     @property

@@ -194,38 +194,3 @@ def read_trace(
         return TraceDocument(run_id=run_id, meta=rec.meta(), events=rec.events(), answer=answer)
     finally:
         rec.close()
-
-
-class NodeTimer:
-    """Context manager recording ``node_start`` / ``node_end`` (or ``node_error``) events."""
-
-    def __init__(self, trace: TraceRecorder, node: str, step: int) -> None:
-        self.trace, self.node, self.step = trace, node, step
-        self.t0 = 0.0
-
-    def __enter__(self) -> NodeTimer:
-        self.t0 = time.perf_counter()
-        self.trace.record("node_start", node=self.node, status="started", step=self.step)
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
-    ) -> None:
-        ms = (time.perf_counter() - self.t0) * 1000.0
-        if exc is None:
-            self.trace.record(
-                "node_end", node=self.node, status="ok", duration_ms=ms, step=self.step
-            )
-        elif exc_type is not None and exc_type.__name__ == "GraphInterrupt":
-            self.trace.record(
-                "node_end", node=self.node, status="interrupted", duration_ms=ms, step=self.step
-            )
-        else:
-            self.trace.record(
-                "node_error",
-                node=self.node,
-                status="error",
-                duration_ms=ms,
-                step=self.step,
-                error=f"{type(exc).__name__}: {exc}",
-            )
