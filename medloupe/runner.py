@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medloupe.artifacts import ArtifactStore, atomic_write_bytes, encode_png
+from medloupe.artifacts import ArtifactStore, atomic_write_bytes
 from medloupe.config import Settings
 from medloupe.errors import InputError, MedloupeError, RunNotFoundError
 from medloupe.io.records import ImageRecord, LoadedImage
@@ -311,6 +311,6 @@ def _write_outputs(run: Run, answer: GroundedAnswer, trace: TraceRecorder) -> No
         if r.mask_artifact and store.exists(r.mask_artifact)
     }
     overlay = draw_overlay(rgb, answer.regions, masks)
-    atomic_write_bytes(run.dir / "overlay.png", encode_png(overlay))
-    store.put_png(overlay, kind="overlay")
+    overlay_id = store.put_png(overlay, kind="overlay")
+    atomic_write_bytes(run.dir / "overlay.png", store.path(overlay_id).read_bytes())
     write_json(run.dir / "answer.json", answer.model_dump(mode="json"))

@@ -9,6 +9,7 @@ element values, are silenced while a file is read.
 from __future__ import annotations
 
 import logging
+import struct
 import warnings
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,7 @@ def read_dicom(
                     raise CorruptImageError(
                         name, f"not a readable DICOM file ({type(exc).__name__})"
                     ) from None
-            except (EOFError, OSError, ValueError, KeyError, TypeError, struct_error()) as exc:
+            except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
                 raise CorruptImageError(
                     name, f"truncated or corrupt DICOM file ({type(exc).__name__})"
                 ) from None
@@ -297,9 +298,3 @@ def _safe_str(value: Any) -> str | None:
         return None
     text = str(value).strip()
     return text or None
-
-
-def struct_error() -> type[Exception]:
-    import struct
-
-    return struct.error

@@ -71,7 +71,7 @@ def read_raster(
             display = window_linear(raw, *window)
             notes.append(f"{img.mode} image rendered with a 0.5-99.5 percentile window")
             channels = 1
-        elif img.mode in ("L", "1") or img.mode == "LA":
+        elif img.mode in ("L", "1", "LA"):
             display = np.asarray(img.convert("L"), dtype=np.uint8)
             channels = 1
         else:

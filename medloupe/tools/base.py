@@ -35,7 +35,6 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Literal, get_type_hints
 
 import numpy as np
@@ -218,13 +217,9 @@ class FunctionTool(Tool):
     def available(self) -> Availability:
         return self._available() if self._available is not None else Availability(True, "ready")
 
-    @cached_property
-    def _is_coroutine(self) -> bool:
-        return inspect.iscoroutinefunction(self.fn)
-
     @property
     def is_async(self) -> bool:
-        return self._is_coroutine
+        return inspect.iscoroutinefunction(self.fn)
 
     def run(self, args: BaseModel, ctx: ToolContext) -> Any:
         return self.fn(args, ctx)
