@@ -45,7 +45,9 @@ def pause(args: PauseArgs, ctx: ToolContext) -> Paused:
 
 
 def one_run(tmp: Path, *, review: object = None, **options: object) -> tuple[float, list]:
+    """One demo run; returns its wall time (ingest, graph, outputs) in ms and its events."""
     settings = Settings(home=tmp / "home")
+    t0 = time.perf_counter()
     run = create_run(
         load_image(demo_image()),
         DEMO_QUESTION,
@@ -57,7 +59,6 @@ def one_run(tmp: Path, *, review: object = None, **options: object) -> tuple[flo
     registry = default_registry(plugins=False)
     registry.register(pause)
     ctx = RunContext(store=run.store, trace=trace, registry=registry, settings=settings)
-    t0 = time.perf_counter()
     asyncio.run(execute(run, settings=settings, context=ctx, review=review))  # type: ignore[arg-type]
     wall = (time.perf_counter() - t0) * 1000.0
     events = trace.events()
@@ -78,13 +79,16 @@ def transition_gaps(events: list) -> tuple[list[float], float]:
 
 
 def main() -> None:
-    overheads, shares, instant = [], [], []
-    for _ in range(3):
+    overheads, shares, node_shares, instant = [], [], [], []
+    with tempfile.TemporaryDirectory() as d:
+        one_run(Path(d))  # warm-up: lazy imports
+    for _ in range(5):
         with tempfile.TemporaryDirectory() as d:
-            _, events = one_run(Path(d))
+            wall_ms, events = one_run(Path(d))
         gaps, run_ms = transition_gaps(events)
         overheads.append(statistics.mean(gaps))
-        shares.append(sum(gaps) / run_ms)
+        shares.append(sum(gaps) / wall_ms)
+        node_shares.append(sum(gaps) / run_ms)
     # with instant tools: the reviewer rejects the plan, so no tool runs
     for _ in range(3):
         with tempfile.TemporaryDirectory() as d:
@@ -122,9 +126,14 @@ def main() -> None:
             "< 5 ms",
         ),
         (
-            "graph overhead as a share of a demo run (first node start to answer)",
+            "graph overhead as a share of a demo run (ingest, graph and outputs, in process)",
             f"{100 * statistics.median(shares):.1f} %",
             "< 2 %",
+        ),
+        (
+            "graph overhead as a share of the graph's own span (first node start to answer)",
+            f"{100 * statistics.median(node_shares):.1f} %",
+            "(no VLM: the tools' work is ~150 ms)",
         ),
         (
             "three independent 1-second tools in one plan: act node time",

@@ -55,7 +55,7 @@ def encode_png(array: np.ndarray) -> bytes:
             f"PNG artifacts take (H, W), (H, W, 3) or (H, W, 4) arrays, not {arr.shape}"
         )
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", optimize=False, compress_level=6)
+    Image.fromarray(arr).save(buf, format="PNG", optimize=False, compress_level=1)
     return buf.getvalue()
 
 

@@ -261,7 +261,7 @@ async def execute(
                     payload = None  # continue from the last checkpoint
             while True:
                 if run_graph:
-                    await app.ainvoke(payload, config, context=context, durability="sync")
+                    await app.ainvoke(payload, config, context=context, durability="async")
                 snapshot = await app.aget_state(config)
                 if snapshot.interrupts:
                     if review is None:

@@ -6,7 +6,8 @@
 in the run directory, so every question is its own thread and a killed run resumes.
 
 Dependencies arrive in :class:`~medloupe.graphs.state.RunContext` (LangGraph runtime
-context). Nodes are plain async functions returning partial state updates.
+context); when none is given (LangGraph's server), each node builds the default one of
+:mod:`medloupe.graphs.defaults` from the environment and the thread id. Nodes are plain async functions returning partial state updates.
 """
 
 from __future__ import annotations
@@ -58,15 +59,6 @@ def option(state: State, key: str) -> Any:
     return opts.get(key, dict(DEFAULTS).get(key))
 
 
-def _ctx(runtime: Runtime[RunContext]) -> RunContext:
-    if runtime.context is None:
-        raise RuntimeError(
-            "the diagnose graph needs a medloupe RunContext as its runtime context; "
-            "use medloupe.runner (or `medloupe ask`) or pass context=RunContext(...)"
-        )
-    return runtime.context
-
-
 def _image(state: State) -> ImageRecord:
     return ImageRecord.model_validate(state["image"])
 
@@ -98,7 +90,20 @@ def traced(
     """Wrap a node so that its entry and exit (or error) are recorded in the trace."""
 
     async def node(state: State, runtime: Runtime[RunContext]) -> dict[str, Any]:
-        ctx = _ctx(runtime)
+        if isinstance(runtime.context, RunContext):
+            return await run(state, runtime.context)
+        if runtime.context is not None:
+            raise TypeError(
+                "the diagnose graph's runtime context must be a medloupe RunContext, not "
+                f"{type(runtime.context).__name__}; pass none to use the default context "
+                "(medloupe.graphs.defaults)"
+            )
+        from medloupe.graphs.defaults import default_context
+
+        with default_context() as ctx:
+            return await run(state, ctx)
+
+    async def run(state: State, ctx: RunContext) -> dict[str, Any]:
         t0 = time.perf_counter()
         step = state.get("step", 0)
         ctx.trace.record("node_start", node=name, status="started", step=step)
