@@ -259,6 +259,50 @@ def resume(
     _run_and_report(run, settings, as_json=as_json, resume=True)
 
 
+@app.command("serve-vlm")
+def serve_vlm(
+    model: Annotated[
+        str,
+        typer.Argument(help="hf:HUB_ID, hf:/path/to/model, a bare hub id or folder, or any spec"),
+    ],
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port")] = 8000,
+    served_name: Annotated[
+        str | None, typer.Option(help="model name clients use (default: folder name or hub id)")
+    ] = None,
+) -> None:
+    """Serve a VLM behind an OpenAI-compatible /v1/chat/completions and /v1/models."""
+    from medloupe.agents.protocol import load_backend
+    from medloupe.agents.server import default_served_name, serve
+    from medloupe.errors import MedloupeError
+
+    spec = model if ":" in model.split("/")[0] else f"hf:{model}"
+    try:
+        backend = load_backend(spec)
+        if hasattr(backend, "load"):
+            backend.load()  # fail now, with the reason, rather than on the first request
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+    name = served_name or default_served_name(spec.partition(":")[2])
+    err_console.print(
+        f"serving {spec} as [bold]{name}[/bold] at http://{host}:{port}/v1 "
+        f"(use --vlm openai:http://{host}:{port}/v1#{name})"
+    )
+    serve(backend, host=host, port=port, served_name=name)
+
+
+@app.command("tiny-vlm")
+def tiny_vlm(
+    path: Annotated[Path, typer.Argument(help="folder to write the model to")],
+    seed: Annotated[int, typer.Option(help="seed of the random weights")] = 0,
+) -> None:
+    """Write a tiny random-weight Qwen2.5-VL (for smoke tests of serving; it answers noise)."""
+    from medloupe.agents.tiny_model import build_tiny_qwen2_5_vl
+
+    out = build_tiny_qwen2_5_vl(path, seed=seed)
+    err_console.print(f"tiny Qwen2.5-VL (random weights) written to {out}")
+
+
 @tools_app.command("list")
 def tools_list() -> None:
     """Every registered tool with its availability and reason."""

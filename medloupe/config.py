@@ -23,8 +23,11 @@ DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_TOOL_TIMEOUT_S = 60.0
 
 
-def _env_number(name: str, default: float, cast: type[int] | type[float]) -> float:
-    """A positive number from the environment, or ``default`` when unset or blank."""
+def env_number(
+    name: str, default: float, cast: type[int] | type[float], *, allow_zero: bool = False
+) -> float:
+    """A positive (or, with ``allow_zero``, non-negative) number from the environment, or
+    ``default`` when unset or blank. Raises ``ValueError`` naming the variable otherwise."""
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -34,8 +37,8 @@ def _env_number(name: str, default: float, cast: type[int] | type[float]) -> flo
         raise ValueError(
             f"{name}={raw!r} is not {'an integer' if cast is int else 'a number'}"
         ) from exc
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be positive")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}={raw!r} must be {'non-negative' if allow_zero else 'positive'}")
     return value
 
 
@@ -52,8 +55,8 @@ class Settings:
         home = os.environ.get("MEDLOUPE_HOME")
         return cls(
             home=Path(home).expanduser() if home else Path.home() / ".medloupe",
-            max_pixels=int(_env_number("MEDLOUPE_MAX_PIXELS", DEFAULT_MAX_PIXELS, int)),
-            tool_timeout_s=_env_number("MEDLOUPE_TOOL_TIMEOUT", DEFAULT_TOOL_TIMEOUT_S, float),
+            max_pixels=int(env_number("MEDLOUPE_MAX_PIXELS", DEFAULT_MAX_PIXELS, int)),
+            tool_timeout_s=env_number("MEDLOUPE_TOOL_TIMEOUT", DEFAULT_TOOL_TIMEOUT_S, float),
         )
 
     @property

@@ -6,6 +6,8 @@ code 2 and writes nothing; other :class:`MedloupeError` subclasses exit with cod
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MedloupeError(Exception):
     """Base class of every error medloupe raises on purpose."""
@@ -108,6 +110,30 @@ class RunNotFoundError(InputError):
 
 class BackendError(MedloupeError):
     """A VLM backend failed (endpoint down after retries, unparseable output, ...)."""
+
+
+class ModelReplyError(BackendError):
+    """The model answered, but not with a valid reply (unparseable or off-schema JSON after
+    the repair rounds). The graph degrades gracefully on this one; transport failures are
+    plain :class:`BackendError` and end the run."""
+
+    def __init__(self, message: str, *, usage: Any = None, latency_ms: float = 0.0) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.latency_ms = latency_ms
+
+
+class SchemaUnsupportedError(BackendError):
+    """The endpoint refused a JSON-schema ``response_format``; callers fall back to
+    prompt-and-parse."""
+
+
+class BackendUnavailableError(BackendError):
+    """The endpoint could not be reached or kept failing after the retries."""
+
+
+class ModelNotFoundError(BackendError, InputError):
+    """The model named in a spec is not served by the endpoint, or its weights are missing."""
 
 
 class BackendSpecError(InputError):

@@ -7,7 +7,7 @@ Boxes are ``XYXY`` in pixels of the run's image (origin top-left, x to the right
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
@@ -80,7 +80,7 @@ class RegionOfInterest(BaseModel):
     """A region the thinker or rethinker wants to look at more closely."""
 
     box_xyxy: Box
-    reason: str = ""
+    reason: str = Field(default="", max_length=300)
 
     _box = field_validator("box_xyxy")(classmethod(lambda cls, v: _check_box(v)))
 
@@ -88,36 +88,42 @@ class RegionOfInterest(BaseModel):
 class Draft(BaseModel):
     """The first look at the whole image."""
 
-    answer: str | None = Field(default=None, description="draft short answer, or null")
-    findings: list[str] = Field(default_factory=list)
-    regions: list[RegionOfInterest] = Field(default_factory=list)
+    answer: str | None = Field(
+        default=None, max_length=300, description="draft short answer, or null"
+    )
+    findings: list[Annotated[str, Field(max_length=300)]] = Field(
+        default_factory=list, max_length=8
+    )
+    regions: list[RegionOfInterest] = Field(default_factory=list, max_length=3)
     confidence: float = Field(default=0.0, ge=0.0, le=1.0)
-    note: str | None = None
+    note: str | None = Field(default=None, max_length=500)
 
 
 class PlannedCall(BaseModel):
     """One tool call of a plan."""
 
-    tool: str
+    tool: str = Field(max_length=100)
     arguments: dict[str, Any] = Field(default_factory=dict)
-    reason: str = ""
+    reason: str = Field(default="", max_length=300)
 
 
 class Plan(BaseModel):
     """Tool calls that would confirm, ground or measure the draft. Calls run concurrently."""
 
-    calls: list[PlannedCall] = Field(default_factory=list)
-    rationale: str = ""
+    calls: list[PlannedCall] = Field(default_factory=list, max_length=8)
+    rationale: str = Field(default="", max_length=500)
 
 
 class RethinkDecision(BaseModel):
     """What a rethink round concluded."""
 
-    answer: str | None = None
+    answer: str | None = Field(default=None, max_length=300)
     confidence: float = Field(default=0.0, ge=0.0, le=1.0)
     needs_more_evidence: bool = False
-    request: str | None = Field(default=None, description="what further evidence would help")
-    note: str | None = None
+    request: str | None = Field(
+        default=None, max_length=300, description="what further evidence would help"
+    )
+    note: str | None = Field(default=None, max_length=500)
 
 
 class RethinkRound(BaseModel):
@@ -138,8 +144,8 @@ class RethinkRound(BaseModel):
 class Claim(BaseModel):
     """A statement in the answer and the evidence ids that support it."""
 
-    text: str
-    evidence_ids: list[str] = Field(min_length=1)
+    text: str = Field(max_length=500)
+    evidence_ids: list[str] = Field(min_length=1, max_length=10)
 
 
 class Provenance(BaseModel):

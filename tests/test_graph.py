@@ -160,18 +160,40 @@ def test_dangling_evidence_claim_is_rejected(
     assert any(e.kind == "note" and "unknown evidence id" in e.payload["message"] for e in events)
 
 
-def test_unparseable_model_output_fails_the_run_with_trace_kept(
+def test_unparseable_model_output_degrades_and_is_traced(
     settings: Settings, chest_dcm: Path, tmp_path: Path
 ) -> None:
-    from medloupe.errors import BackendError
+    """A model that never replies with valid JSON does not sink the run: each role falls back
+    (no draft, the rule-based plan, an unchanged answer, the evidence composer) and the
+    failed calls are in the trace."""
+    garbage = lambda m, n: "this is not json {"  # noqa: E731
+    vlm = ScriptedFakeVLM(think=garbage, plan=garbage, rethink=garbage, answer=garbage)
+    run, answer, events = run_graph(settings, chest_dcm, vlm, tmp_path)
+    failed = [e for e in events if e.kind == "model_call" and e.status == "error"]
+    assert [e.node for e in failed] == ["think", "plan", "rethink", "answer"]
+    assert all("does not match" in e.payload["error"] for e in failed)
+    assert answer.abstained and "not usable" in (answer.abstention_reason or "")
+    tools = {e.name for e in events if e.kind == "tool_call" and e.node == "act"}
+    assert {"image_info", "find_regions"} <= tools  # the rule-based plan ran
+    assert (run.dir / "answer.json").is_file() and (run.dir / "trace.json").is_file()
 
-    vlm = ScriptedFakeVLM(think=lambda m, n: "this is not json")
-    with pytest.raises(BackendError, match="does not match Draft"):
-        run_graph(settings, chest_dcm, vlm, tmp_path)
-    doc = json.loads((tmp_path / "run" / "trace.json").read_text())
-    assert doc["events"][-1]["kind"] == "run_error"
-    assert not (tmp_path / "run" / "answer.json").exists()
-    assert find_run(doc["run_id"], settings).run_id == doc["run_id"]
+
+def test_rethink_crops_ct_regions_with_a_local_window_at_the_models_size(
+    settings: Settings, ct_dcm: Path, tmp_path: Path
+) -> None:
+    vlm = ScriptedFakeVLM(
+        think=lambda m, n: __import__("medloupe.schemas", fromlist=["Draft"]).Draft(
+            answer="maybe",
+            confidence=0.3,
+            regions=[{"box_xyxy": [20, 20, 60, 50], "reason": "density"}],
+        )
+    )
+    vlm.preferred_image_side = 336  # type: ignore[attr-defined]
+    _, _, events = run_graph(settings, ct_dcm, vlm, tmp_path)
+    crop = next(e for e in events if e.kind == "tool_call" and e.node == "rethink")
+    assert crop.payload["arguments"]["window"] == "local"
+    assert crop.payload["arguments"]["zoom_to"] == 336
+    assert crop.payload["arguments"]["margin"] > 0
 
 
 class Pause(BaseModel):

@@ -63,8 +63,12 @@ def compose_answer(
     evidence: list[Evidence],
     *,
     vlm_answer: str | None = None,
+    vlm_problem: str | None = None,
 ) -> GroundedAnswer:
     """Compose a grounded answer from evidence alone, or abstain with the reason.
+
+    ``vlm_problem`` says why a configured model's own answer was not used (unusable reply,
+    claims citing unknown evidence); without it, no model is assumed to be configured.
 
     Answers modality / body-part and size questions from ``image_info`` evidence; everything
     else is an abstention that says what was gathered and what would be needed.
@@ -132,7 +136,12 @@ def compose_answer(
         "No vision-language model is configured and the evidence gathered "
         f"({gathered}) does not answer this question; configure one with --vlm."
     )
-    if vlm_answer:
+    if vlm_problem:
+        reason = (
+            f"The model's answer was not usable ({vlm_problem[:300]}) and the evidence "
+            f"gathered ({gathered}) does not answer this question."
+        )
+    elif vlm_answer:
         reason = f"The model's answer could not be grounded in the evidence ({vlm_answer!r})."
     return GroundedAnswer(
         question=question,

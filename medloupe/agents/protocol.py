@@ -55,6 +55,7 @@ class Generation(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     latency_ms: float = 0.0
     model: str = ""
+    attempts: int = Field(default=1, description="requests made (1 + repair rounds)")
 
 
 @runtime_checkable

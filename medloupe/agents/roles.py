@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from medloupe.agents import prompts
 from medloupe.agents.protocol import ChatMessage, Generation, ImagePart, TextPart, VLMBackend
+from medloupe.agents.structured import parse_reply
 from medloupe.artifacts import ArtifactStore
-from medloupe.errors import BackendError, ToolArgumentsError, UnknownToolError
+from medloupe.errors import ModelReplyError, ToolArgumentsError, UnknownToolError
 from medloupe.io.records import ImageRecord
 from medloupe.schemas import Claim, Draft, Evidence, Plan, RethinkDecision
 from medloupe.tools.builtin import MODALITY_NAMES
@@ -46,10 +47,12 @@ async def _ask(
     parsed = gen.parsed
     if not isinstance(parsed, schema):
         try:
-            parsed = schema.model_validate_json(gen.text)
-        except ValidationError as exc:
-            raise BackendError(
-                f"{vlm.spec}: reply does not match {schema.__name__}: {exc}"
+            parsed = parse_reply(gen.text, schema)
+        except ValueError as exc:
+            raise ModelReplyError(
+                f"{vlm.spec}: reply does not match {schema.__name__}: {exc}",
+                usage=gen.usage,
+                latency_ms=gen.latency_ms,
             ) from None
     return parsed, gen, messages
 
@@ -164,12 +167,12 @@ async def rethink(
 class AnswerDraft(BaseModel):
     """What the answerer model returns; the graph adds regions, citations and timings."""
 
-    short_answer: str | None = None
-    explanation: str = ""
+    short_answer: str | None = Field(default=None, max_length=300)
+    explanation: str = Field(default="", max_length=1500)
     confidence: float = Field(ge=0.0, le=1.0)
     abstained: bool = False
-    abstention_reason: str | None = None
-    claims: list[Claim] = Field(default_factory=list)
+    abstention_reason: str | None = Field(default=None, max_length=300)
+    claims: list[Claim] = Field(default_factory=list, max_length=8)
 
 
 async def answer(

@@ -7,7 +7,8 @@ in the run directory, so every question is its own thread and a killed run resum
 
 Dependencies arrive in :class:`~medloupe.graphs.state.RunContext` (LangGraph runtime
 context); when none is given (LangGraph's server), each node builds the default one of
-:mod:`medloupe.graphs.defaults` from the environment and the thread id. Nodes are plain async functions returning partial state updates.
+:mod:`medloupe.graphs.defaults` from the environment and the thread id. Nodes are plain async
+functions returning partial state updates.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from langgraph.types import interrupt
 from medloupe.agents import roles
 from medloupe.agents.composer import NO_VLM_NOTE, compose_answer, heuristic_plan
 from medloupe.agents.protocol import Generation
-from medloupe.errors import ToolArgumentsError, UnknownToolError
+from medloupe.errors import ModelReplyError, ToolArgumentsError, UnknownToolError
 from medloupe.graphs.state import InputState, RunContext, RunOptions, State
 from medloupe.io.records import ImageRecord
 from medloupe.overlay import draw_overlay
@@ -52,6 +53,8 @@ DEFAULTS: RunOptions = {
     "review_plan": False,
 }
 MAX_RETHINK_REGIONS = 3
+CROP_MARGIN = 0.25  # context around each region the rethinker sees, share of the box size
+DEFAULT_CROP_SIDE = 512  # crops' longer side when the backend states no preference
 
 
 def option(state: State, key: str) -> Any:
@@ -78,7 +81,27 @@ def _record_model_call(ctx: RunContext, node: str, purpose: str, gen: Generation
         model=gen.model,
         prompt_tokens=gen.usage.prompt_tokens,
         completion_tokens=gen.usage.completion_tokens,
+        attempts=gen.attempts,
     )
+
+
+def _record_bad_reply(ctx: RunContext, node: str, purpose: str, exc: ModelReplyError) -> str:
+    """Record a model call whose reply stayed invalid; returns the note for the run."""
+    usage = exc.usage
+    ctx.trace.record(
+        "model_call",
+        node=node,
+        name=ctx.vlm.spec if ctx.vlm else None,
+        status="error",
+        duration_ms=exc.latency_ms,
+        purpose=purpose,
+        prompt_tokens=getattr(usage, "prompt_tokens", 0),
+        completion_tokens=getattr(usage, "completion_tokens", 0),
+        error=str(exc),
+    )
+    note = f"{node}: the model's reply was unusable ({exc})"
+    log.warning("%s", note)
+    return note
 
 
 NodeFn = Callable[[State, RunContext], Awaitable[dict[str, Any]]]
@@ -163,15 +186,21 @@ async def intake(state: State, ctx: RunContext) -> dict[str, Any]:
 
 async def think(state: State, ctx: RunContext) -> dict[str, Any]:
     """First look at the whole image (VLM), or a note that there is none."""
+    notes: list[str] = []
     if ctx.vlm is None:
         draft = Draft(note=NO_VLM_NOTE)
     else:
-        draft, gen = await roles.think(ctx.vlm, ctx.store, _image(state), state["question"])
-        _record_model_call(ctx, "think", "first look", gen)
+        try:
+            draft, gen = await roles.think(ctx.vlm, ctx.store, _image(state), state["question"])
+            _record_model_call(ctx, "think", "first look", gen)
+        except ModelReplyError as exc:
+            notes.append(_record_bad_reply(ctx, "think", "first look", exc))
+            draft = Draft(note="the first look gave no usable reply; going on with the tools")
     return {
         "draft": draft.model_dump(mode="json"),
         "current_answer": draft.answer,
         "current_confidence": draft.confidence,
+        "notes": notes,
     }
 
 
@@ -180,23 +209,28 @@ async def plan(state: State, ctx: RunContext) -> dict[str, Any]:
     image, draft = _image(state), Draft.model_validate(state.get("draft", {}))
     step = state.get("step", 0)
     problems: list[str] = []
+    notes: list[str] = []
+    p: Plan | None = None
     if ctx.vlm is not None:
-        p, gens, problems = await roles.plan(
-            ctx.vlm,
-            ctx.store,
-            ctx.registry,
-            image,
-            state["question"],
-            draft,
-            _evidence(state),
-            max_repairs=ctx.max_plan_repairs,
-        )
-        for gen in gens:
-            _record_model_call(ctx, "plan", "plan", gen)
-    elif step == 0:
+        try:
+            p, gens, problems = await roles.plan(
+                ctx.vlm,
+                ctx.store,
+                ctx.registry,
+                image,
+                state["question"],
+                draft,
+                _evidence(state),
+                max_repairs=ctx.max_plan_repairs,
+            )
+            for gen in gens:
+                _record_model_call(ctx, "plan", "plan", gen)
+        except ModelReplyError as exc:
+            notes.append(_record_bad_reply(ctx, "plan", "plan", exc))
+    if p is None and step == 0:  # no VLM, or its plan was unusable: the rule-based plan
         p = heuristic_plan(state["question"], ctx.registry, image, draft)
-    else:
-        p = Plan(rationale="no VLM: nothing further to plan")
+    elif p is None:
+        p = Plan(rationale="no usable model plan: nothing further to plan")
     ctx.trace.record(
         "plan",
         node="plan",
@@ -205,7 +239,7 @@ async def plan(state: State, ctx: RunContext) -> dict[str, Any]:
         plan=p.model_dump(mode="json"),
         problems=problems,
     )
-    return {"plan": p.model_dump(mode="json")}
+    return {"plan": p.model_dump(mode="json"), "notes": notes}
 
 
 async def review_plan(state: State, ctx: RunContext) -> dict[str, Any]:
@@ -344,31 +378,52 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
     tctx = ToolContext(image=image, store=ctx.store)
     crops: list[Evidence] = []
     if "crop" in ctx.registry:
+        side = int(getattr(ctx.vlm, "preferred_image_side", 0) or DEFAULT_CROP_SIDE)
+        crop_args: dict[str, Any] = {
+            "margin": CROP_MARGIN,
+            "zoom_to": max(64, min(side, 2048)),
+            # CT/MR: re-window each crop to its own values (DICOM/NIfTI modality values)
+            "window": "local"
+            if image.modality in ("CT", "MR") and image.raw_artifact
+            else "display",
+        }
         crops = list(
             await asyncio.gather(
                 *(
-                    _call_tool(ctx, "rethink", "crop", {"box_xyxy": list(b)}, tctx, step)
+                    _call_tool(
+                        ctx, "rethink", "crop", {"box_xyxy": list(b), **crop_args}, tctx, step
+                    )
                     for b in boxes
                 )
             )
         )
     crop_ids = [a for ev in crops if ev.status == "ok" for a in ev.artifacts]
     before, conf_before = state.get("current_answer"), state.get("current_confidence", 0.0)
+    notes: list[str] = []
+    decision: RethinkDecision | None = None
     if ctx.vlm is not None:
         regions = [Region(id=f"roi-{i}", box_xyxy=b, label=str(i + 1)) for i, b in enumerate(boxes)]
         overview = ctx.store.put_png(draw_overlay(tctx.rgb(), regions), kind="overlay")
-        decision, gen = await roles.rethink(
-            ctx.vlm,
-            ctx.store,
-            state["question"],
-            overview,
-            crop_ids,
-            before,
-            conf_before,
-            _evidence(state),
-            _evidence(state, "passages"),
-        )
-        _record_model_call(ctx, "rethink", "second look", gen)
+        try:
+            decision, gen = await roles.rethink(
+                ctx.vlm,
+                ctx.store,
+                state["question"],
+                overview,
+                crop_ids,
+                before,
+                conf_before,
+                _evidence(state),
+                _evidence(state, "passages"),
+            )
+            _record_model_call(ctx, "rethink", "second look", gen)
+        except ModelReplyError as exc:
+            notes.append(_record_bad_reply(ctx, "rethink", "second look", exc))
+            decision = RethinkDecision(
+                answer=before,
+                confidence=conf_before,
+                note="the second look gave no usable reply; the answer is unchanged",
+            )
     else:
         decision = RethinkDecision(
             answer=before,
@@ -396,6 +451,7 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
         "current_answer": decision.answer,
         "current_confidence": decision.confidence,
         "needs_more": decision.needs_more_evidence,
+        "notes": notes,
     }
 
 
@@ -406,16 +462,21 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
     by_id = {e.id: e for e in evidence}
     result: GroundedAnswer | None = None
     notes: list[str] = []
+    draft: roles.AnswerDraft | None = None
     if ctx.vlm is not None:
-        draft, gen = await roles.answer(
-            ctx.vlm,
-            ctx.store,
-            state["question"],
-            state.get("current_answer"),
-            state.get("current_confidence", 0.0),
-            evidence,
-        )
-        _record_model_call(ctx, "answer", "final answer", gen)
+        try:
+            draft, gen = await roles.answer(
+                ctx.vlm,
+                ctx.store,
+                state["question"],
+                state.get("current_answer"),
+                state.get("current_confidence", 0.0),
+                evidence,
+            )
+            _record_model_call(ctx, "answer", "final answer", gen)
+        except ModelReplyError as exc:
+            notes.append(_record_bad_reply(ctx, "answer", "final answer", exc))
+    if draft is not None:
         cited = {i for c in draft.claims for i in c.evidence_ids}
         try:
             result = GroundedAnswer.model_validate(
@@ -442,7 +503,11 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
             ctx.trace.record("note", node="answer", status="error", message=notes[-1])
     if result is None:
         result = compose_answer(
-            state["question"], image, evidence, vlm_answer=state.get("current_answer")
+            state["question"],
+            image,
+            evidence,
+            vlm_answer=state.get("current_answer"),
+            vlm_problem=notes[-1] if ctx.vlm is not None and notes else None,
         )
     timings: dict[str, float] = {}
     for ev in ctx.trace.events({"node_end"}):

@@ -244,6 +244,14 @@ class CropArgs(BaseModel):
     zoom_to: int = Field(
         default=512, ge=32, le=2048, description="longer side of the output crop, pixels"
     )
+    window: Literal["display", "local", "lung", "mediastinum", "bone", "brain", "abdomen"] = Field(
+        default="display",
+        description=(
+            "display: the image as shown; local: contrast stretched to the 1st-99th "
+            "percentile of the modality values inside the crop (CT/MR: the raw values); "
+            "a preset: that HU window (CT only)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _box(self) -> CropArgs:
@@ -257,6 +265,9 @@ class CropResult(ToolResult):
     crop_artifact: str
     crop_box_xyxy: Box
     scale: float = Field(description="output pixels per source pixel")
+    window: str = Field(default="display", description="how the crop's values were rendered")
+    window_center: float | None = None
+    window_width: float | None = None
 
 
 def crop_array(
@@ -286,14 +297,35 @@ def crop_array(
 
 @tool(name="crop")
 def crop(args: CropArgs, ctx: ToolContext) -> CropResult:
-    """Crop a region with a context margin (clamped to the image) and zoom it for a closer look."""
-    patch, box, scale = crop_array(ctx.pixels(), args.box_xyxy, args.margin, args.zoom_to)
+    """Crop a region with a context margin (clamped to the image) and zoom it for a closer look;
+    optionally re-windowed (CT/MR modality values) for the region's own contrast."""
+    from medloupe.io.render import percentile_window, window_linear
+
+    source = ctx.pixels()
+    center = width = None
+    raw = ctx.raw()
+    if args.window in WINDOW_PRESETS:
+        if raw is None or ctx.image.value_unit != "HU":
+            raise ValueError(f"window {args.window!r} is an HU preset; this image has no HU values")
+        center, width = WINDOW_PRESETS[args.window]
+        source = window_linear(raw, center, width)
+    elif args.window == "local":
+        values = raw if raw is not None else ctx.gray()
+        h, w = values.shape[:2]
+        x0, y0, x1, y1 = _clamp_box(args.box_xyxy, w, h)
+        inner = values[y0:y1, x0:x1] if x1 > x0 and y1 > y0 else values
+        center, width = percentile_window(inner.astype(np.float32), 1.0, 99.0)
+        source = window_linear(values, center, width)
+    patch, box, scale = crop_array(source, args.box_xyxy, args.margin, args.zoom_to)
     artifact = ctx.store.put_png(patch, kind="crop")
     region = Region(id="pending", box_xyxy=tuple(float(v) for v in box), label="crop")  # type: ignore[arg-type]
     return CropResult(
         crop_artifact=artifact,
         crop_box_xyxy=region.box_xyxy,
         scale=scale,
+        window=args.window,
+        window_center=center,
+        window_width=width,
         regions=[region],
         artifacts=[artifact],
     )

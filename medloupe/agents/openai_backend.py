@@ -1,0 +1,410 @@
+"""A VLM backend for OpenAI-compatible chat-completions endpoints (vLLM, SGLang, Ollama, TGI,
+``medloupe serve-vlm``), over ``httpx.AsyncClient``.
+
+Spec: ``openai:BASE_URL#MODEL``, e.g. ``openai:http://127.0.0.1:8000/v1#Qwen/Qwen2.5-VL-7B-Instruct``.
+Without ``#MODEL`` the endpoint's only served model is used (``/v1/models``).
+
+Environment (read when the backend is built):
+
+``MEDLOUPE_OPENAI_API_KEY`` or ``OPENAI_API_KEY``
+    bearer token, if the endpoint wants one.
+``MEDLOUPE_VLM_TIMEOUT``
+    read timeout in seconds (default 120); the connect timeout is 5 s.
+``MEDLOUPE_VLM_RETRIES``
+    retries on transport errors, 5xx and 429 (default 3), with exponential backoff and
+    ``Retry-After`` honoured.
+``MEDLOUPE_VLM_CONCURRENCY``
+    requests in flight at most, per event loop (default 4).
+``MEDLOUPE_VLM_MAX_IMAGE_PIXELS``
+    images are downscaled to at most this many pixels before sending (default ~1 MP).
+
+Structured output is requested with ``response_format`` (JSON schema); a server that refuses
+it (HTTP 400/422 naming the field) is remembered, and from then on the schema is spelled out
+in the prompt and the reply parsed, with a bounded repair round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+import time
+import weakref
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+
+from medloupe.agents.images import DEFAULT_MAX_IMAGE_PIXELS, encode_png_data_uri, model_image
+from medloupe.agents.protocol import ChatMessage, Generation, ImagePart, Usage
+from medloupe.agents.structured import Completion, generate_structured
+from medloupe.artifacts import ArtifactStore
+from medloupe.config import env_number
+from medloupe.errors import (
+    BackendError,
+    BackendSpecError,
+    BackendUnavailableError,
+    ModelNotFoundError,
+    SchemaUnsupportedError,
+)
+
+log = logging.getLogger(__name__)
+
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+def parse_spec(rest: str) -> tuple[str, str | None]:
+    """``BASE_URL#MODEL`` -> (base URL without a trailing slash, model or None)."""
+    url, _, model = rest.partition("#")
+    if not url.startswith(("http://", "https://")):
+        raise BackendSpecError(
+            f"openai backend spec needs an http(s) base URL, got {url!r} "
+            "(e.g. openai:http://127.0.0.1:8000/v1#Qwen/Qwen2.5-VL-7B-Instruct)"
+        )
+    return url.rstrip("/"), model or None
+
+
+def retry_after_s(response: httpx.Response) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta seconds or an HTTP date), if any."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class _LoopState:
+    def __init__(self, client: httpx.AsyncClient, limit: int) -> None:
+        self.client = client
+        self.semaphore = asyncio.Semaphore(limit)
+
+
+class OpenAIBackend:
+    """Chat completions against an OpenAI-compatible endpoint.
+
+    Args:
+        base_url: the API root, e.g. ``http://127.0.0.1:8000/v1``.
+        model: the served model name; ``None``: the endpoint's only model.
+        api_key: bearer token (default: ``MEDLOUPE_OPENAI_API_KEY`` or ``OPENAI_API_KEY``).
+        connect_timeout_s, read_timeout_s: httpx timeouts.
+        max_retries: retries on transport errors, 5xx and 429.
+        backoff_s, max_backoff_s: first and largest wait between attempts.
+        max_concurrency: requests in flight at most (per event loop).
+        max_image_pixels: cap on each image's pixels (downscaled above it).
+        transport: an ``httpx.AsyncBaseTransport`` (tests, proxies).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        *,
+        api_key: str | None = None,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 120.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        max_concurrency: int = 4,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key = api_key
+        self.timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.max_concurrency = max_concurrency
+        self.max_image_pixels = max_image_pixels
+        self._transport = transport
+        self._schema_ok = True
+        self._probed = False
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @classmethod
+    def from_spec(cls, rest: str) -> OpenAIBackend:
+        """Build from the part of a spec after ``openai:``, with settings from the environment."""
+        url, model = parse_spec(rest)
+        return cls(
+            url,
+            model,
+            api_key=os.environ.get("MEDLOUPE_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+            read_timeout_s=env_number("MEDLOUPE_VLM_TIMEOUT", 120.0, float),
+            max_retries=int(env_number("MEDLOUPE_VLM_RETRIES", 3, int, allow_zero=True)),
+            max_concurrency=int(env_number("MEDLOUPE_VLM_CONCURRENCY", 4, int)),
+            max_image_pixels=int(
+                env_number("MEDLOUPE_VLM_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS, int)
+            ),
+        )
+
+    @property
+    def spec(self) -> str:
+        return f"openai:{self.base_url}#{self.model or ''}"
+
+    @property
+    def supports_schema(self) -> bool:
+        return self._schema_ok
+
+    @property
+    def preferred_image_side(self) -> int:
+        """Side in pixels of a square image at the pixel cap (crops are zoomed to it)."""
+        return int(self.max_image_pixels**0.5)
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            client = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=self.timeout,
+                headers=headers,
+                transport=self._transport,
+                limits=httpx.Limits(max_connections=self.max_concurrency),
+            )
+            state = _LoopState(client, self.max_concurrency)
+            self._loops[loop] = state
+        return state
+
+    async def aclose(self) -> None:
+        """Close this event loop's HTTP client."""
+        state = self._loops.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            await state.client.aclose()
+
+    async def _request(self, method: str, path: str, payload: Any = None) -> httpx.Response:
+        """One request with retries on transport errors, 5xx and 429.
+
+        Raises:
+            BackendUnavailableError: still failing after the retries.
+        """
+        state = self._state()
+        attempts = self.max_retries + 1
+        last = ""
+        for attempt in range(attempts):
+            wait = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (
+                0.5 + random.random() / 2
+            )
+            try:
+                async with state.semaphore:
+                    response = await state.client.request(method, path, json=payload)
+            except httpx.TimeoutException as exc:
+                last = (
+                    f"timed out ({type(exc).__name__}; read timeout "
+                    f"{self.timeout.read:.0f} s, set MEDLOUPE_VLM_TIMEOUT to change it)"
+                )
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc or 'transport error'}"
+            else:
+                if response.status_code not in _RETRY_STATUS:
+                    return response
+                last = f"HTTP {response.status_code}: {_error_text(response)}"
+                hinted = retry_after_s(response)
+                if hinted is not None:
+                    wait = min(self.max_backoff_s, hinted)
+            if attempt + 1 < attempts:
+                log.warning(
+                    "%s %s%s failed (%s); retry %d/%d in %.1f s",
+                    method,
+                    self.base_url,
+                    path,
+                    last,
+                    attempt + 1,
+                    self.max_retries,
+                    wait,
+                )
+                await asyncio.sleep(wait)
+        raise BackendUnavailableError(
+            f"VLM endpoint {self.base_url} failed after {attempts} attempt(s): {last}. "
+            "Is the server running and reachable? (vLLM: `vllm serve MODEL`; "
+            "or `medloupe serve-vlm MODEL`)"
+        )
+
+    async def served_models(self) -> list[str]:
+        """Model ids the endpoint serves (``GET /models``)."""
+        response = await self._request("GET", "/models")
+        if response.status_code != 200:
+            raise BackendError(
+                f"{self.base_url}/models answered HTTP {response.status_code}: "
+                f"{_error_text(response)}"
+            )
+        try:
+            return [str(m["id"]) for m in response.json().get("data", [])]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BackendError(
+                f"{self.base_url}/models returned an unexpected body: {exc}"
+            ) from None
+
+    async def probe(self) -> str:
+        """Check that the model is served (choosing the only one when none was named).
+
+        Raises:
+            ModelNotFoundError: the model is not among the served ones.
+            BackendUnavailableError: the endpoint is down.
+        """
+        models = await self.served_models()
+        if self.model is None:
+            if len(models) != 1:
+                raise ModelNotFoundError(
+                    f"{self.base_url} serves {models or 'no models'}; name one in the spec: "
+                    f"openai:{self.base_url}#MODEL"
+                )
+            self.model = models[0]
+        elif self.model not in models:
+            import difflib
+
+            close = difflib.get_close_matches(self.model, models, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ModelNotFoundError(
+                f"model {self.model!r} is not served at {self.base_url}; it serves {models}.{hint}"
+            )
+        self._probed = True
+        return self.model
+
+    async def _payload_messages(
+        self, messages: list[ChatMessage], store: ArtifactStore
+    ) -> list[dict[str, Any]]:
+        out = []
+        for m in messages:
+            parts: list[dict[str, Any]] = []
+            for part in m.content:
+                if isinstance(part, ImagePart):
+                    uri = await asyncio.to_thread(self.encode_image, store, part.artifact)
+                    parts.append({"type": "image_url", "image_url": {"url": uri}})
+                else:
+                    parts.append({"type": "text", "text": part.text})
+            out.append({"role": m.role, "content": parts})
+        return out
+
+    def encode_image(self, store: ArtifactStore, artifact_id: str) -> str:
+        """A PNG data URI of an artifact, downscaled to the pixel cap."""
+        return encode_png_data_uri(model_image(store, artifact_id, self.max_image_pixels))
+
+    async def complete(
+        self,
+        messages: list[ChatMessage],
+        *,
+        store: ArtifactStore,
+        json_schema: dict[str, Any] | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+    ) -> Completion:
+        """One chat completion.
+
+        Raises:
+            SchemaUnsupportedError: the server refused ``response_format``.
+            ModelNotFoundError: the model is not served.
+            BackendUnavailableError: endpoint down, 5xx or 429 after the retries, timeout.
+            BackendError: any other refusal (the server's message included).
+        """
+        if not self._probed:
+            await self.probe()
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": await self._payload_messages(messages, store),
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        if json_schema is not None:
+            payload["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": str(json_schema.get("title", "reply")),
+                    "schema": json_schema,
+                },
+            }
+        response = await self._request("POST", "/chat/completions", payload)
+        if response.status_code != 200:
+            text = _error_text(response)
+            if (
+                json_schema is not None
+                and response.status_code in (400, 422)
+                and any(
+                    k in text.lower()
+                    for k in ("response_format", "json_schema", "guided", "grammar")
+                )
+            ):
+                self._schema_ok = False
+                raise SchemaUnsupportedError(
+                    f"{self.base_url} refused response_format ({text}); "
+                    "falling back to prompt-and-parse"
+                )
+            if response.status_code == 404:
+                self._probed = False
+                await self.probe()
+            if response.status_code in (401, 403):
+                raise BackendError(
+                    f"{self.base_url} refused the request (HTTP {response.status_code}: {text}); "
+                    "set MEDLOUPE_OPENAI_API_KEY or OPENAI_API_KEY"
+                )
+            raise BackendError(f"{self.base_url} answered HTTP {response.status_code}: {text}")
+        try:
+            body = response.json()
+            choice = body["choices"][0]
+            text = choice["message"].get("content") or ""
+            usage = body.get("usage") or {}
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BackendError(
+                f"{self.base_url} returned a body that is not a chat completion: {exc}"
+            ) from None
+        finish = choice.get("finish_reason") or "stop"
+        return Completion(
+            text=text,
+            usage=Usage(
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+            ),
+            finish_reason="length" if finish == "length" else "stop",
+            model=str(body.get("model") or self.model or ""),
+            constrained=json_schema is not None,
+        )
+
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        *,
+        store: ArtifactStore,
+        schema: type[BaseModel] | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+    ) -> Generation:
+        return await generate_structured(
+            self,
+            messages,
+            store=store,
+            schema=schema,
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
+
+
+def _error_text(response: httpx.Response) -> str:
+    """The error message of a response body (OpenAI ``{"error": {"message"}}`` or text)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500]
+    if isinstance(body, dict):
+        err = body.get("error", body.get("detail", body))
+        if isinstance(err, dict):
+            return str(err.get("message") or err)[:500]
+        return str(err)[:500]
+    return str(body)[:500]
+
+
+def from_spec(rest: str) -> OpenAIBackend:
+    """Entry point of the ``openai`` scheme (``medloupe.vlm_backends``)."""
+    return OpenAIBackend.from_spec(rest)

@@ -1,0 +1,244 @@
+"""An OpenAI-compatible server around any medloupe VLM backend (``medloupe serve-vlm``).
+
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (non-streaming; text and
+``image_url`` parts with base64 data URIs; ``response_format`` of type ``json_schema`` or
+``json_object`` when the backend can constrain decoding), ``GET /health``. Errors come back in
+OpenAI's shape, ``{"error": {"message", "type", "code"}}``.
+
+So a lab without vLLM can host a model with transformers and point agents at it with
+``--vlm openai:http://HOST:PORT/v1#NAME``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from medloupe.agents.images import decode_data_uri
+from medloupe.agents.protocol import ChatMessage, ImagePart, TextPart
+from medloupe.artifacts import ArtifactStore
+from medloupe.errors import BackendError, InputError
+
+log = logging.getLogger(__name__)
+
+
+class _ImageURL(BaseModel):
+    url: str
+
+
+class _Part(BaseModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: _ImageURL | None = None
+
+
+class _Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[_Part]
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat-completions request this server honours."""
+
+    model: str
+    messages: list[_Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    response_format: dict[str, Any] | None = None
+    stream: bool = False
+
+
+def default_served_name(model: str) -> str:
+    """A model's served name: the folder name for a local path, else the hub id."""
+    path = Path(model).expanduser()
+    return path.name if path.is_dir() else model
+
+
+def _error(status: int, message: str, kind: str, code: str | None = None) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": kind, "code": code}}
+    )
+
+
+def create_app(
+    backend: Any, *, served_name: str, max_tokens_limit: int = 4096, store_dir: Path | None = None
+) -> Any:
+    """A FastAPI app serving ``backend`` (anything with ``complete`` and ``supports_schema``)
+    under the model name ``served_name``. Images of requests are kept, content-addressed, in
+    ``store_dir`` (default: a temporary folder removed when the app shuts down)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if store_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="medloupe-serve-")
+        store_dir = Path(tmp.name)
+    store = ArtifactStore(store_dir)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        yield
+        if tmp is not None:
+            tmp.cleanup()
+
+    app = FastAPI(title="medloupe serve-vlm", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Any:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        return _error(400, f"invalid request: {problems}", "invalid_request_error")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": served_name, "object": "model", "created": 0, "owned_by": "medloupe"}],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest) -> Any:
+        if req.model != served_name:
+            return _error(
+                404,
+                f"model {req.model!r} is not served here; served models: [{served_name!r}]",
+                "invalid_request_error",
+                "model_not_found",
+            )
+        if req.stream:
+            return _error(400, "stream=true is not supported", "invalid_request_error")
+        json_schema: dict[str, Any] | None = None
+        if req.response_format and req.response_format.get("type") != "text":
+            kind = req.response_format.get("type")
+            if not backend.supports_schema:
+                return _error(
+                    400,
+                    f"response_format {kind!r} is not supported by this server "
+                    "(constrained decoding needs xgrammar)",
+                    "invalid_request_error",
+                    "response_format_unsupported",
+                )
+            if kind == "json_schema":
+                json_schema = (req.response_format.get("json_schema") or {}).get("schema")
+                if not isinstance(json_schema, dict):
+                    return _error(
+                        400,
+                        "response_format.json_schema.schema is missing",
+                        "invalid_request_error",
+                    )
+            elif kind == "json_object":
+                json_schema = {"type": "object"}
+            else:
+                return _error(
+                    400, f"unknown response_format type {kind!r}", "invalid_request_error"
+                )
+        max_tokens = min(req.max_completion_tokens or req.max_tokens or 512, max_tokens_limit)
+        try:
+            messages = await asyncio.to_thread(_to_messages, req.messages, store)
+            comp = await backend.complete(
+                messages,
+                store=store,
+                json_schema=json_schema,
+                max_tokens=max_tokens,
+                temperature=req.temperature,
+            )
+        except InputError as exc:
+            return _error(400, str(exc), "invalid_request_error")
+        except BackendError as exc:
+            log.error("generation failed: %s", exc)
+            return _error(500, str(exc), "server_error")
+        usage = {
+            "prompt_tokens": comp.usage.prompt_tokens,
+            "completion_tokens": comp.usage.completion_tokens,
+            "total_tokens": comp.usage.prompt_tokens + comp.usage.completion_tokens,
+        }
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": served_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": comp.text},
+                    "finish_reason": comp.finish_reason,
+                }
+            ],
+            "usage": usage,
+        }
+
+    return app
+
+
+def _to_messages(messages: list[_Message], store: ArtifactStore) -> list[ChatMessage]:
+    out = []
+    for m in messages:
+        if isinstance(m.content, str):
+            out.append(ChatMessage.text(m.role, m.content))
+            continue
+        parts: list[TextPart | ImagePart] = []
+        for p in m.content:
+            if p.type == "text":
+                parts.append(TextPart(text=p.text or ""))
+            else:
+                if p.image_url is None:
+                    raise InputError("an image_url part needs image_url.url")
+                image = decode_data_uri(p.image_url.url)
+                parts.append(ImagePart(artifact=store.put_png(np.asarray(image), kind="image")))
+        out.append(ChatMessage(role=m.role, content=parts))
+    return out
+
+
+@contextlib.contextmanager
+def running_server(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a background thread; yields the ``/v1`` base URL.
+
+    ``port=0`` picks a free port. The server stops when the block exits.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{bound}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def serve(backend: Any, *, host: str, port: int, served_name: str) -> None:
+    """Run the server in the foreground (``medloupe serve-vlm``)."""
+    import uvicorn
+
+    uvicorn.run(create_app(backend, served_name=served_name), host=host, port=port)
