@@ -23,15 +23,17 @@ ArtifactKind = Literal["image", "raw", "crop", "mask", "overlay", "figure", "oth
 _ID_RE = re.compile(r"^(image|raw|crop|mask|overlay|figure|other)-[0-9a-f]{16}\.(png|npy)$")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename (``fsync``ed
+    first when ``durable``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -64,19 +66,32 @@ class ArtifactStore:
 
     Args:
         root: the run directory; artifacts live in ``root / "artifacts"``.
+        durable: ``fsync`` each file before it is renamed into place (runs: yes; scratch
+            stores such as a server's request images: no).
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, durable: bool = True) -> None:
         self.root = Path(root)
         self.dir = self.root / "artifacts"
+        self.durable = durable
 
     def _put(self, kind: ArtifactKind, data: bytes, ext: str) -> str:
         digest = hashlib.sha256(data).hexdigest()[:16]
         artifact_id = f"{kind}-{digest}.{ext}"
         path = self.dir / artifact_id
         if not path.exists():
-            atomic_write_bytes(path, data)
+            atomic_write_bytes(path, data, durable=self.durable)
         return artifact_id
+
+    def put_png_bytes(self, data: bytes, kind: ArtifactKind = "image") -> str:
+        """Store already-encoded PNG bytes as they are; returns the artifact id.
+
+        Raises:
+            ValueError: ``data`` does not start with the PNG signature.
+        """
+        if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+            raise ValueError("not PNG data")
+        return self._put(kind, data, "png")
 
     def put_png(self, array: np.ndarray, kind: ArtifactKind = "image") -> str:
         """Store an image or mask as PNG; returns its artifact id."""

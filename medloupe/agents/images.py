@@ -55,6 +55,20 @@ def model_image(store: ArtifactStore, artifact_id: str, max_pixels: int) -> Imag
     return rgb
 
 
+def artifact_data_uri(store: ArtifactStore, artifact_id: str, max_pixels: int) -> str:
+    """A PNG data URI of an artifact within ``max_pixels``: the stored PNG bytes as they are
+    when the image fits (no decode, no re-encode), else a downscaled RGB re-encoding."""
+    from PIL import Image
+
+    path = store.path(artifact_id)
+    if path.suffix == ".png":
+        with Image.open(path) as im:
+            fits = im.width * im.height <= max_pixels and im.mode in ("L", "RGB", "RGBA")
+        if fits:
+            return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    return encode_png_data_uri(model_image(store, artifact_id, max_pixels))
+
+
 def encode_png_data_uri(image: Image.Image) -> str:
     """A ``data:image/png;base64,...`` URI of ``image`` (fast PNG compression)."""
     buf = io.BytesIO()
@@ -68,6 +82,25 @@ def decode_data_uri(uri: str, max_bytes: int = MAX_DATA_URI_BYTES) -> Image.Imag
     Raises:
         InputError: not a base64 image data URI, too large, or not a decodable image.
     """
+    return _decode(uri, max_bytes)[0]
+
+
+def store_data_uri(store: ArtifactStore, uri: str, max_bytes: int = MAX_DATA_URI_BYTES) -> str:
+    """Store the image of a data URI; PNG bytes are kept as sent (after a check that they
+    decode), other formats re-encoded as PNG. Returns the artifact id.
+
+    Raises:
+        InputError: as :func:`decode_data_uri`.
+    """
+    import numpy as np
+
+    image, raw = _decode(uri, max_bytes)
+    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        return store.put_png_bytes(raw)
+    return store.put_png(np.asarray(image))
+
+
+def _decode(uri: str, max_bytes: int) -> tuple[Image.Image, bytes]:
     from PIL import Image, UnidentifiedImageError
 
     head, sep, payload = uri.partition(",")
@@ -81,7 +114,7 @@ def decode_data_uri(uri: str, max_bytes: int = MAX_DATA_URI_BYTES) -> Image.Imag
     try:
         raw = base64.b64decode(payload, validate=True)
         with Image.open(io.BytesIO(raw)) as im:
-            return im.convert("RGB")
+            return im.convert("RGB"), raw
     except (binascii.Error, ValueError) as exc:
         raise InputError(f"image_url is not valid base64: {exc}") from None
     except (UnidentifiedImageError, OSError) as exc:

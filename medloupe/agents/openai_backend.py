@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from medloupe.agents.images import DEFAULT_MAX_IMAGE_PIXELS, encode_png_data_uri, model_image
+from medloupe.agents.images import DEFAULT_MAX_IMAGE_PIXELS, artifact_data_uri
 from medloupe.agents.protocol import ChatMessage, Generation, ImagePart, Usage
 from medloupe.agents.structured import Completion, generate_structured
 from medloupe.artifacts import ArtifactStore
@@ -291,7 +291,7 @@ class OpenAIBackend:
 
     def encode_image(self, store: ArtifactStore, artifact_id: str) -> str:
         """A PNG data URI of an artifact, downscaled to the pixel cap."""
-        return encode_png_data_uri(model_image(store, artifact_id, self.max_image_pixels))
+        return artifact_data_uri(store, artifact_id, self.max_image_pixels)
 
     async def complete(
         self,

@@ -23,10 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, Field
 
-from medloupe.agents.images import decode_data_uri
+from medloupe.agents.images import store_data_uri
 from medloupe.agents.protocol import ChatMessage, ImagePart, TextPart
 from medloupe.artifacts import ArtifactStore
 from medloupe.errors import BackendError, InputError
@@ -88,7 +87,7 @@ def create_app(
     if store_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="medloupe-serve-")
         store_dir = Path(tmp.name)
-    store = ArtifactStore(store_dir)
+    store = ArtifactStore(store_dir, durable=False)  # scratch: request images
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -203,8 +202,7 @@ def _to_messages(messages: list[_Message], store: ArtifactStore) -> list[ChatMes
             else:
                 if p.image_url is None:
                     raise InputError("an image_url part needs image_url.url")
-                image = decode_data_uri(p.image_url.url)
-                parts.append(ImagePart(artifact=store.put_png(np.asarray(image), kind="image")))
+                parts.append(ImagePart(artifact=store_data_uri(store, p.image_url.url)))
         out.append(ChatMessage(role=m.role, content=parts))
     return out
 
