@@ -232,6 +232,7 @@ class FakeEndpoint:
         self.replies = replies
         self.delay_s = delay_s
         self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
 
     def app(self) -> Any:
         from fastapi import FastAPI
@@ -247,6 +248,7 @@ class FakeEndpoint:
         async def chat(request: Request) -> Any:
             body = await request.json()
             self.requests.append(body)
+            self.headers.append(dict(request.headers))
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             reply = self.replies[min(len(self.requests), len(self.replies)) - 1]
@@ -260,7 +262,10 @@ def fast_client(url: str, **kw: Any) -> OpenAIBackend:
     return OpenAIBackend(url, "m", backoff_s=0.01, **kw)
 
 
-def test_429_retry_after_and_5xx_are_retried(store: ArtifactStore) -> None:
+def test_429_retry_after_and_5xx_are_retried(
+    store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
     fake = FakeEndpoint(
         [
             lambda b: (429, {"error": {"message": "slow down"}}, {"Retry-After": "0.3"}),
@@ -270,12 +275,13 @@ def test_429_retry_after_and_5xx_are_retried(store: ArtifactStore) -> None:
     )
     with running_server(fake.app()) as url:
         t0 = time.perf_counter()
-        gen = asyncio.run(
-            fast_client(url).generate(image_message(store), store=store, schema=Finding)
-        )
+        backend = OpenAIBackend.from_spec(f"{url}#m")  # key from the environment
+        backend.backoff_s = 0.01
+        gen = asyncio.run(backend.generate(image_message(store), store=store, schema=Finding))
         elapsed = time.perf_counter() - t0
     assert gen.parsed == Finding(label="ok", size_mm=4)
     assert len(fake.requests) == 3 and elapsed >= 0.3  # Retry-After honoured
+    assert fake.headers[0]["authorization"] == "Bearer sk-test-key"
     sent = fake.requests[0]
     assert sent["response_format"]["type"] == "json_schema"
     image = sent["messages"][0]["content"][0]

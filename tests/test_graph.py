@@ -16,7 +16,7 @@ from medloupe.agents.roles import AnswerDraft
 from medloupe.config import Settings
 from medloupe.graphs.state import RunContext
 from medloupe.io import load_image
-from medloupe.runner import create_run, execute, find_run
+from medloupe.runner import create_run, execute
 from medloupe.schemas import Plan, RethinkDecision
 from medloupe.tools import ToolContext, ToolResult, default_registry, tool
 from medloupe.trace import TraceRecorder
