@@ -161,7 +161,9 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=30)
 
-    device = local.device_name or ("cuda" if local.loaded and "cuda" in str(local._model.device) else "cpu")
+    device = local.device_name or (
+        "cuda" if local.loaded and "cuda" in str(local._model.device) else "cpu"
+    )
     ratio = statistics.median(over_http) / statistics.median(in_proc)
     rows = [
         (

@@ -48,7 +48,7 @@ def prepare_run(
         out_dir=Path(out) if out else None,
         options=opts,
         vlm_spec=vlm,
-        kb_path=str(kb) if kb else None,
+        kb_path=(kb if kb == "default" else str(Path(kb).resolve())) if kb else None,
     )
 
 

@@ -28,7 +28,11 @@ app = typer.Typer(
 tools_app = typer.Typer(help="List and describe the registered tools.", no_args_is_help=True)
 runs_app = typer.Typer(help="Runs recorded under MEDLOUPE_HOME.", no_args_is_help=True)
 trace_app = typer.Typer(help="Show a run's trace.", no_args_is_help=True)
+kb_app = typer.Typer(
+    help="Knowledge bases: build from textbooks, search, inspect.", no_args_is_help=True
+)
 app.add_typer(tools_app, name="tools")
+app.add_typer(kb_app, name="kb")
 app.add_typer(runs_app, name="runs")
 app.add_typer(trace_app, name="trace")
 
@@ -165,7 +169,10 @@ def ask(
         Path | None, typer.Option(help="run directory (default under MEDLOUPE_HOME/runs)")
     ] = None,
     vlm: Annotated[str | None, typer.Option(help="VLM backend spec, e.g. openai:URL#MODEL")] = None,
-    kb: Annotated[str | None, typer.Option(help="knowledge base to cite")] = None,
+    kb: Annotated[
+        str | None,
+        typer.Option(help="knowledge base to cite: a KB folder or 'default' (HPO + ICD-10-CM)"),
+    ] = None,
     max_steps: Annotated[
         int, typer.Option(min=1, max=20, help="plan-act-rethink rounds at most")
     ] = 2,
@@ -202,6 +209,8 @@ def ask(
     for key, value in (("frame", frame), ("slice_index", slice_index), ("modality", modality)):
         if value is not None:
             options[key] = value
+    if kb == "default":
+        _prepare_default_kb()
     try:
         run = prepare_run(
             image, question, settings=settings, out=out, vlm=vlm, kb=kb, options=options
@@ -209,6 +218,52 @@ def ask(
     except MedloupeError as exc:
         raise _fail(exc) from None
     _run_and_report(run, settings, as_json=as_json)
+
+
+def _prepare_default_kb() -> None:
+    """Build the default KB with a progress bar if this is its first use."""
+    from medloupe.errors import MedloupeError
+    from medloupe.knowledge_base.default import default_kb, default_kb_ready
+
+    if default_kb_ready():
+        return
+    err_console.print(
+        "[dim]first use: building the default knowledge base from HPO and ICD-10-CM "
+        "(about a minute, cached afterwards)[/dim]"
+    )
+    try:
+        with _progress_bars() as progress:
+            default_kb(on_progress=progress).close()
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+
+
+class _progress_bars:
+    """Rich progress bars fed by ``on_progress(stage, done, total)`` callbacks."""
+
+    def __enter__(self) -> _progress_bars:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self._progress = Progress(
+            "{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=False,
+        )
+        self._tasks: dict[str, Any] = {}
+        self._progress.__enter__()
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        labels = {"load": "reading sources", "embed": "embedding text", "figures": "figures"}
+        if stage not in self._tasks:
+            self._tasks[stage] = self._progress.add_task(labels.get(stage, stage), total=total)
+        self._progress.update(self._tasks[stage], completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
 
 
 def demo_image() -> Path:
@@ -225,6 +280,11 @@ def demo_image() -> Path:
 def demo(
     as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON")] = False,
     out: Annotated[Path | None, typer.Option(help="run directory")] = None,
+    vlm: Annotated[str | None, typer.Option(help="VLM backend spec, e.g. openai:URL#MODEL")] = None,
+    kb: Annotated[
+        str,
+        typer.Option(help="knowledge base to cite; 'default' (HPO + ICD-10-CM) or 'none'"),
+    ] = "default",
 ) -> None:
     """Ask a question about a bundled real chest radiograph (no network, no GPU)."""
     from medloupe.api import prepare_run
@@ -235,8 +295,11 @@ def demo(
     err_console.print(
         f"[dim]demo image: {image.name} (pydicom-data); question: {DEMO_QUESTION}[/dim]"
     )
+    use_kb = None if kb == "none" else kb
+    if use_kb == "default":
+        _prepare_default_kb()
     try:
-        run = prepare_run(image, DEMO_QUESTION, settings=settings, out=out)
+        run = prepare_run(image, DEMO_QUESTION, settings=settings, out=out, vlm=vlm, kb=use_kb)
     except MedloupeError as exc:
         raise _fail(exc) from None
     _run_and_report(run, settings, as_json=as_json)
@@ -431,6 +494,155 @@ def trace_show(run_id: Annotated[str, typer.Argument(help="run id or run directo
             str(detail)[:80],
         )
     out_console.print(table)
+
+
+# --- knowledge bases -----------------------------------------------------------------------
+
+
+def _report_build(stats: Any, out: Path) -> None:
+    for problem in stats.report.problems[:20]:
+        err_console.print(f"[yellow]warning:[/yellow] {problem}", highlight=False)
+    if len(stats.report.problems) > 20:
+        err_console.print(
+            f"[yellow]... {len(stats.report.problems) - 20} more warnings in the manifest[/yellow]"
+        )
+    for failed in stats.report.failed_documents:
+        err_console.print(f"[red]failed:[/red] {failed}", highlight=False)
+    out_console.print(
+        f"{out}: {stats.passages} passage(s), {stats.figures} figure(s) from "
+        f"{stats.documents} document(s) in {stats.seconds:.1f} s",
+        highlight=False,
+    )
+
+
+@kb_app.command("build")
+def kb_build(
+    sources: Annotated[
+        list[Path],
+        typer.Argument(help="PDF, HTML, Markdown or JSONL files, OpenStax CNXML book folders"),
+    ],
+    out: Annotated[Path, typer.Option(help="the KB folder to write")],
+    name: Annotated[str | None, typer.Option(help="name shown in citations")] = None,
+    text_embedder: Annotated[
+        str | None, typer.Option(help="sentence-transformers id or folder (default MiniLM)")
+    ] = None,
+    image_embedder: Annotated[
+        str,
+        typer.Option(help="auto | pixels | none | a CLIP model id or folder"),
+    ] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing KB")] = False,
+    attribution: Annotated[
+        list[str] | None, typer.Option(help="attribution line(s) kept in the manifest")
+    ] = None,
+) -> None:
+    """Build a knowledge base: passages, embeddings, FAISS index, figures."""
+    from medloupe.errors import MedloupeError
+    from medloupe.knowledge_base import build_kb
+    from medloupe.knowledge_base.embedders import TextEmbedder
+
+    try:
+        with _progress_bars() as progress:
+            stats = build_kb(
+                list(sources),
+                out,
+                embedder=TextEmbedder(text_embedder),
+                image_embedder=image_embedder,
+                name=name,
+                attribution=attribution,
+                on_progress=progress,
+                overwrite=overwrite,
+            )
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+    _report_build(stats, out)
+
+
+@kb_app.command("add")
+def kb_add(
+    kb: Annotated[Path, typer.Argument(help="an existing KB folder")],
+    sources: Annotated[list[Path], typer.Argument(help="documents to add")],
+) -> None:
+    """Add documents to a KB (passages already in it are skipped; only new ones are embedded)."""
+    from medloupe.errors import MedloupeError
+    from medloupe.knowledge_base import add_to_kb
+
+    try:
+        with _progress_bars() as progress:
+            stats = add_to_kb(kb, list(sources), on_progress=progress)
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+    _report_build(stats, kb)
+
+
+@kb_app.command("search")
+def kb_search(
+    kb: Annotated[str, typer.Argument(help="a KB folder or 'default'")],
+    query: Annotated[str, typer.Argument(help="text query (may be empty with --image)")] = "",
+    image: Annotated[
+        Path | None, typer.Option(help="an image crop to match figures against")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", min=1, max=50, help="passages to return")] = 5,
+    mmr: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="diversify: MMR weight of relevance (e.g. 0.7)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+) -> None:
+    """Search a knowledge base by text, by an image crop, or both (fused)."""
+    import numpy as np
+
+    from medloupe.errors import MedloupeError
+    from medloupe.knowledge_base import open_knowledge_base
+
+    if not query.strip() and image is None:
+        err_console.print("[red]error:[/red] give a text query, --image, or both")
+        raise typer.Exit(2)
+    crop = None
+    if image is not None:
+        from medloupe.errors import ImageIntakeError
+        from medloupe.io import load_image
+
+        try:
+            crop = load_image(image).rgb()
+        except ImageIntakeError as exc:
+            raise _fail(exc) from None
+        crop = np.ascontiguousarray(crop)
+    if kb == "default":
+        _prepare_default_kb()
+    try:
+        base = open_knowledge_base(kb)
+        hits = base.search_sync(query, image=crop, k=k, mmr=mmr)
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        for h in hits:
+            sys.stdout.write(h.model_dump_json() + "\n")
+        return
+    from rich.table import Table
+
+    table = Table("score", "document", "section / page", "kind", "text", title=base.name)
+    for h in hits:
+        where = h.section or ""
+        if h.page:
+            where += f" p. {h.page}"
+        table.add_row(f"{h.score:.3f}", h.document, where, h.kind, h.text[:160])
+    out_console.print(table)
+
+
+@kb_app.command("info")
+def kb_info(kb: Annotated[str, typer.Argument(help="a KB folder or 'default'")]) -> None:
+    """What a KB holds: embedders, index, counts, sources, problems met when building."""
+    from medloupe.errors import MedloupeError
+    from medloupe.knowledge_base import open_knowledge_base
+
+    if kb == "default":
+        _prepare_default_kb()
+    try:
+        base = open_knowledge_base(kb)
+        info = base.info()
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+    sys.stdout.write(json.dumps(info, indent=2) + "\n")
 
 
 def main() -> None:

@@ -181,10 +181,12 @@ def _cli_context(run: Run, trace: TraceRecorder, settings: Settings) -> Any:
         from medloupe.knowledge_base import open_knowledge_base
 
         retriever = open_knowledge_base(run.meta["kb"])
+    from medloupe.knowledge_base.tool import registry_with_retriever
+
     return RunContext(
         store=run.store,
         trace=trace,
-        registry=default_registry(),
+        registry=registry_with_retriever(default_registry(), retriever),
         vlm=vlm,
         retriever=retriever,
         settings=settings,

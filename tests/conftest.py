@@ -10,6 +10,16 @@ from medloupe.config import Settings
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def medloupe_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache per test session (the default KB builds once), never the user's own.
+
+    Set ``MEDLOUPE_TEST_CACHE`` to reuse a cache across sessions while developing."""
+    path = Path(os.environ.get("MEDLOUPE_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
+    os.environ["MEDLOUPE_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     home = tmp_path / "home"

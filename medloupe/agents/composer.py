@@ -143,12 +143,20 @@ def compose_answer(
         )
     elif vlm_answer:
         reason = f"The model's answer could not be grounded in the evidence ({vlm_answer!r})."
+    citations = [e.citation for e in evidence if e.kind == "passage" and e.citation]
+    explanation = "The regions found are shown for review; they are not a finding."
+    if citations:
+        explanation += (
+            f" The {len(citations)} reference passage(s) retrieved for the question are listed "
+            "for review; no model read them against the image."
+        )
     return GroundedAnswer(
         question=question,
         short_answer=None,
         abstained=True,
         abstention_reason=reason,
-        explanation="The regions found are shown for review; they are not a finding.",
+        explanation=explanation,
         confidence=0.0,
         regions=regions,
+        citations=citations,
     )

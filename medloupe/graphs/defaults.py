@@ -55,7 +55,9 @@ def shared_resources(vlm_spec: str | None, kb_path: str | None) -> tuple[Any, An
         from medloupe.knowledge_base import open_knowledge_base
 
         retriever = open_knowledge_base(kb_path)
-    return default_registry(), vlm, retriever
+    from medloupe.knowledge_base.tool import registry_with_retriever
+
+    return registry_with_retriever(default_registry(), retriever), vlm, retriever
 
 
 @contextmanager

@@ -312,38 +312,89 @@ async def _call_tool(
     return ev
 
 
+def _passage_evidence(
+    step: int,
+    pid: str,
+    document: str,
+    section: str | None,
+    page: str | None,
+    text: str,
+    score: float | None,
+    figure: str | None,
+) -> Evidence:
+    cit = Citation(
+        id=f"cit-{pid}",
+        document=document,
+        section=section,
+        page=page,
+        snippet=text[:500],
+        score=score,
+        figure_artifact=figure,
+    )
+    return Evidence(
+        id=f"ev-passage-{pid}",
+        kind="passage",
+        step=step,
+        citation=cit,
+        artifacts=[figure] if figure else [],
+        summary=f"{document}{' - ' + section if section else ''}: {text[:200]}",
+    )
+
+
 async def retrieve(state: State, ctx: RunContext) -> dict[str, Any]:
-    """Query the knowledge base with the question and the draft findings."""
+    """Query the knowledge base with the question and the draft findings, and with a crop of
+    the first region found (figures that look like it); passages that ``search_knowledge``
+    tool calls of this step found are cited too."""
     if ctx.retriever is None:
         ctx.trace.record(
             "retrieval", node="retrieve", status="skipped", reason="no knowledge base configured"
         )
         return {}
+    from medloupe.knowledge_base.tool import crop_for_query, figure_artifact
+
+    step = state.get("step", 0)
     draft = Draft.model_validate(state.get("draft", {}))
     query = " ".join(
         [state["question"], state.get("current_answer") or "", *draft.findings]
     ).strip()
+    boxes = _regions_to_examine(state, draft)
+    crop = None
+    if boxes:
+        crop = crop_for_query(ToolContext(image=_image(state), store=ctx.store).rgb(), boxes[0])
     t0 = time.perf_counter()
-    passages = await ctx.retriever.search(query, k=5)
-    items = []
-    for p in passages:
-        cit = Citation(
-            id=f"cit-{p.id}",
-            document=p.document,
-            section=p.section,
-            page=p.page,
-            snippet=p.text[:500],
-            score=p.score,
+    passages = await ctx.retriever.search(query, image=crop, k=5)
+    items = {
+        f"ev-passage-{p.id}": _passage_evidence(
+            step,
+            p.id,
+            p.document,
+            p.section,
+            p.page,
+            p.text,
+            p.score,
+            figure_artifact(ctx.store, p),
         )
-        items.append(
-            Evidence(
-                id=f"ev-passage-{p.id}",
-                kind="passage",
-                step=state.get("step", 0),
-                citation=cit,
-                summary=f"{p.document}{' - ' + p.section if p.section else ''}: {p.text[:200]}",
-            )
-        )
+        for p in passages
+    }
+    for ev in _evidence(state):
+        if ev.tool == "search_knowledge" and ev.status == "ok" and ev.output:
+            for hit in ev.output.get("passages", []):
+                pid = str(hit["citation_id"]).removeprefix("cit-")
+                items.setdefault(
+                    f"ev-passage-{pid}",
+                    _passage_evidence(
+                        step,
+                        pid,
+                        hit["document"],
+                        hit.get("section"),
+                        hit.get("page"),
+                        hit["snippet"],
+                        hit.get("score"),
+                        hit.get("figure_artifact"),
+                    ),
+                )
+    known = {e.id for e in _evidence(state, "passages")}
+    fresh = [e for i, e in items.items() if i not in known]
     ctx.trace.record(
         "retrieval",
         node="retrieve",
@@ -351,9 +402,10 @@ async def retrieve(state: State, ctx: RunContext) -> dict[str, Any]:
         status="ok",
         duration_ms=(time.perf_counter() - t0) * 1000.0,
         query=query,
-        passages=[e.citation.model_dump(mode="json") for e in items if e.citation],
+        image_query_box=list(boxes[0]) if boxes else None,
+        passages=[e.citation.model_dump(mode="json") for e in items.values() if e.citation],
     )
-    return {"passages": [e.model_dump(mode="json") for e in items]}
+    return {"passages": [e.model_dump(mode="json") for e in fresh]}
 
 
 def _regions_to_examine(state: State, draft: Draft) -> list[tuple[float, float, float, float]]:

@@ -20,6 +20,7 @@ class Passage(BaseModel):
     document: str
     section: str | None = None
     page: str | None = None
+    kind: str = Field(default="text", description='"text" or "figure"')
     text: str
     score: float
     figure_path: str | None = None
