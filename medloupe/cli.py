@@ -527,9 +527,12 @@ def kb_build(
         str | None, typer.Option(help="sentence-transformers id or folder (default MiniLM)")
     ] = None,
     image_embedder: Annotated[
-        str,
-        typer.Option(help="auto | pixels | none | a CLIP model id or folder"),
-    ] = "auto",
+        str | None,
+        typer.Option(
+            help="auto | pixels | none | a CLIP model id or folder "
+            "(default: $MEDLOUPE_IMAGE_EMBEDDER, else auto)"
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing KB")] = False,
     attribution: Annotated[
         list[str] | None, typer.Option(help="attribution line(s) kept in the manifest")
@@ -539,6 +542,7 @@ def kb_build(
     from medloupe.errors import MedloupeError
     from medloupe.knowledge_base import build_kb
     from medloupe.knowledge_base.embedders import TextEmbedder
+    from medloupe.knowledge_base.image_embedders import image_embedder_from_spec
 
     try:
         with _progress_bars() as progress:
@@ -546,7 +550,7 @@ def kb_build(
                 list(sources),
                 out,
                 embedder=TextEmbedder(text_embedder),
-                image_embedder=image_embedder,
+                image_embedder=image_embedder_from_spec(image_embedder),
                 name=name,
                 attribution=attribution,
                 on_progress=progress,

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 PIXELS_ID = "pixels-v1"
+OFFLINE_VALUES = ("1", "true", "yes", "on")
 
 
 @runtime_checkable
@@ -155,11 +156,14 @@ class ClipImageEmbedder:
                 from transformers import AutoImageProcessor, AutoModel
 
                 device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                # read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import
+                offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in OFFLINE_VALUES
                 try:
-                    processor = AutoImageProcessor.from_pretrained(self.id)
-                    model = AutoModel.from_pretrained(self.id)
+                    processor = AutoImageProcessor.from_pretrained(
+                        self.id, local_files_only=offline
+                    )
+                    model = AutoModel.from_pretrained(self.id, local_files_only=offline)
                 except OSError as exc:
-                    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
                     where = "local folder" if Path(self.id).exists() else "hub id"
                     raise KnowledgeBaseError(
                         f"image embedder {self.id!r} ({where}) could not be loaded "

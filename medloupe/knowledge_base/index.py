@@ -300,6 +300,7 @@ class KnowledgeBase:
         rankings: list[list[tuple[int, float]]] = []
         if query:
             q = self.embedder.encode([query])[0]
+            self._check_dim(q[None, :], "text_embedder")
             scores, rows = self.search_vectors(q[None, :], min(fetch, max(len(self), 1)))
             rankings.append(
                 [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
@@ -307,6 +308,7 @@ class KnowledgeBase:
         if use_image:
             assert self.image_embedder is not None and image is not None
             qi = self.image_embedder.encode_images([image])
+            self._check_dim(qi, "image_embedder")
             index, figure_rows = self._ensure_figures()
             scores, hits = index.search(qi, min(fetch, len(figure_rows)))
             rankings.append(
@@ -340,6 +342,15 @@ class KnowledgeBase:
                 )
             )
         return out
+
+    def _check_dim(self, vectors: np.ndarray, which: str) -> None:
+        want = int(self.manifest[which]["dim"])
+        if vectors.shape[1] != want:
+            raise KnowledgeBaseError(
+                f"{self.path}: the {which.replace('_', ' ')} gives {vectors.shape[1]}-d vectors "
+                f"but the KB holds {want}-d ones (built by another version of "
+                f"{self.manifest[which]['id']!r}); rebuild the KB"
+            )
 
     @property
     def _has_figures(self) -> bool:
