@@ -237,15 +237,17 @@ class TransformersBackend:
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
-        ).to(model.device)
-        for key, value in inputs.items():
-            if torch.is_floating_point(value):
-                inputs[key] = value.to(model.dtype)
+        )
         kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": temperature > 0}
         if temperature > 0:
             kwargs["temperature"] = temperature
         constrained = json_schema is not None and self._constrained
         with self._generate_lock:
+            # tensors move to the device under the lock: only one request touches it at a time
+            inputs = inputs.to(model.device)
+            for key, value in inputs.items():
+                if torch.is_floating_point(value):
+                    inputs[key] = value.to(model.dtype)
             if constrained:
                 from xgrammar.contrib.hf import LogitsProcessor
 
