@@ -162,6 +162,17 @@ def _save_figure(p: SourcePassage, figures_dir: Path, report: LoadReport) -> str
     return name
 
 
+def _save_figures(
+    passages: list[SourcePassage], figures_dir: Path, report: LoadReport
+) -> list[str | None]:
+    """Store each passage's figure; a figure passage whose image is unreadable becomes text."""
+    names = [_save_figure(p, figures_dir, report) for p in passages]
+    for p, name in zip(passages, names, strict=True):
+        if p.kind == "figure" and name is None:
+            p.kind = "text"
+    return names
+
+
 class KnowledgeBase:
     """An opened KB folder; a :class:`~medloupe.knowledge_base.protocol.Retriever`.
 
@@ -550,17 +561,8 @@ def build_kb(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         (tmp / "figures").mkdir()
-        figure_names = [_save_figure(p, tmp / "figures", report) for p in unique]
-        for p, fig in zip(unique, figure_names, strict=True):
-            if p.kind == "figure" and fig is None:
-                p.kind = "text"
-        done = 0
-
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
-            if on_progress:
-                on_progress("embed", done, len(unique))
+        figure_names = _save_figures(unique, tmp / "figures", report)
+        tick = _counter(on_progress, "embed", len(unique))
 
         vectors = embedder.encode([p.text for p in unique], on_batch=tick)
         figure_rows = figure_vectors = None
@@ -655,17 +657,8 @@ def add_to_kb(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         shutil.copytree(path / "figures", tmp / "figures")
-        new_figs = [_save_figure(p, tmp / "figures", report) for p in new]
-        for p, fig in zip(new, new_figs, strict=True):
-            if p.kind == "figure" and fig is None:
-                p.kind = "text"
-        done = 0
-
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
-            if on_progress:
-                on_progress("embed", done, len(new))
+        new_figs = _save_figures(new, tmp / "figures", report)
+        tick = _counter(on_progress, "embed", len(new))
 
         vectors = np.concatenate(
             [

@@ -23,7 +23,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -278,9 +278,28 @@ def _cnx_figure(
 # --- PDF ------------------------------------------------------------------------------------
 
 
+def _pdf_figure(
+    pid: str, document: str, page: str, caption: str, path: Path, pil: Any
+) -> SourcePassage:
+    """A figure passage of a PDF page holding ``pil`` (a PIL image) as PNG bytes."""
+    import io
+
+    buf = io.BytesIO()
+    pil.convert("RGB").save(buf, format="PNG")
+    return SourcePassage(
+        id=pid,
+        document=document,
+        section=None,
+        page=page,
+        kind="figure",
+        text=caption.strip(),
+        source=str(path),
+        figure_bytes=buf.getvalue(),
+    )
+
+
 def load_pdf(path: Path, report: LoadReport, *, render_px: int = 1024) -> Iterator[SourcePassage]:
     """Text per page, each page rendered as an image, and embedded images (pypdfium2)."""
-    import io
 
     import pypdfium2 as pdfium
     import pypdfium2.raw as pdfium_c
@@ -308,18 +327,11 @@ def load_pdf(path: Path, report: LoadReport, *, render_px: int = 1024) -> Iterat
                 )
             width, height = page.get_size()
             scale = render_px / max(width, height, 1.0)
-            buf = io.BytesIO()
-            page.render(scale=scale).to_pil().convert("RGB").save(buf, format="PNG")
             first = clean(text)[:200]
-            yield SourcePassage(
-                id=f"{doc_slug}:p{number}:page",
-                document=document,
-                section=None,
-                page=number,
-                kind="figure",
-                text=f"Page {number} of {document}. {first}".strip(),
-                source=str(path),
-                figure_bytes=buf.getvalue(),
+            rendered = page.render(scale=scale).to_pil()
+            caption = f"Page {number} of {document}. {first}"
+            yield _pdf_figure(
+                f"{doc_slug}:p{number}:page", document, number, caption, path, rendered
             )
             for j, obj in enumerate(page.get_objects(filter=[pdfium_c.FPDF_PAGEOBJ_IMAGE]), 1):
                 try:
@@ -329,17 +341,9 @@ def load_pdf(path: Path, report: LoadReport, *, render_px: int = 1024) -> Iterat
                     continue
                 if pil.width < 32 or pil.height < 32:
                     continue
-                buf = io.BytesIO()
-                pil.save(buf, format="PNG")
-                yield SourcePassage(
-                    id=f"{doc_slug}:p{number}:img{j}",
-                    document=document,
-                    section=None,
-                    page=number,
-                    kind="figure",
-                    text=f"Figure on page {number} of {document}. {first}".strip(),
-                    source=str(path),
-                    figure_bytes=buf.getvalue(),
+                caption = f"Figure on page {number} of {document}. {first}"
+                yield _pdf_figure(
+                    f"{doc_slug}:p{number}:img{j}", document, number, caption, path, pil
                 )
             page.close()
     finally:
