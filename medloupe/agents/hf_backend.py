@@ -25,11 +25,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from medloupe.agents.images import DEFAULT_MAX_IMAGE_PIXELS, model_image
-from medloupe.agents.protocol import ChatMessage, Generation, ImagePart, Usage
-from medloupe.agents.structured import Completion, generate_structured
+from medloupe.agents.protocol import ChatMessage, ImagePart, Usage
+from medloupe.agents.structured import Completion, StructuredGeneration
 from medloupe.artifacts import ArtifactStore
 from medloupe.config import env_number
 from medloupe.errors import BackendError, BackendSpecError, ModelNotFoundError
@@ -50,7 +48,7 @@ def xgrammar_available() -> bool:
     return True
 
 
-class TransformersBackend:
+class TransformersBackend(StructuredGeneration):
     """A transformers vision-language model, loaded on first use.
 
     Args:
@@ -284,24 +282,6 @@ class TransformersBackend:
             messages,
             store=store,
             json_schema=json_schema,
-            max_tokens=max_tokens,
-            temperature=temperature,
-        )
-
-    async def generate(
-        self,
-        messages: list[ChatMessage],
-        *,
-        store: ArtifactStore,
-        schema: type[BaseModel] | None = None,
-        max_tokens: int = 512,
-        temperature: float = 0.0,
-    ) -> Generation:
-        return await generate_structured(
-            self,
-            messages,
-            store=store,
-            schema=schema,
             max_tokens=max_tokens,
             temperature=temperature,
         )

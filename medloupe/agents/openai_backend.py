@@ -35,11 +35,10 @@ import weakref
 from typing import Any
 
 import httpx
-from pydantic import BaseModel
 
 from medloupe.agents.images import DEFAULT_MAX_IMAGE_PIXELS, artifact_data_uri
-from medloupe.agents.protocol import ChatMessage, Generation, ImagePart, Usage
-from medloupe.agents.structured import Completion, generate_structured
+from medloupe.agents.protocol import ChatMessage, ImagePart, Usage
+from medloupe.agents.structured import Completion, StructuredGeneration
 from medloupe.artifacts import ArtifactStore
 from medloupe.config import env_number
 from medloupe.errors import (
@@ -88,7 +87,7 @@ class _LoopState:
         self.semaphore = asyncio.Semaphore(limit)
 
 
-class OpenAIBackend:
+class OpenAIBackend(StructuredGeneration):
     """Chat completions against an OpenAI-compatible endpoint.
 
     Args:
@@ -370,24 +369,6 @@ class OpenAIBackend:
             finish_reason="length" if finish == "length" else "stop",
             model=str(body.get("model") or self.model or ""),
             constrained=json_schema is not None,
-        )
-
-    async def generate(
-        self,
-        messages: list[ChatMessage],
-        *,
-        store: ArtifactStore,
-        schema: type[BaseModel] | None = None,
-        max_tokens: int = 512,
-        temperature: float = 0.0,
-    ) -> Generation:
-        return await generate_structured(
-            self,
-            messages,
-            store=store,
-            schema=schema,
-            max_tokens=max_tokens,
-            temperature=temperature,
         )
 
 

@@ -208,3 +208,25 @@ async def generate_structured(
         usage=usage,
         latency_ms=(time.perf_counter() - t0) * 1000.0,
     )
+
+
+class StructuredGeneration:
+    """Mixin: :meth:`VLMBackend.generate` for a class that implements :class:`Completer`."""
+
+    async def generate(
+        self: Completer,
+        messages: list[ChatMessage],
+        *,
+        store: ArtifactStore,
+        schema: type[BaseModel] | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+    ) -> Generation:
+        return await generate_structured(
+            self,
+            messages,
+            store=store,
+            schema=schema,
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
