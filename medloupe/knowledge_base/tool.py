@@ -67,13 +67,9 @@ class SearchKnowledgeResult(ToolResult):
 
 def crop_for_query(rgb: np.ndarray, box: Box, margin: float = CROP_MARGIN) -> np.ndarray:
     """The ``(h, w, 3)`` uint8 crop of ``box`` (XYXY pixels) with a relative ``margin``."""
-    h, w = rgb.shape[:2]
-    x0, y0, x1, y1 = box
-    mx, my = (x1 - x0) * margin, (y1 - y0) * margin
-    xa, ya = max(0, int(x0 - mx)), max(0, int(y0 - my))
-    xb, yb = min(w, int(np.ceil(x1 + mx))), min(h, int(np.ceil(y1 + my)))
-    if xb <= xa or yb <= ya:
-        raise ValueError(f"box {list(box)} lies outside the {w}x{h} image (XYXY pixels expected)")
+    from medloupe.tools.builtin import margin_box
+
+    xa, ya, xb, yb = margin_box(box, margin, rgb.shape[1], rgb.shape[0])
     return np.ascontiguousarray(rgb[ya:yb, xa:xb])
 
 

@@ -270,6 +270,22 @@ class CropResult(ToolResult):
     window_width: float | None = None
 
 
+def margin_box(box: Box, margin: float, width: int, height: int) -> tuple[int, int, int, int]:
+    """``box`` (XYXY pixels) grown by ``margin`` of its size on each side and clamped to a
+    ``width`` x ``height`` image, as XYXY int pixels.
+
+    Raises:
+        ValueError: the box lies outside the image or leaves no pixels inside it.
+    """
+    _check_inside(box, width, height)
+    x0, y0, x1, y1 = box
+    mx, my = (x1 - x0) * margin, (y1 - y0) * margin
+    cx0, cy0, cx1, cy1 = _clamp_box((x0 - mx, y0 - my, x1 + mx, y1 + my), width, height)
+    if cx1 - cx0 < 1 or cy1 - cy0 < 1:
+        raise ValueError(f"box {list(box)} leaves no pixels inside the {width}x{height} image")
+    return cx0, cy0, cx1, cy1
+
+
 def crop_array(
     image: np.ndarray, box: Box, margin: float, zoom_to: int
 ) -> tuple[np.ndarray, tuple[int, int, int, int], float]:
@@ -282,12 +298,7 @@ def crop_array(
     from PIL import Image
 
     h, w = image.shape[:2]
-    _check_inside(box, w, h)
-    x0, y0, x1, y1 = box
-    mx, my = (x1 - x0) * margin, (y1 - y0) * margin
-    cx0, cy0, cx1, cy1 = _clamp_box((x0 - mx, y0 - my, x1 + mx, y1 + my), w, h)
-    if cx1 - cx0 < 1 or cy1 - cy0 < 1:
-        raise ValueError(f"box {list(box)} leaves no pixels inside the {w}x{h} image")
+    cx0, cy0, cx1, cy1 = margin_box(box, margin, w, h)
     patch = image[cy0:cy1, cx0:cx1]
     scale = zoom_to / max(patch.shape[0], patch.shape[1])
     size = (max(1, round(patch.shape[1] * scale)), max(1, round(patch.shape[0] * scale)))
