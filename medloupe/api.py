@@ -40,7 +40,7 @@ def prepare_run(
     if kb:
         from medloupe.knowledge_base import open_knowledge_base
 
-        open_knowledge_base(kb)
+        open_knowledge_base(kb).close()  # fail on a bad KB before writing anything
     return create_run(
         loaded,
         question,
