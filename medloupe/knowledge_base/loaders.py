@@ -16,6 +16,7 @@ image file or bytes; a figure whose image is missing is reported and kept as tex
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -110,6 +111,28 @@ def pack_paragraphs(paragraphs: list[str], max_words: int = MAX_WORDS) -> list[s
     return out
 
 
+def text_passages(
+    paragraphs: list[str],
+    ids: Iterator[str],
+    *,
+    document: str,
+    section: str | None,
+    source: Path,
+    page: str | None = None,
+) -> Iterator[SourcePassage]:
+    """Text passages packed from ``paragraphs``, each taking the next id from ``ids``."""
+    for chunk in pack_paragraphs(paragraphs):
+        yield SourcePassage(
+            id=next(ids),
+            document=document,
+            section=section,
+            page=page,
+            kind="text",
+            text=chunk,
+            source=str(source),
+        )
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "doc"
 
@@ -192,21 +215,10 @@ def _cnx_module(
     report: LoadReport,
 ) -> Iterator[SourcePassage]:
     """Passages of one CNXML module's content, sections nested under ``heading``."""
-    n = 0
+    ids = (f"{doc_slug}:{module_id}:p{n}" for n in itertools.count(1))
 
     def emit(section: str, paragraphs: list[str]) -> Iterator[SourcePassage]:
-        nonlocal n
-        for chunk in pack_paragraphs(paragraphs):
-            n += 1
-            yield SourcePassage(
-                id=f"{doc_slug}:{module_id}:p{n}",
-                document=book,
-                section=section,
-                page=None,
-                kind="text",
-                text=chunk,
-                source=str(path),
-            )
+        return text_passages(paragraphs, ids, document=book, section=section, source=path)
 
     def visit(node: ET.Element, section: str) -> Iterator[SourcePassage]:
         paragraphs: list[str] = []
@@ -315,16 +327,14 @@ def load_pdf(path: Path, report: LoadReport, *, render_px: int = 1024) -> Iterat
             textpage = page.get_textpage()
             text = textpage.get_text_range()
             textpage.close()
-            for i, chunk in enumerate(pack_paragraphs(re.split(r"\n\s*\n", text)), 1):
-                yield SourcePassage(
-                    id=f"{doc_slug}:p{number}:{i}",
-                    document=document,
-                    section=None,
-                    page=number,
-                    kind="text",
-                    text=chunk,
-                    source=str(path),
-                )
+            yield from text_passages(
+                re.split(r"\n\s*\n", text),
+                (f"{doc_slug}:p{number}:{i}" for i in itertools.count(1)),
+                document=document,
+                section=None,
+                source=path,
+                page=number,
+            )
             width, height = page.get_size()
             scale = render_px / max(width, height, 1.0)
             first = clean(text)[:200]
@@ -362,21 +372,11 @@ def _load_html_text(html: str, path: Path, report: LoadReport) -> Iterator[Sourc
     doc_slug = slug(path.stem)
     section: str | None = None
     paragraphs: list[str] = []
-    n = 0
+    ids = (f"{doc_slug}:{n}" for n in itertools.count(1))
 
     def flush() -> Iterator[SourcePassage]:
-        nonlocal n, paragraphs
-        for chunk in pack_paragraphs(paragraphs):
-            n += 1
-            yield SourcePassage(
-                id=f"{doc_slug}:{n}",
-                document=document,
-                section=section,
-                page=None,
-                kind="text",
-                text=chunk,
-                source=str(path),
-            )
+        nonlocal paragraphs
+        yield from text_passages(paragraphs, ids, document=document, section=section, source=path)
         paragraphs = []
 
     body = soup.body or soup
@@ -405,9 +405,8 @@ def _load_html_text(html: str, path: Path, report: LoadReport) -> Iterator[Sourc
             elif src:
                 report.warn(f"{path}: image {src[:80]} is not a local file; kept as text only")
             if text or figure_file:
-                n += 1
                 yield SourcePassage(
-                    id=f"{doc_slug}:{n}",
+                    id=next(ids),
                     document=document,
                     section=section,
                     page=None,
