@@ -93,6 +93,15 @@ class ToolExecutionError(ToolError):
     """A tool raised while running. The original exception is chained."""
 
 
+class WeightsMissingError(ToolUnavailableError, InputError):
+    """A model's weights are not on this machine (and could not or may not be downloaded);
+    the message names the file and how to provide it."""
+
+
+class ChecksumError(ToolError):
+    """A downloaded weight file does not have its published SHA-256."""
+
+
 class PluginLoadError(ToolError):
     """A ``medloupe.tools`` entry point could not be imported or returned no tools."""
 

@@ -99,6 +99,7 @@ class OpenAIBackend(StructuredGeneration):
         backoff_s, max_backoff_s: first and largest wait between attempts.
         max_concurrency: requests in flight at most (per event loop).
         max_image_pixels: cap on each image's pixels (downscaled above it).
+        redact_text: paint over burned-in text (OCR-detected) in every image before it is sent.
         transport: an ``httpx.AsyncBaseTransport`` (tests, proxies).
     """
 
@@ -115,6 +116,7 @@ class OpenAIBackend(StructuredGeneration):
         max_backoff_s: float = 30.0,
         max_concurrency: int = 4,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        redact_text: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -126,6 +128,9 @@ class OpenAIBackend(StructuredGeneration):
         self.max_backoff_s = max_backoff_s
         self.max_concurrency = max_concurrency
         self.max_image_pixels = max_image_pixels
+        self.redact_text = redact_text
+        self._ocr: Any = None
+        self._redacted: dict[tuple[str, str], str] = {}
         self._transport = transport
         self._schema_ok = True
         self._probed = False
@@ -147,6 +152,7 @@ class OpenAIBackend(StructuredGeneration):
             max_image_pixels=int(
                 env_number("MEDLOUPE_VLM_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS, int)
             ),
+            redact_text=redaction_wanted(url),
         )
 
     @property
@@ -289,8 +295,27 @@ class OpenAIBackend(StructuredGeneration):
         return out
 
     def encode_image(self, store: ArtifactStore, artifact_id: str) -> str:
-        """A PNG data URI of an artifact, downscaled to the pixel cap."""
-        return artifact_data_uri(store, artifact_id, self.max_image_pixels)
+        """A PNG data URI of an artifact, downscaled to the pixel cap (and with burned-in text
+        painted over when ``redact_text``)."""
+        if not self.redact_text:
+            return artifact_data_uri(store, artifact_id, self.max_image_pixels)
+        key = (str(store.dir), artifact_id)
+        if key not in self._redacted:
+            import numpy as np
+            from PIL import Image
+
+            from medloupe.agents.images import encode_png_data_uri, model_image
+            from medloupe.tools.ocr import OcrEngine, redact_burned_in_text
+
+            if self._ocr is None:
+                self._ocr = OcrEngine()
+            rgb = np.asarray(model_image(store, artifact_id, self.max_image_pixels))
+            clean, n = redact_burned_in_text(rgb, self._ocr)
+            log.info("redacted %d burned-in text box(es) of %s before sending", n, artifact_id)
+            if len(self._redacted) >= 64:
+                self._redacted.pop(next(iter(self._redacted)))
+            self._redacted[key] = encode_png_data_uri(Image.fromarray(clean))
+        return self._redacted[key]
 
     async def complete(
         self,
@@ -384,6 +409,30 @@ def _error_text(response: httpx.Response) -> str:
             return str(err.get("message") or err)[:500]
         return str(err)[:500]
     return str(body)[:500]
+
+
+def redaction_wanted(base_url: str) -> bool:
+    """``MEDLOUPE_REDACT_TEXT``: ``always``/``1``, ``never``/``0``, or ``remote`` (default):
+    redact burned-in text when the endpoint's host is not a loopback address."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    mode = os.environ.get("MEDLOUPE_REDACT_TEXT", "remote").strip().lower() or "remote"
+    if mode in ("always", "1", "on", "true", "yes"):
+        return True
+    if mode in ("never", "0", "off", "false", "no"):
+        return False
+    if mode != "remote":
+        raise ValueError(
+            f"MEDLOUPE_REDACT_TEXT={mode!r}: use always, never or remote (the default)"
+        )
+    host = urlsplit(base_url).hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 def from_spec(rest: str) -> OpenAIBackend:

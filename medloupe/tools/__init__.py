@@ -19,12 +19,34 @@ from medloupe.tools.base import (
 from medloupe.tools.registry import ENTRY_POINT_GROUP, PluginProblem, ToolRegistry, evidence_id
 
 
+def expert_tools() -> list[Tool]:
+    """New instances of medloupe's expert tools: ``segment`` (SAM / MedSAM / classical),
+    ``zoom``, ``contrast``, ``overlay``, ``count_cells``, ``read_text`` (OCR), ``detect``
+    (zero-shot detector, when configured) and ``classify`` (DenseNet121, when configured).
+    Each instance owns its lazily loaded weights and caches."""
+    from medloupe.tools.cells import count_cells
+    from medloupe.tools.classify import ClassifyTool
+    from medloupe.tools.detect import DetectTool
+    from medloupe.tools.imageops import image_op_tools
+    from medloupe.tools.ocr import ReadTextTool
+    from medloupe.tools.segment import SegmentTool
+
+    return [
+        SegmentTool(),
+        *image_op_tools(),
+        count_cells,
+        ReadTextTool(),
+        DetectTool(),
+        ClassifyTool(),
+    ]
+
+
 def default_registry(*, plugins: bool = True) -> ToolRegistry:
-    """A new registry with the built-in tools and, if ``plugins``, every ``medloupe.tools``
-    entry point of the installed distributions."""
+    """A new registry with the built-in and expert tools and, if ``plugins``, every
+    ``medloupe.tools`` entry point of the installed distributions."""
     from medloupe.tools.builtin import builtin_tools
 
-    registry = ToolRegistry(builtin_tools())
+    registry = ToolRegistry([*builtin_tools(), *expert_tools()])
     if plugins:
         registry.load_entry_points()
     return registry
@@ -42,5 +64,6 @@ __all__ = [
     "ToolResult",
     "default_registry",
     "evidence_id",
+    "expert_tools",
     "tool",
 ]

@@ -352,11 +352,21 @@ class MeasureArgs(BaseModel):
     box_xyxy: Box | None = Field(
         default=None, description="a box: its width, height, diagonal and area are measured"
     )
+    mask_artifact: str | None = Field(
+        default=None,
+        description=(
+            "a mask artifact (from `segment`): its area, perimeter, largest diameter and tight "
+            "box are measured"
+        ),
+    )
 
     @model_validator(mode="after")
     def _one(self) -> MeasureArgs:
-        if (self.points is None) == (self.box_xyxy is None):
-            raise ValueError("give exactly one of `points` (two points) or `box_xyxy`")
+        given = [v is not None for v in (self.points, self.box_xyxy, self.mask_artifact)]
+        if sum(given) != 1:
+            raise ValueError(
+                "give exactly one of `points` (two points), `box_xyxy` or `mask_artifact`"
+            )
         if self.points is not None and len(self.points) != 2:
             raise ValueError(f"`points` needs exactly two (x, y) points, got {len(self.points)}")
         if self.box_xyxy is not None:
@@ -373,6 +383,8 @@ class MeasureResult(ToolResult):
     height: float | None = None
     diagonal: float | None = None
     area: float | None = Field(default=None, description="mm^2 or px^2")
+    perimeter: float | None = None
+    max_diameter: float | None = Field(default=None, description="largest distance across a mask")
     warning: str | None = None
 
     def summary(self) -> str:
@@ -383,6 +395,8 @@ class MeasureResult(ToolResult):
                 ("width", self.width),
                 ("height", self.height),
                 ("diagonal", self.diagonal),
+                ("perimeter", self.perimeter),
+                ("largest diameter", self.max_diameter),
             )
             if v is not None
         ]
@@ -393,8 +407,9 @@ class MeasureResult(ToolResult):
 
 @tool(name="measure")
 def measure(args: MeasureArgs, ctx: ToolContext) -> MeasureResult:
-    """Distance between two points, or a box's width, height, diagonal and area; mm when the
-    pixel spacing is known, pixels with a warning otherwise."""
+    """Distance between two points; a box's width, height, diagonal and area; or a mask's area,
+    perimeter and largest diameter. mm when the pixel spacing is known, pixels with a warning
+    otherwise."""
     rec = ctx.image
     spacing = rec.spacing_mm
     sy, sx = spacing if spacing else (1.0, 1.0)
@@ -409,6 +424,35 @@ def measure(args: MeasureArgs, ctx: ToolContext) -> MeasureResult:
                 )
         d = math.hypot((bx - ax) * sx, (by - ay) * sy)
         return MeasureResult(unit=unit, distance=d, warning=warning)
+    if args.mask_artifact is not None:
+        from medloupe.tools.measures import mask_measures
+
+        mask = ctx.store.load(args.mask_artifact)
+        if mask.shape[:2] != (rec.height, rec.width):
+            raise ValueError(
+                f"mask {args.mask_artifact} is {mask.shape[1]}x{mask.shape[0]}, not the "
+                f"{rec.width}x{rec.height} image"
+            )
+        if mask.ndim == 3:
+            mask = mask[..., 0]
+        m = mask_measures(mask, spacing)
+        mm = spacing is not None
+        region = Region(
+            id="pending",
+            box_xyxy=m.box_xyxy,
+            label="measured mask",
+            mask_artifact=args.mask_artifact,
+        )
+        return MeasureResult(
+            unit=unit,
+            width=(m.box_xyxy[2] - m.box_xyxy[0]) * sx,
+            height=(m.box_xyxy[3] - m.box_xyxy[1]) * sy,
+            area=m.area_mm2 if mm else float(m.area_px),
+            perimeter=m.perimeter_mm if mm else m.perimeter_px,
+            max_diameter=m.max_diameter_mm if mm else m.max_diameter_px,
+            warning=warning,
+            regions=[region],
+        )
     assert args.box_xyxy is not None
     _check_inside(args.box_xyxy, rec.width, rec.height)
     x0, y0, x1, y1 = args.box_xyxy
