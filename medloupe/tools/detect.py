@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,26 @@ class DetectArgs(BaseModel):
 
 
 class Detection(BaseModel):
-    label: str
+    label: str = Field(description="the requested label this detection is for")
+    text: str = Field(description="the detector's own phrase (Grounding DINO: matched tokens)")
     score: float
     box_xyxy: Box
+
+
+def match_label(phrase: str, labels: list[str]) -> str:
+    """The requested label a detector's phrase stands for: an exact (case- and
+    punctuation-insensitive) match, else the label sharing the most words with it, earliest
+    first."""
+
+    def words(text: str) -> list[str]:
+        return [w for w in re.split(r"[^a-z0-9]+", text.lower()) if w]
+
+    target = words(phrase)
+    for label in labels:
+        if words(label) == target:
+            return label
+    overlap = [len(set(words(label)) & set(target)) for label in labels]
+    return labels[max(range(len(labels)), key=lambda i: (overlap[i], -i))]
 
 
 class DetectResult(ToolResult):
@@ -167,9 +185,11 @@ class DetectTool(Tool):
 
         model, processor = self.load()
         h, w = rgb.shape[:2]
-        inputs = processor(
-            images=Image.fromarray(rgb), text=[labels], padding=True, return_tensors="pt"
-        )
+        owl = model.config.model_type in ("owlv2", "owlvit")
+        # OWL encodes one query per label (padded to one length); Grounding DINO joins the
+        # labels into one "a. b." prompt itself
+        extra = {"padding": True} if owl else {}
+        inputs = processor(images=Image.fromarray(rgb), text=[labels], return_tensors="pt", **extra)
         inputs = inputs.to(model.device)
         with torch.inference_mode():
             outputs = model(**inputs)
@@ -196,7 +216,14 @@ class DetectTool(Tool):
             y0, y1 = max(0.0, y0), min(float(h), y1)
             if x1 - x0 < 1 or y1 - y0 < 1:
                 continue
-            out.append(Detection(label=str(name), score=float(score), box_xyxy=(x0, y0, x1, y1)))
+            out.append(
+                Detection(
+                    label=match_label(str(name), labels),
+                    text=str(name),
+                    score=float(score),
+                    box_xyxy=(x0, y0, x1, y1),
+                )
+            )
         out.sort(key=lambda d: -d.score)
         return out
 
