@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
+from bench_report import append_section, machine
 from pydantic import BaseModel
 
 from medloupe.cli import DEMO_QUESTION, demo_image
@@ -142,25 +141,12 @@ def main() -> None:
         ),
         ("`medloupe --help` start-up (median of 5)", f"{statistics.median(help_s):.2f} s", "< 2 s"),
     ]
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    machine = (
-        f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}"
+    append_section(
+        "core graph",
+        rows,
+        columns=("measure", "result", "goal"),
+        context=machine("CPU only"),
     )
-    lines = [
-        f"\n## core graph ({stamp}; {machine}; CPU only)\n",
-        "| measure | result | goal |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    path = ROOT / "BENCHMARKS.md"
-    if not path.exists():
-        path.write_text(
-            "# Benchmarks\n\nEach section is one run of a script under `benchmarks/`.\n"
-        )
-    with path.open("a") as fh:
-        fh.write(text)
 
 
 if __name__ == "__main__":

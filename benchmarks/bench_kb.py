@@ -22,17 +22,15 @@ Book: "Anatomy and Physiology 2e, OpenStax (Rice University), CC BY 4.0".
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections import defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from bench_report import append_section, machine
 from PIL import Image
 
 from medloupe.knowledge_base import KnowledgeBase, build_kb
@@ -241,32 +239,24 @@ def main() -> None:
     rows[-3] = (*rows[-3][:2], "goal recall@5 >= 0.8")
     kb.close()
     rows += scale([int(s) for s in args.sizes.split(",") if s])
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
-    )
     import faiss
 
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    lines = [
-        f"\n## knowledge base, OpenStax A&P 2e ({stamp}; {machine}; FAISS on "
-        f"{'GPU' if gpus else 'CPU'}; text all-MiniLM-L6-v2, images {image_id})\n",
-        "| measure | result | notes |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    lines.append(
-        "\nA hit is a passage from the right section (CNXML module) in the top k. Image queries "
-        "are crops of figures that are themselves in the index, so they measure finding the "
-        "picture again from a part of it, not recognising anatomy drawn differently; with the "
-        "`pixels` descriptor that is all an image query can do. Latency is one query at a time "
-        "on synthetic clustered vectors. Book: Anatomy and Physiology 2e, OpenStax (Rice "
-        "University), CC BY 4.0."
+    append_section(
+        "knowledge base, OpenStax A&P 2e",
+        rows,
+        context=machine(
+            f"FAISS on {'GPU' if gpus else 'CPU'}; text all-MiniLM-L6-v2, images {image_id}"
+        ),
+        note=(
+            "A hit is a passage from the right section (CNXML module) in the top k. Image queries "
+            "are crops of figures that are themselves in the index, so they measure finding the "
+            "picture again from a part of it, not recognising anatomy drawn differently; with the "
+            "`pixels` descriptor that is all an image query can do. Latency is one query at a "
+            "time on synthetic clustered vectors. Book: Anatomy and Physiology 2e, OpenStax "
+            "(Rice University), CC BY 4.0."
+        ),
     )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with (ROOT / "BENCHMARKS.md").open("a") as fh:
-        fh.write(text)
     if tmp is not None:
         tmp.cleanup()
 

@@ -18,18 +18,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import numpy as np
+from bench_report import append_section, machine
 
 from medloupe.agents.hf_backend import TransformersBackend
 from medloupe.agents.images import store_data_uri
@@ -194,28 +193,18 @@ def main() -> None:
             "",
         )
     )
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-        f"model on {device}"
+    append_section(
+        "VLM serving, tiny random-weight Qwen2.5-VL",
+        rows,
+        columns=("measure", "result", "goal"),
+        context=machine(f"model on {device}"),
+        note=(
+            "The tiny model (2 layers, hidden 64) makes generation cheap, so the HTTP share is "
+            "shown at its largest; with a real 3B-7B model the same fixed per-request cost is a "
+            "far smaller fraction. Generation is serialised per model, so requests/s stays flat "
+            "as clients are added while p95 latency grows with the queue."
+        ),
     )
-    lines = [
-        f"\n## VLM serving, tiny random-weight Qwen2.5-VL ({stamp}; {machine})\n",
-        "| measure | result | goal |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    lines.append(
-        "\nThe tiny model (2 layers, hidden 64) makes generation cheap, so the HTTP share is "
-        "shown at its largest; with a real 3B-7B model the same fixed per-request cost is a "
-        "far smaller fraction. Generation is serialised per model, so requests/s stays flat "
-        "as clients are added while p95 latency grows with the queue."
-    )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    path = ROOT / "BENCHMARKS.md"
-    with path.open("a") as fh:
-        fh.write(text)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medloupe.tools.sam import MaskPrediction
+from medloupe.tools.sam import MaskPrediction, normalise_prompts
 
 GRABCUT_MAX_SIDE = 512
 FLAT_RANGE = 8  # gray levels: a box whose values span less has no boundary to find
@@ -92,14 +92,7 @@ class ClassicalImage:
         """Masks for XYXY pixel boxes (one each) or ``(x, y)`` points (one mask)."""
         import cv2
 
-        if not boxes and not points:
-            raise ValueError("give at least one box or point prompt")
-        pts = [(float(x), float(y)) for x, y in points] if points else []
-        labels = list(point_labels) if point_labels is not None else [1] * len(pts)
-        if len(labels) != len(pts):
-            raise ValueError(f"{len(pts)} points but {len(labels)} point labels")
-        if boxes and pts and len(boxes) > 1:
-            raise ValueError("points can be combined with at most one box")
+        boxes, pts, labels = normalise_prompts(boxes, points, point_labels)
         h, w = self.image.shape[:2]
         gray = cv2.cvtColor(self.image, cv2.COLOR_RGB2GRAY)
         if not boxes:

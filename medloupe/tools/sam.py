@@ -29,7 +29,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -64,53 +64,46 @@ class SamModelSpec:
 
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-_VIT_B = {
-    "encoder_embed_dim": 768,
-    "encoder_depth": 12,
-    "encoder_num_heads": 12,
-    "encoder_global_attn_indexes": (2, 5, 8, 11),
-}
+_VIT_B = (768, 12, 12, (2, 5, 8, 11))  # embed dim, depth, heads, global attention blocks
+
+
+def _meta_sam(
+    name: str, arch: tuple[int, int, int, tuple[int, ...]], filename: str, sha256: str
+) -> SamModelSpec:
+    return SamModelSpec(
+        name,
+        *arch,
+        weights=WeightFile(
+            filename=filename,
+            env_var=f"MEDLOUPE_{name.upper()}",
+            url=_SAM_URL + filename,
+            sha256=sha256,
+        ),
+    )
+
 
 SAM_MODELS: dict[str, SamModelSpec] = {
-    "sam_vit_b": SamModelSpec(
-        name="sam_vit_b",
-        **_VIT_B,  # type: ignore[arg-type]
-        weights=WeightFile(
-            filename="sam_vit_b_01ec64.pth",
-            env_var="MEDLOUPE_SAM_VIT_B",
-            url=_SAM_URL + "sam_vit_b_01ec64.pth",
-            sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-        ),
+    "sam_vit_b": _meta_sam(
+        "sam_vit_b",
+        _VIT_B,
+        "sam_vit_b_01ec64.pth",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
     ),
-    "sam_vit_l": SamModelSpec(
-        name="sam_vit_l",
-        encoder_embed_dim=1024,
-        encoder_depth=24,
-        encoder_num_heads=16,
-        encoder_global_attn_indexes=(5, 11, 17, 23),
-        weights=WeightFile(
-            filename="sam_vit_l_0b3195.pth",
-            env_var="MEDLOUPE_SAM_VIT_L",
-            url=_SAM_URL + "sam_vit_l_0b3195.pth",
-            sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-        ),
+    "sam_vit_l": _meta_sam(
+        "sam_vit_l",
+        (1024, 24, 16, (5, 11, 17, 23)),
+        "sam_vit_l_0b3195.pth",
+        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
     ),
-    "sam_vit_h": SamModelSpec(
-        name="sam_vit_h",
-        encoder_embed_dim=1280,
-        encoder_depth=32,
-        encoder_num_heads=16,
-        encoder_global_attn_indexes=(7, 15, 23, 31),
-        weights=WeightFile(
-            filename="sam_vit_h_4b8939.pth",
-            env_var="MEDLOUPE_SAM_VIT_H",
-            url=_SAM_URL + "sam_vit_h_4b8939.pth",
-            sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-        ),
+    "sam_vit_h": _meta_sam(
+        "sam_vit_h",
+        (1280, 32, 16, (7, 15, 23, 31)),
+        "sam_vit_h_4b8939.pth",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
     ),
     "medsam_vit_b": SamModelSpec(
-        name="medsam_vit_b",
-        **_VIT_B,  # type: ignore[arg-type]
+        "medsam_vit_b",
+        *_VIT_B,
         weights=WeightFile(
             filename="medsam_vit_b.pth",
             env_var="MEDLOUPE_MEDSAM_VIT_B",
@@ -176,11 +169,54 @@ class MaskPrediction:
     method: str | None = None
 
 
+class PromptedImage(Protocol):
+    """Phase 2 of a prompted segmenter: an image ready for prompts."""
+
+    @property
+    def size(self) -> tuple[int, int]: ...
+
+    def predict(
+        self,
+        boxes: Sequence[Sequence[float]] | None = None,
+        points: Sequence[Sequence[float]] | None = None,
+        point_labels: Sequence[int] | None = None,
+    ) -> list[MaskPrediction]: ...
+
+
+class PromptedSegmenter(Protocol):
+    """Phase 1: ``set_image`` takes ``(H, W, 3)`` uint8 RGB and returns a
+    :class:`PromptedImage` (SAM/MedSAM engines and the classical segmenter)."""
+
+    def set_image(self, image: np.ndarray) -> PromptedImage: ...
+
+
 @dataclass
 class _Embedding:
     features: Any  # torch.Tensor (1, 256, 64, 64)
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+
+
+def normalise_prompts(
+    boxes: Sequence[Sequence[float]] | None,
+    points: Sequence[Sequence[float]] | None,
+    point_labels: Sequence[int] | None,
+) -> tuple[list[tuple[float, ...]], list[tuple[float, float]], list[int]]:
+    """Boxes, points and point labels (default 1) as lists, checked for a prompted segmenter.
+
+    Raises:
+        ValueError: no prompt, labels not one per point, or points with several boxes.
+    """
+    box_list = [tuple(float(v) for v in b) for b in boxes or []]
+    pts = [(float(p[0]), float(p[1])) for p in points or []]
+    labels = [int(v) for v in point_labels] if point_labels is not None else [1] * len(pts)
+    if not box_list and not pts:
+        raise ValueError("give at least one box or point prompt")
+    if len(labels) != len(pts):
+        raise ValueError(f"{len(pts)} points but {len(labels)} point labels")
+    if pts and len(box_list) > 1:
+        raise ValueError("points can be combined with at most one box")
+    return box_list, pts, labels
 
 
 def image_digest(image: np.ndarray) -> str:
@@ -378,20 +414,10 @@ class SamImage:
         import torch
 
         model = self.engine.load()
-        boxes_arr = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) if boxes else None
-        pts = np.asarray(points, dtype=np.float32).reshape(-1, 2) if points else None
-        if boxes_arr is None and pts is None:
-            raise ValueError("give at least one box or point prompt")
-        if pts is not None and boxes_arr is not None and len(boxes_arr) > 1:
-            raise ValueError("points can be combined with at most one box")
-        labels = np.asarray(
-            point_labels
-            if point_labels is not None
-            else [1] * (len(pts) if pts is not None else 0),
-            dtype=np.int64,
-        )
-        if pts is not None and len(labels) != len(pts):
-            raise ValueError(f"{len(pts)} points but {len(labels)} point labels")
+        box_list, point_list, label_list = normalise_prompts(boxes, points, point_labels)
+        boxes_arr = np.asarray(box_list, dtype=np.float32).reshape(-1, 4) if box_list else None
+        pts = np.asarray(point_list, dtype=np.float32).reshape(-1, 2) if point_list else None
+        labels = np.asarray(label_list, dtype=np.int64)
         h, w = self.embedding.original_size
         ih, iw = self.embedding.input_size
         # both preprocessings map x by iw / w and y by ih / h (ResizeLongestSide.apply_coords)

@@ -22,7 +22,13 @@ from medloupe.schemas import Box, Region
 from medloupe.tools.base import Availability, Tool, ToolContext, ToolResult
 from medloupe.tools.builtin import _check_inside
 from medloupe.tools.measures import MaskMeasures, check_point, mask_measures
-from medloupe.tools.sam import SAM_MODELS, EmbeddingCache, SamEngine, SamModelSpec
+from medloupe.tools.sam import (
+    SAM_MODELS,
+    EmbeddingCache,
+    PromptedSegmenter,
+    SamEngine,
+    SamModelSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +230,9 @@ class SegmentTool(Tool):
             check_point(x, y, w, h)
         model = self.choose(a.model, bool(a.boxes_xyxy))
         rgb = ctx.rgb()
-        segmenter: Any = self.classical if model == "classical" else self.engine(model)
+        segmenter: PromptedSegmenter = (
+            self.classical if model == "classical" else self.engine(model)
+        )
         image = segmenter.set_image(rgb)
         preds = image.predict(
             boxes=[list(b) for b in a.boxes_xyxy] or None,
