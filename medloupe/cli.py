@@ -404,6 +404,106 @@ def tools_describe(name: Annotated[str, typer.Argument(help="tool name")]) -> No
     sys.stdout.write(json.dumps(tool.describe(), indent=2) + "\n")
 
 
+@app.command("eval")
+def eval_(
+    dataset: Annotated[
+        Path, typer.Argument(help="generic JSONL (like dev.jsonl), VQA-RAD JSON or SLAKE JSON")
+    ],
+    out: Annotated[Path, typer.Option(help="output folder (a re-run resumes it)")],
+    vlm: Annotated[str | None, typer.Option(help="VLM backend spec, e.g. openai:URL#MODEL")] = None,
+    kb: Annotated[
+        str | None, typer.Option(help="knowledge base: a KB folder or 'default'; none by default")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="image folder for VQA-RAD / SLAKE files")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="first N items (after filters)")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="items in flight at once")] = 1,
+    modality: Annotated[
+        str | None, typer.Option(help="only items whose modality contains this")
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="only this task: vqa, grounding, classification, count, relative_position"
+        ),
+    ] = None,
+    no_tools: Annotated[bool, typer.Option("--no-tools", help="ablation: no tool calls")] = False,
+    no_retrieval: Annotated[
+        bool, typer.Option("--no-retrieval", help="ablation: no knowledge-base retrieval")
+    ] = False,
+    no_rethink: Annotated[
+        bool, typer.Option("--no-rethink", help="ablation: no second look at crops")
+    ] = False,
+    ablate: Annotated[
+        bool,
+        typer.Option(
+            "--ablate", help="run full, --no-tools, --no-retrieval, --no-rethink; compare them"
+        ),
+    ] = False,
+) -> None:
+    """Evaluate on a dataset: each item a fresh run; metrics.json, items.jsonl, report.html."""
+    import asyncio
+
+    from medloupe.errors import MedloupeError
+    from medloupe.evaluation import Ablation, Evaluation, filter_items, load_dataset, run_ablations
+    from medloupe.evaluation.harness import comparison_table
+
+    settings = _settings()
+    try:
+        items = filter_items(
+            load_dataset(dataset, images=images), modality=modality, task=task, limit=limit
+        )
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+    if not items:
+        err_console.print("[red]error:[/red] no items left after the filters")
+        raise typer.Exit(2)
+    if kb and kb != "default" and not Path(kb).is_dir():
+        err_console.print(f"[red]error:[/red] knowledge base {kb} not found")
+        raise typer.Exit(2)
+    common = {"vlm": vlm, "kb": kb, "workers": workers, "settings": settings}
+    if ablate:
+        results = asyncio.run(run_ablations(items, out, **common))  # type: ignore[arg-type]
+        out_console.print(comparison_table(results))
+        out_console.print(f"comparison written to {out / 'comparison.md'}")
+        return
+    ablation = Ablation(tools=not no_tools, retrieval=not no_retrieval, rethink=not no_rethink)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    evaluation = Evaluation(out, ablation=ablation, **common)  # type: ignore[arg-type]
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+    ) as progress:
+        bar = progress.add_task(f"evaluating ({ablation.name})", total=len(items))
+        finished = {i.id for i in items} & _finished_ids(out / "items.jsonl")
+        progress.update(bar, completed=len(finished))
+        try:
+            metrics = asyncio.run(evaluation.run(items, on_item=lambda _r: progress.advance(bar)))
+        except MedloupeError as exc:
+            raise _fail(exc) from None
+    o = metrics["overall"]
+    out_console.print(
+        f"{o['items']} items: accuracy {_num(o['accuracy'])}, answered {o['answered']} "
+        f"(accuracy {_num(o['accuracy_answered'])}), abstained {_num(o['abstention_rate'])}; "
+        f"{out / 'metrics.json'}, {out / 'report.html'}"
+    )
+
+
+def _finished_ids(path: Path) -> set[str]:
+    from medloupe.evaluation.harness import read_records
+
+    return {r["id"] for r in read_records(path)}
+
+
+def _num(v: object) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
 @app.command()
 def schema(
     which: Annotated[str, typer.Argument(help="answer | trace | evidence | image")] = "answer",

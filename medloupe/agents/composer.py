@@ -15,9 +15,12 @@ from medloupe.tools.registry import ToolRegistry
 
 NO_VLM_NOTE = "no vision-language model configured: the first look is skipped"
 
+# questions about the modality itself; a question that merely names one ("Locate the liver
+# in this CT image") is not one of them
 _MODALITY_Q = re.compile(
     r"\b(modality|imaging (technique|method|type)|what (kind|type) of (image|scan|imaging)|"
-    r"how was (this|the) image (taken|acquired)|x-?ray|ct|mri|ultrasound)\b",
+    r"how was (this|the) image (taken|acquired)|"
+    r"(is|was) (this|the image) (an? )?(x-?ray|ct|mri|ultrasound|radiograph))\b",
     re.I,
 )
 _BODY_Q = re.compile(
@@ -88,7 +91,12 @@ def compose_answer(
     ]
     claims: list[Claim] = []
     parts: list[str] = []
-    if info and (_MODALITY_Q.search(question) or _BODY_Q.search(question)):
+    header_modality = (info[0].output or {}).get("modality", image.modality) if info else None
+    if (
+        info
+        and header_modality not in (None, "OT")  # OT: the file does not say
+        and (_MODALITY_Q.search(question) or _BODY_Q.search(question))
+    ):
         out = info[0].output or {}
         modality = out.get("modality", image.modality)
         name = out.get("modality_name", modality)

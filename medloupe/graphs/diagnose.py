@@ -51,6 +51,7 @@ DEFAULTS: RunOptions = {
     "time_budget_s": 300.0,
     "confidence_threshold": 0.8,
     "review_plan": False,
+    "rethink": True,
 }
 MAX_RETHINK_REGIONS = 3
 CROP_MARGIN = 0.25  # context around each region the rethinker sees, share of the box size
@@ -587,6 +588,11 @@ def route_after_plan(state: State) -> Literal["review_plan", "act"]:
     return "review_plan" if option(state, "review_plan") else "act"
 
 
+def route_after_retrieve(state: State) -> Literal["rethink", "answer"]:
+    """Skip the second look when the ``rethink`` option is off (an ablation)."""
+    return "rethink" if option(state, "rethink") else "answer"
+
+
 def route_after_rethink(state: State) -> Literal["plan", "answer"]:
     """Loop back to plan while the rethinker asks for more evidence and the budget allows."""
     if not state.get("needs_more"):
@@ -620,7 +626,7 @@ def build() -> StateGraph[State, RunContext, InputState, State]:
     b.add_conditional_edges("plan", route_after_plan)
     b.add_edge("review_plan", "act")
     b.add_edge("act", "retrieve")
-    b.add_edge("retrieve", "rethink")
+    b.add_conditional_edges("retrieve", route_after_retrieve)
     b.add_conditional_edges("rethink", route_after_rethink)
     b.add_edge("answer", END)
     return b

@@ -40,6 +40,7 @@ class RunOptions(TypedDict, total=False):
     time_budget_s: float  # wall-clock budget for further rounds (default 300)
     confidence_threshold: float  # stop rethinking at this confidence (default 0.8)
     review_plan: bool  # pause after plan for a reviewer
+    rethink: bool  # look again at cropped regions (default True; False: an ablation)
     frame: int
     slice_index: int
     axis: int

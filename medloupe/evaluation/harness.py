@@ -1,0 +1,303 @@
+"""Running an evaluation: every item a fresh run (its own thread, registry and trace), resumable,
+with ablations.
+
+Layout of ``--out DIR``::
+
+    items.jsonl      one record per finished item (appended as items finish)
+    metrics.json     computed from items.jsonl (rewritten at the end)
+    report.html      per-item cards and plots
+    runs/ITEM_ID/    each item's run directory (answer.json, trace.json, overlay.png, ...)
+    runs.sqlite      the evaluation's own run index (not the user's)
+
+A re-run with the same ``--out`` skips items already in ``items.jsonl``; an item whose run was
+interrupted is run again from a clean directory. Only the VLM backend and the knowledge base
+(read-only) are shared between items; nothing an item's run learns reaches another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medloupe.config import Settings
+from medloupe.errors import MedloupeError
+from medloupe.evaluation.data import EvalItem
+from medloupe.evaluation.metrics import compute_metrics
+from medloupe.evaluation.scoring import score
+from medloupe.schemas import GroundedAnswer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """Which stages of the graph run. ``full`` runs all."""
+
+    tools: bool = True
+    retrieval: bool = True
+    rethink: bool = True
+
+    @property
+    def name(self) -> str:
+        off = [
+            n
+            for n, on in (
+                ("tools", self.tools),
+                ("retrieval", self.retrieval),
+                ("rethink", self.rethink),
+            )
+            if not on
+        ]
+        return "full" if not off else "no-" + "-no-".join(off)
+
+
+ABLATION_GRID = (
+    Ablation(),
+    Ablation(tools=False),
+    Ablation(retrieval=False),
+    Ablation(rethink=False),
+)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Records of ``items.jsonl``; a torn last line (a killed writer) is ignored."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("ignoring a torn line in %s", path)
+    return out
+
+
+def _append_record(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class Evaluation:
+    """One evaluation into ``out``.
+
+    Args:
+        out: the output folder (created).
+        vlm: backend spec, or ``None`` for the evidence-only path.
+        kb: knowledge base path or ``"default"``, or ``None``.
+        ablation: which stages run.
+        workers: items in flight at once.
+        settings: process settings (the run index moves into ``out``).
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        vlm: str | None = None,
+        kb: str | None = None,
+        ablation: Ablation = Ablation(),
+        workers: int = 1,
+        settings: Settings | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.out = Path(out)
+        self.vlm_spec = vlm
+        self.kb = kb
+        self.ablation = ablation
+        self.workers = max(1, workers)
+        base = settings or Settings.from_env()
+        self.settings = dataclasses.replace(base, home=self.out)
+        self.options = dict(options or {})
+        self.items_path = self.out / "items.jsonl"
+
+    async def run(
+        self,
+        items: Sequence[EvalItem],
+        *,
+        on_item: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate ``items`` (skipping finished ones); returns the metrics."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        done = {r["id"] for r in read_records(self.items_path)}
+        todo = [i for i in items if i.id not in done]
+        vlm = retriever = None
+        if todo and self.vlm_spec:
+            from medloupe.agents.protocol import load_backend
+
+            vlm = load_backend(self.vlm_spec)
+        if todo and self.kb and self.ablation.retrieval:
+            from medloupe.knowledge_base import open_knowledge_base
+
+            retriever = open_knowledge_base(self.kb)
+        sem = asyncio.Semaphore(self.workers)
+
+        async def one(item: EvalItem) -> None:
+            async with sem:
+                record = await self._run_item(item, vlm, retriever)
+            _append_record(self.items_path, record)
+            if on_item:
+                on_item(record)
+
+        try:
+            await asyncio.gather(*(one(i) for i in todo))
+        finally:
+            if retriever is not None:
+                retriever.close()
+            if vlm is not None and hasattr(vlm, "aclose"):
+                await vlm.aclose()
+        wanted = {i.id for i in items}
+        records = [r for r in read_records(self.items_path) if r["id"] in wanted]
+        metrics = compute_metrics(records)
+        metrics["config"] = {
+            "vlm": self.vlm_spec,
+            "kb": self.kb,
+            "ablation": self.ablation.name,
+            "workers": self.workers,
+            "options": self.options,
+        }
+        from medloupe.artifacts import atomic_write_bytes
+        from medloupe.evaluation.report import write_report
+
+        atomic_write_bytes(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        write_report(self.out, records, metrics)
+        return metrics
+
+    def _context(self, run: Any, trace: Any, vlm: Any, retriever: Any) -> Any:
+        from medloupe.graphs.state import RunContext
+        from medloupe.knowledge_base.tool import registry_with_retriever
+        from medloupe.tools import ToolRegistry, default_registry
+
+        if self.ablation.tools:
+            registry = registry_with_retriever(default_registry(), retriever)
+        else:
+            registry = ToolRegistry()
+        return RunContext(
+            store=run.store,
+            trace=trace,
+            registry=registry,
+            vlm=vlm,
+            retriever=retriever,
+            settings=self.settings,
+        )
+
+    async def _run_item(self, item: EvalItem, vlm: Any, retriever: Any) -> dict[str, Any]:
+        from medloupe.api import prepare_run
+        from medloupe.runner import execute
+        from medloupe.trace import TraceRecorder
+
+        run_dir = self.out / "runs" / _safe(item.id)
+        if run_dir.exists():  # an interrupted attempt: start the item over, cleanly
+            shutil.rmtree(run_dir)
+        options = {**self.options, "rethink": self.ablation.rethink}
+        record: dict[str, Any] = {
+            "id": item.id,
+            "source": item.source,
+            "task": item.task,
+            "modality": item.modality,
+            "answer_type": item.answer_type,
+            "question_type": item.question_type,
+            "question": item.question,
+            "truth": item.answer,
+            "truth_boxes": item.boxes_xyxy,
+            "image": item.image,
+            "run_dir": str(run_dir.relative_to(self.out)),
+        }
+        started = time.perf_counter()
+        answer: GroundedAnswer | None = None
+        trace = None
+        try:
+            run = prepare_run(
+                item.image,
+                item.question,
+                settings=self.settings,
+                out=run_dir,
+                vlm=None,  # the backend is shared; its spec goes into run.json below
+                kb=None,
+                options=options,
+            )
+            run.meta["vlm"], run.meta["kb"] = self.vlm_spec, self.kb
+            trace = TraceRecorder(run.trace_path)
+            context = self._context(run, trace, vlm, retriever)
+            answer = await execute(run, settings=self.settings, context=context)
+        except (MedloupeError, OSError, ValueError, RuntimeError) as exc:
+            # the item fails alone, recorded with its reason; the evaluation goes on
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            log.warning("item %s failed: %s", item.id, record["error"], exc_info=True)
+        finally:
+            if trace is not None:
+                calls = trace.events({"tool_call"})
+                record["tool_calls"] = len(calls)
+                record["tool_failures"] = sum(1 for e in calls if e.status != "ok")
+                record["tools"] = sorted({str(e.name) for e in calls})
+                trace.close()
+        record["latency_s"] = time.perf_counter() - started
+        s = score(item, answer)
+        record.update(s.model_dump(mode="json"))
+        if answer is not None:
+            record["prediction"] = answer.short_answer
+            record["confidence"] = answer.confidence
+            record["abstention_reason"] = answer.abstention_reason
+        return record
+
+
+def _safe(item_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in item_id)[:120]
+
+
+async def run_ablations(
+    items: Sequence[EvalItem],
+    out: str | Path,
+    *,
+    grid: Sequence[Ablation] = ABLATION_GRID,
+    **kwargs: Any,
+) -> dict[str, dict[str, Any]]:
+    """Run each ablation into ``out/ablations/NAME``; write ``out/comparison.json`` and
+    ``out/comparison.md``; return ``{name: metrics}``."""
+    results: dict[str, dict[str, Any]] = {}
+    for ab in grid:
+        evaluation = Evaluation(Path(out) / "ablations" / ab.name, ablation=ab, **kwargs)
+        results[ab.name] = await evaluation.run(items)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "comparison.json").write_text(json.dumps(results, indent=2))
+    (Path(out) / "comparison.md").write_text(comparison_table(results))
+    return results
+
+
+def comparison_table(results: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table comparing the overall metrics of several evaluations."""
+    cols = [
+        ("accuracy", "accuracy"),
+        ("accuracy_answered", "acc. answered"),
+        ("abstention_rate", "abstained"),
+        ("grounding_hit_rate", "IoU>=0.5"),
+        ("count_exact", "count exact"),
+    ]
+    lines = [
+        "| setting | items | " + " | ".join(c[1] for c in cols) + " | tool calls | p50 s |",
+        "|---" * (len(cols) + 4) + "|",
+    ]
+    for name, m in results.items():
+        o = m["overall"]
+        vals = [_fmt(o.get(k)) for k, _ in cols]
+        rt = m["runtime"]
+        lines.append(
+            f"| {name} | {o['items']} | "
+            + " | ".join(vals)
+            + f" | {rt['tool_calls']} | {_fmt(rt['latency_p50_s'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
