@@ -349,3 +349,35 @@ def test_eval_cli_ablation_grid(shared_datasets: Path, tmp_path: Path) -> None:
 def test_dev_slice_image_exists(shared_datasets: Path) -> None:
     for item in dev_slice(shared_datasets):
         assert np.asarray(Image.open(item.image)).size > 0
+
+
+def test_answered_items_are_scored_and_calibrated_with_a_fake_vlm(
+    shared_datasets: Path, tmp_path: Path, settings: object
+) -> None:
+    """Orchestration only: a scripted FAKE backend always answers "yes" with confidence 0.8,
+    so the answered-item path of scoring and calibration can be checked exactly."""
+    from medloupe.agents.roles import AnswerDraft
+
+    from .fakes import ScriptedFakeVLM, evidence_ids_in
+
+    def always_yes(messages, n):  # type: ignore[no-untyped-def]
+        ids = evidence_ids_in(messages)
+        return AnswerDraft(
+            short_answer="yes",
+            confidence=0.8,
+            claims=[{"text": "scripted", "evidence_ids": ids[:1]}],  # type: ignore[list-item]
+        )
+
+    dev = load_dataset(shared_datasets / "dev.jsonl")
+    closed = [i for i in dev if i.answer_type == "closed" and i.task == "vqa"][:4]
+    fake = ScriptedFakeVLM(answer=always_yes)
+    metrics = asyncio.run(
+        Evaluation(tmp_path / "e", vlm=fake, settings=settings).run(closed)  # type: ignore[arg-type]
+    )
+    truth_yes = sum(1 for i in closed if canonical(i.answer) == "yes")
+    o = metrics["overall"]
+    assert o["answered"] == len(closed) and o["abstention_rate"] == 0.0
+    assert o["accuracy"] == pytest.approx(truth_yes / len(closed))
+    assert metrics["calibration"]["ece"] == pytest.approx(abs(0.8 - truth_yes / len(closed)))
+    assert metrics["config"]["vlm"] == "fake:scripted"
+    assert sum(1 for role, _ in fake.calls if role == "answer") == len(closed)

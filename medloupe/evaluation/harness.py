@@ -93,7 +93,8 @@ class Evaluation:
 
     Args:
         out: the output folder (created).
-        vlm: backend spec, or ``None`` for the evidence-only path.
+        vlm: backend spec or a loaded backend (shared by all items), or ``None`` for the
+            evidence-only path.
         kb: knowledge base path or ``"default"``, or ``None``.
         ablation: which stages run.
         workers: items in flight at once.
@@ -104,7 +105,7 @@ class Evaluation:
         self,
         out: str | Path,
         *,
-        vlm: str | None = None,
+        vlm: str | Any | None = None,
         kb: str | None = None,
         ablation: Ablation = Ablation(),
         workers: int = 1,
@@ -112,7 +113,8 @@ class Evaluation:
         options: dict[str, Any] | None = None,
     ) -> None:
         self.out = Path(out)
-        self.vlm_spec = vlm
+        self.vlm = vlm
+        self.vlm_spec = vlm if isinstance(vlm, str) or vlm is None else str(vlm.spec)
         self.kb = kb
         self.ablation = ablation
         self.workers = max(1, workers)
@@ -131,11 +133,14 @@ class Evaluation:
         self.out.mkdir(parents=True, exist_ok=True)
         done = {r["id"] for r in read_records(self.items_path)}
         todo = [i for i in items if i.id not in done]
-        vlm = retriever = None
-        if todo and self.vlm_spec:
+        vlm: Any = None
+        retriever: Any = None
+        if todo and isinstance(self.vlm, str):
             from medloupe.agents.protocol import load_backend
 
-            vlm = load_backend(self.vlm_spec)
+            vlm = load_backend(self.vlm)
+        elif todo:
+            vlm = self.vlm
         if todo and self.kb and self.ablation.retrieval:
             from medloupe.knowledge_base import open_knowledge_base
 
@@ -154,8 +159,8 @@ class Evaluation:
         finally:
             if retriever is not None:
                 retriever.close()
-            if vlm is not None and hasattr(vlm, "aclose"):
-                await vlm.aclose()
+            if isinstance(self.vlm, str) and hasattr(vlm, "aclose"):
+                await vlm.aclose()  # loaded here: closed here
         wanted = {i.id for i in items}
         records = [r for r in read_records(self.items_path) if r["id"] in wanted]
         metrics = compute_metrics(records)
@@ -248,6 +253,11 @@ class Evaluation:
             record["prediction"] = answer.short_answer
             record["confidence"] = answer.confidence
             record["abstention_reason"] = answer.abstention_reason
+            record["regions"] = [
+                r.model_dump(mode="json", include={"box_xyxy", "label", "tool", "mask_artifact"})
+                for r in answer.regions
+            ]
+            record["timings_ms"] = answer.timings_ms
         return record
 
 
@@ -289,15 +299,15 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> str:
     ]
     for name, m in results.items():
         o = m["overall"]
-        vals = [_fmt(o.get(k)) for k, _ in cols]
+        vals = [fmt_value(o.get(k)) for k, _ in cols]
         rt = m["runtime"]
         lines.append(
             f"| {name} | {o['items']} | "
             + " | ".join(vals)
-            + f" | {rt['tool_calls']} | {_fmt(rt['latency_p50_s'])} |"
+            + f" | {rt['tool_calls']} | {fmt_value(rt['latency_p50_s'])} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
