@@ -68,8 +68,8 @@ def main() -> None:
         note=(
             "Every item is a fresh run (its own thread, registry and trace). Abstentions count "
             "as wrong in `accuracy`; `answered` leaves them out. Without a VLM the graph answers "
-            "only what its instruments state outright (here: white-cell counts), so most items "
-            "are abstentions by design. Data: ../shared/datasets/dev.jsonl (see each source's "
+            "only what its instruments state outright (here: white-cell counts and boxes), so most "
+            "items are abstentions by design. Data: ../shared/datasets/dev.jsonl (see each source's "
             "licence)."
         ),
     )

@@ -439,3 +439,19 @@ def test_count_question_answered_from_the_counter_without_a_vlm(
     (claim,) = [c for c in answer.claims if "white blood cell" in c.text]
     assert claim.evidence_ids == [count["payload"]["evidence_id"]]
     assert answer.confidence < 0.95
+
+
+def test_locate_question_answered_with_the_counter_boxes(
+    shared_datasets: Path, settings: object, tmp_path: Path
+) -> None:
+    from medloupe import ask
+    from medloupe.evaluation.scoring import iou
+
+    items = [json.loads(line) for line in (shared_datasets / "dev.jsonl").open()]
+    item = next(i for i in items if i["source"] == "bccd" and i["task"] == "grounding")
+    answer = ask(
+        shared_datasets / item["image"], item["question"], out=tmp_path / "run", settings=settings
+    )
+    assert not answer.abstained and answer.regions[0].tool == "count_cells"
+    assert iou(answer.regions[0].box_xyxy, tuple(item["boxes_xyxy"][0])) >= 0.5
+    assert any("boxed" in c.text for c in answer.claims)

@@ -27,6 +27,10 @@ _BODY_Q = re.compile(
     r"\b(body part|which organ system|what part of the body|region of the body|anatomy)\b", re.I
 )
 _COUNT_WBC_Q = re.compile(r"\bhow many\b.*\b(white (blood )?cells?|leu[ck]ocytes?|wbcs?)\b", re.I)
+_LOCATE_WBC_Q = re.compile(
+    r"\b(locate|where|find|bounding box)\b.*\b(white (blood )?cells?|leu[ck]ocytes?|wbcs?)\b",
+    re.I,
+)
 # exact-match rate of count_cells(wbc) on the BCCD validation split (BENCHMARKS.md)
 WBC_COUNT_CONFIDENCE = 0.9
 _SIZE_Q = re.compile(
@@ -50,11 +54,11 @@ def heuristic_plan(question: str, registry: ToolRegistry, image: ImageRecord, dr
     add("image_info", {}, "technical facts of the image (modality, body part, size, spacing)")
     if image.channels == 1:
         add("find_regions", {"polarity": "dark"}, "candidate regions to look at more closely")
-    if image.channels == 3 and _COUNT_WBC_Q.search(question):
+    if image.channels == 3 and (_COUNT_WBC_Q.search(question) or _LOCATE_WBC_Q.search(question)):
         add(
             "count_cells",
             {"cell_type": "wbc"},
-            "count the white blood cells the question asks about",
+            "find the white blood cells the question asks about",
         )
     for roi in draft.regions[:3]:
         add(
@@ -148,6 +152,22 @@ def compose_answer(
             )
         )
         parts.append(str(n))
+        confidence = min(confidence, WBC_COUNT_CONFIDENCE)
+    if counts and _LOCATE_WBC_Q.search(question) and counts[0].regions:
+        cells = counts[0].regions  # largest first
+        boxes = "; ".join("[" + ", ".join(f"{v:.0f}" for v in r.box_xyxy) + "]" for r in cells)
+        claims.append(
+            Claim(
+                text=(
+                    f"A classical stain-threshold detector boxed {len(cells)} white blood "
+                    f"cell{'s' if len(cells) != 1 else ''} (XYXY pixels): {boxes}."
+                ),
+                evidence_ids=[counts[0].id],
+            )
+        )
+        parts.append(boxes)
+        # the located cells lead the answer's regions (the first is the answer's box)
+        regions = [*cells, *(r for r in regions if r.id not in {c.id for c in cells})]
         confidence = min(confidence, WBC_COUNT_CONFIDENCE)
     errors = [e for e in evidence if e.status == "error"]
     if parts:
