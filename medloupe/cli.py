@@ -504,6 +504,38 @@ def _num(v: object) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+train_app = typer.Typer(help="Train medloupe-mini's models on the public train splits.")
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("mini")
+def train_mini(
+    data: Annotated[Path, typer.Option(help="the shared datasets folder (../shared/datasets)")],
+    out: Annotated[Path, typer.Option(help="output folder for the checkpoint and its card")],
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    max_examples: Annotated[
+        int | None, typer.Option(min=50, help="train on a subset (quick runs)")
+    ] = None,
+) -> None:
+    """Train medloupe-mini's answerer on VQA-RAD train + SLAKE English train (dev images out)."""
+    from medloupe.mini.train import train_answerer
+
+    with _progress_bars() as progress:
+        try:
+            meta = train_answerer(
+                data, out, seed=seed, max_examples=max_examples, on_progress=progress
+            )
+        except FileNotFoundError as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+    held = meta["held_out"]
+    out_console.print(
+        f"answerer: {len(meta['vocab'])} answers, {meta['epochs']} epochs, held-out accuracy "
+        f"{_num(held['accuracy_in_vocab'])} (closed {_num(held['closed_accuracy'])}), "
+        f"temperature {meta['temperature']:.2f}, {meta['train_seconds']:.0f} s -> {out}"
+    )
+
+
 @app.command()
 def schema(
     which: Annotated[str, typer.Argument(help="answer | trace | evidence | image")] = "answer",

