@@ -122,7 +122,8 @@ def _print_answer(answer: GroundedAnswer, run: Run) -> None:
         body += f"\n  - {claim.text} [dim]({', '.join(claim.evidence_ids)})[/dim]"
     for i, region in enumerate(answer.regions, 1):
         box = ", ".join(f"{v:.0f}" for v in region.box_xyxy)
-        body += f"\n  region {i}: {region.label} [{box}] from {region.tool}"
+        source = region.tool or "the model's own look"
+        body += f"\n  region {i}: {region.label} [{box}] from {source}"
     for c in answer.citations:
         body += f"\n  cites {c.document}{' - ' + c.section if c.section else ''}"
     body += f"\n[dim]{answer.disclaimer}[/dim]"

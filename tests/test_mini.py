@@ -86,13 +86,46 @@ def test_quick_training_run_is_seeded_and_loads(shared_datasets: Path, tmp_path:
     assert missing.returncode == 2 and "trainset.json" in missing.stderr
 
 
-@pytest.mark.parametrize("question", ["Is the heart enlarged?", "Is this the apex or base?"])
-def test_closed_questions_answer_from_their_options(
-    question: str, shared_datasets: Path, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def small_mini(shared_datasets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from medloupe.mini.train import train_answerer
 
-    out = tmp_path / "m"
+    out = tmp_path_factory.mktemp("mini")
     train_answerer(shared_datasets, out, max_examples=150, max_epochs=5)
-    p = MiniAnswerer(out).predict(np.zeros((32, 32, 3), np.uint8), question)
+    return out
+
+
+@pytest.mark.parametrize("question", ["Is the heart enlarged?", "Is this the apex or base?"])
+def test_closed_questions_answer_from_their_options(question: str, small_mini: Path) -> None:
+    p = MiniAnswerer(small_mini).predict(np.zeros((32, 32, 3), np.uint8), question)
     assert p.options is not None and p.answer in p.options
+
+
+def test_mini_backend_takes_part_in_think_and_rethink(
+    small_mini: Path, shared_datasets: Path, tmp_path: Path, settings: object
+) -> None:
+    from medloupe import ask
+    from medloupe.agents.protocol import load_backend
+    from medloupe.errors import BackendSpecError
+
+    image = shared_datasets / "slake" / "imgs" / "xmlab102" / "source.jpg"
+    answer = ask(
+        image, "Does the picture contain liver?", out=tmp_path / "r", vlm=f"mini:{small_mini}",
+        settings=settings,
+    )  # fmt: skip
+    assert not answer.abstained and answer.short_answer in ("yes", "no")
+    assert answer.provenance.answer_source == "vlm"
+    (claim,) = answer.claims
+    assert any(i.startswith("obs-think-") for i in claim.evidence_ids)
+    assert any(i.startswith("obs-rethink-") for i in claim.evidence_ids)
+    assert answer.regions  # the regions the second look examined
+    trace = json.loads((tmp_path / "r" / "trace.json").read_text())
+    models = [e for e in trace["events"] if e["kind"] == "model_call"]
+    assert {e["node"] for e in models} == {"think", "rethink", "answer"}  # the rule-based plan
+    no_second = ask(
+        image, "Does the picture contain liver?", out=tmp_path / "s", vlm=f"mini:{small_mini}",
+        settings=settings, rethink=False,
+    )  # fmt: skip
+    assert all(i.startswith("obs-think-") for c in no_second.claims for i in c.evidence_ids)
+    with pytest.raises(BackendSpecError, match="medloupe train mini"):
+        load_backend(f"mini:{tmp_path / 'nothing'}")

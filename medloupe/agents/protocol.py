@@ -36,6 +36,14 @@ class ImagePart(BaseModel):
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: list[TextPart | ImagePart]
+    hints: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "structured facts the message's prompt states (agent role, question, current "
+            "answer and confidence, evidence ids). Backends that send text ignore them; small "
+            "task-specific models (medloupe-mini) read them instead of parsing prose."
+        ),
+    )
 
     @classmethod
     def text(cls, role: Literal["system", "user", "assistant"], text: str) -> ChatMessage:

@@ -39,10 +39,14 @@ async def _ask(
     images: list[str],
     schema: type[BaseModel],
     history: list[ChatMessage] | None = None,
+    hints: dict[str, Any] | None = None,
 ) -> tuple[Any, Generation, list[ChatMessage]]:
     content: list[TextPart | ImagePart] = [ImagePart(artifact=a) for a in images]
     content.append(TextPart(text=text))
-    messages = [*(history or []), ChatMessage(role="user", content=content)]
+    messages = [
+        *(history or []),
+        ChatMessage(role="user", content=content, hints=dict(hints or {})),
+    ]
     gen = await vlm.generate(messages, store=store, schema=schema)
     parsed = gen.parsed
     if not isinstance(parsed, schema):
@@ -70,7 +74,14 @@ async def think(
         modality_name=MODALITY_NAMES.get(image.modality, image.modality),
         body_part=f" of the {image.body_part.lower()}" if image.body_part else "",
     )
-    draft, gen, _ = await _ask(vlm, store, text, [image.display_artifact], Draft)
+    draft, gen, _ = await _ask(
+        vlm,
+        store,
+        text,
+        [image.display_artifact],
+        Draft,
+        hints={"role": "think", "question": question},
+    )
     return draft, gen
 
 
@@ -160,7 +171,10 @@ async def rethink(
         evidence=evidence_digest(evidence),
         passages=evidence_digest(passages),
     )
-    decision, gen, _ = await _ask(vlm, store, text, [overview_artifact, *crops], RethinkDecision)
+    hints = {"role": "rethink", "question": question, "answer": answer, "confidence": confidence}
+    decision, gen, _ = await _ask(
+        vlm, store, text, [overview_artifact, *crops], RethinkDecision, hints=hints
+    )
     return decision, gen
 
 
@@ -191,5 +205,13 @@ async def answer(
         confidence=confidence,
         evidence=evidence_digest(evidence),
     )
-    draft, gen, _ = await _ask(vlm, store, text, [], AnswerDraft)
+    hints = {
+        "role": "answer",
+        "question": question,
+        "answer": current,
+        "confidence": confidence,
+        "evidence_ids": [e.id for e in evidence],
+        "observation_ids": [e.id for e in evidence if e.kind == "observation"],
+    }
+    draft, gen, _ = await _ask(vlm, store, text, [], AnswerDraft, hints=hints)
     return draft, gen

@@ -197,12 +197,52 @@ async def think(state: State, ctx: RunContext) -> dict[str, Any]:
         except ModelReplyError as exc:
             notes.append(_record_bad_reply(ctx, "think", "first look", exc))
             draft = Draft(note="the first look gave no usable reply; going on with the tools")
-    return {
+    update: dict[str, Any] = {
         "draft": draft.model_dump(mode="json"),
         "current_answer": draft.answer,
         "current_confidence": draft.confidence,
         "notes": notes,
     }
+    if ctx.vlm is not None and draft.answer is not None:
+        image = _image(state)
+        obs = observation(
+            state,
+            "think",
+            0,
+            f"first look ({ctx.vlm.spec}): {draft.answer!r}, confidence {draft.confidence:.2f}"
+            + (f"; findings: {'; '.join(draft.findings)}" if draft.findings else ""),
+            [(r.box_xyxy, r.reason or "region to look at") for r in draft.regions],
+            [image.display_artifact] if image.display_artifact else [],
+        )
+        update["evidence"] = [obs.model_dump(mode="json")]
+    return update
+
+
+def observation(
+    state: State,
+    role: str,
+    step: int,
+    summary: str,
+    regions: list[tuple[tuple[float, float, float, float], str]],
+    artifacts: list[str],
+) -> Evidence:
+    """The model's own look (first look or a rethink round) as citable evidence, with a
+    stable id (image, question, role, round) so a resumed run gives the same id."""
+    import hashlib
+
+    key = f"{_image(state).content_hash}|{state['question']}|{role}|{step}"
+    ev_id = f"obs-{role}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return Evidence(
+        id=ev_id,
+        kind="observation",
+        step=step,
+        summary=summary[:500],
+        regions=[
+            Region(id=f"{ev_id}-r{i}", box_xyxy=box, label=label[:80], evidence_id=ev_id)
+            for i, (box, label) in enumerate(regions)
+        ],
+        artifacts=artifacts,
+    )
 
 
 async def plan(state: State, ctx: RunContext) -> dict[str, Any]:
@@ -212,7 +252,7 @@ async def plan(state: State, ctx: RunContext) -> dict[str, Any]:
     problems: list[str] = []
     notes: list[str] = []
     p: Plan | None = None
-    if ctx.vlm is not None:
+    if ctx.vlm is not None and getattr(ctx.vlm, "plans", True):
         try:
             p, gens, problems = await roles.plan(
                 ctx.vlm,
@@ -498,9 +538,22 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
     ctx.trace.record(
         "rethink_round", node="rethink", status="ok", step=step, **rnd.model_dump(mode="json")
     )
+    looked: list[Evidence] = []
+    if ctx.vlm is not None and decision.answer is not None and not notes:
+        looked.append(
+            observation(
+                state,
+                "rethink",
+                step,
+                f"second look ({ctx.vlm.spec}) at {len(crop_ids)} crop(s): {decision.answer!r}, "
+                f"confidence {decision.confidence:.2f}",
+                [(b, f"region {i + 1}, looked at closely") for i, b in enumerate(boxes)],
+                crop_ids,
+            )
+        )
     return {
         "rethinks": [rnd.model_dump(mode="json")],
-        "evidence": [e.model_dump(mode="json") for e in crops],
+        "evidence": [e.model_dump(mode="json") for e in [*crops, *looked]],
         "current_answer": decision.answer,
         "current_confidence": decision.confidence,
         "needs_more": decision.needs_more_evidence,
