@@ -2,9 +2,10 @@
 question embedding -> a small MLP over the training answers, temperature-calibrated.
 
 At inference a closed question is answered from the options it allows: yes/no for a
-yes/no question, or the options it names ("apex or base?"); an open question from the whole
-answer vocabulary. Checkpoint: ``answerer.pt`` (tensors only) + ``answerer.json`` (vocabulary,
-temperature, dimensions, data and held-out metrics).
+yes/no question (with a "yes" logit offset fitted on held-out training images), or the options
+it names ("apex or base?"); an open question from the whole answer vocabulary.
+Checkpoint: ``answerer.pt`` (tensors only) + ``answerer.json`` (vocabulary, temperature, yes
+offset, dimensions, data and held-out metrics).
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ class MiniAnswerer:
             allowed = np.array([v in options for v in vocab])
             if not allowed.any():  # named options the model never saw: say the first
                 return Prediction(options[0], 1.0 / len(options), options)
+        if options == ["yes", "no"] and "yes" in vocab:
+            logits = logits.copy()
+            logits[vocab.index("yes")] += float(meta.get("yes_bias", 0.0))
         masked = np.where(allowed, logits, -np.inf)
         probs = np.exp(masked - masked.max())
         probs /= probs.sum()
