@@ -75,6 +75,8 @@ def test_quick_training_run_is_seeded_and_loads(shared_datasets: Path, tmp_path:
     for key in ("vocab", "temperature", "epochs", "held_out"):
         assert meta_a[key] == meta_b[key]  # same seed, same model
     assert (tmp_path / "a" / "answerer.pt").stat().st_size < 25 * 1024 * 1024
+    card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
+    assert "CC0 1.0" in card and "CC BY 4.0" in card and "test split" in card
     answerer = MiniAnswerer(tmp_path / "a")
     rgb = np.full((64, 64, 3), 90, np.uint8)
     p = answerer.predict(rgb, "Is there a mass in the left lung?")

