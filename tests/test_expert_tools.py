@@ -285,14 +285,12 @@ def tiny_grounding_dino(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_detect_with_a_real_grounding_dino_architecture(
-    tiny_grounding_dino: Path, tmp_path: Path
+    tiny_grounding_dino: Path, chest_dcm: Path, tmp_path: Path
 ) -> None:
     from medloupe.tools.detect import DetectTool
 
     tool = DetectTool(str(tiny_grounding_dino), device="cpu")
-    img = np.random.default_rng(1).integers(0, 255, (120, 200, 3), dtype=np.uint8)
-    Image.fromarray(img).save(tmp_path / "wide.png")
-    ctx = make_ctx(tmp_path / "wide.png", tmp_path)
+    ctx = make_ctx(chest_dcm, tmp_path)  # a real 1841x1955 chest radiograph
     ev = call(
         ToolRegistry([tool]),
         "detect",
@@ -305,7 +303,7 @@ def test_detect_with_a_real_grounding_dino_architecture(
     for d in dets:
         assert d["label"] in ("nodule", "pleural effusion") and "nodule" in d["text"]
         x0, y0, x1, y1 = d["box_xyxy"]
-        assert 0 <= x0 < x1 <= 200 and 0 <= y0 < y1 <= 120
+        assert 0 <= x0 < x1 <= 1841 and 0 <= y0 < y1 <= 1955
     scores = [d["score"] for d in dets]
     assert scores == sorted(scores, reverse=True)
 
