@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from medloupe.config import Settings
 from medloupe.io import load_image
-from medloupe.runner import ReviewCallback, Run, create_run, execute
+from medloupe.runner import ReviewCallback, Run, create_run, execute, run_context
 from medloupe.schemas import GroundedAnswer
+from medloupe.tools.registry import ToolRegistry
+from medloupe.trace import TraceRecorder
+
+T = TypeVar("T")
 
 
 def prepare_run(
@@ -61,12 +67,17 @@ async def ask_async(
     kb: str | None = None,
     settings: Settings | None = None,
     review: ReviewCallback | None = None,
+    registry: ToolRegistry | None = None,
     **options: Any,
 ) -> GroundedAnswer:
     """Async :func:`ask`."""
     settings = settings or Settings.from_env()
     run = prepare_run(image, question, settings=settings, out=out, vlm=vlm, kb=kb, options=options)
-    return await execute(run, settings=settings, review=review)
+    if registry is None:
+        return await execute(run, settings=settings, review=review)
+    with TraceRecorder(run.trace_path) as trace:
+        context = run_context(run, trace, settings, registry)
+        return await execute(run, settings=settings, review=review, context=context)
 
 
 def ask(
@@ -77,14 +88,36 @@ def ask(
     vlm: str | None = None,
     kb: str | None = None,
     settings: Settings | None = None,
+    registry: ToolRegistry | None = None,
     **options: Any,
 ) -> GroundedAnswer:
     """Answer ``question`` about ``image``; writes a run directory (``out`` or under
     ``$MEDLOUPE_HOME/runs``) with ``answer.json``, ``trace.json`` and ``overlay.png``.
 
-    Options: ``max_steps``, ``time_budget_s``, ``confidence_threshold``, ``frame``,
-    ``slice_index``, ``axis``, ``modality``.
+    ``registry``: the tools the run may use (default: built-ins, expert tools and the
+    ``medloupe.tools`` entry points). Options: ``max_steps``, ``time_budget_s``,
+    ``confidence_threshold``, ``rethink``, ``frame``, ``slice_index``, ``axis``, ``modality``.
     """
-    return asyncio.run(
-        ask_async(image, question, out=out, vlm=vlm, kb=kb, settings=settings, **options)
+    return run_sync(
+        ask_async(
+            image,
+            question,
+            out=out,
+            vlm=vlm,
+            kb=kb,
+            settings=settings,
+            registry=registry,
+            **options,
+        )
     )
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion from synchronous code, also where an event loop is already
+    running in this thread (Jupyter, IPython): then on a fresh loop in a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="medloupe-ask") as pool:
+        return pool.submit(asyncio.run, coro).result()

@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 tools_app = typer.Typer(help="List and describe the registered tools.", no_args_is_help=True)
 runs_app = typer.Typer(help="Runs recorded under MEDLOUPE_HOME.", no_args_is_help=True)
-trace_app = typer.Typer(help="Show a run's trace.", no_args_is_help=True)
+trace_app = typer.Typer(help="Show or export a run's trace.", no_args_is_help=True)
 kb_app = typer.Typer(
     help="Knowledge bases: build from textbooks, search, inspect.", no_args_is_help=True
 )
@@ -321,6 +321,41 @@ def resume(
     except MedloupeError as exc:
         raise _fail(exc) from None
     _run_and_report(run, settings, as_json=as_json, resume=True)
+
+
+@app.command("serve")
+def serve_api(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port")] = 8080,
+    workers: Annotated[int, typer.Option(min=1, help="runs executing at once")] = 2,
+    queue: Annotated[int, typer.Option(min=0, help="accepted runs waiting for a worker")] = 16,
+    vlm: Annotated[
+        str | None, typer.Option(help="VLM spec for every run (default: MEDLOUPE_VLM)")
+    ] = None,
+    kb: Annotated[str | None, typer.Option(help="knowledge base: 'default' or a folder")] = None,
+) -> None:
+    """Serve the HTTP API: runs with streamed steps, traces, artifacts, review pages.
+
+    Runs are kept under MEDLOUPE_HOME and survive a restart (unfinished runs are resumed).
+    A non-loopback --host requires MEDLOUPE_API_TOKEN. OpenAPI docs at /docs.
+    """
+    import os
+
+    from medloupe.errors import MedloupeError
+    from medloupe.service import serve
+
+    try:
+        serve(
+            host,
+            port,
+            workers=workers,
+            queue_size=queue,
+            vlm=vlm or os.environ.get("MEDLOUPE_VLM") or None,
+            kb=kb,
+            settings=_settings(),
+        )
+    except MedloupeError as exc:
+        raise _fail(exc) from None
 
 
 @app.command("serve-vlm")
@@ -627,6 +662,43 @@ def trace_show(run_id: Annotated[str, typer.Argument(help="run id or run directo
             str(detail)[:80],
         )
     out_console.print(table)
+
+
+@trace_app.command("export")
+def trace_export(
+    run_id: Annotated[str, typer.Argument(help="run id or run directory")],
+    html: Annotated[
+        bool, typer.Option("--html", help="the self-contained review page instead of JSON")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="file to write (default: <run>/review.html, or stdout for JSON)"),
+    ] = None,
+) -> None:
+    """Export a run's trace: ``trace.json`` content, or with --html the review page (image
+    with overlays, timeline, claims linked to evidence, reviews) as one offline HTML file."""
+    from medloupe.errors import MedloupeError
+    from medloupe.review.page import export_review_html
+    from medloupe.runner import find_run
+    from medloupe.trace import read_trace
+
+    settings = _settings()
+    try:
+        run = find_run(run_id, settings)
+        if html:
+            path = export_review_html(run.dir, out)
+            out_console.print(f"review page: {path}", highlight=False)
+            return
+        text = read_trace(run.dir, run.run_id).model_dump_json(indent=2)
+    except (MedloupeError, OSError) as exc:
+        raise _fail(exc) from None
+    if out is None:
+        sys.stdout.write(text + "\n")
+    else:
+        from medloupe.artifacts import atomic_write_bytes
+
+        atomic_write_bytes(out, (text + "\n").encode())
+        out_console.print(f"trace: {out}", highlight=False)
 
 
 # --- knowledge bases -----------------------------------------------------------------------

@@ -167,7 +167,11 @@ def find_run(ref: str, settings: Settings) -> Run:
     return Run(run_id=meta["run_id"], dir=run_dir, meta=meta)
 
 
-def _cli_context(run: Run, trace: TraceRecorder, settings: Settings) -> Any:
+def run_context(
+    run: Run, trace: TraceRecorder, settings: Settings, registry: Any = None
+) -> Any:
+    """The :class:`~medloupe.graphs.state.RunContext` of ``run`` built from its
+    ``run.json`` (backend, knowledge base) with ``registry`` (default: the default one)."""
     from medloupe.graphs.state import RunContext
     from medloupe.tools import default_registry
 
@@ -186,7 +190,9 @@ def _cli_context(run: Run, trace: TraceRecorder, settings: Settings) -> Any:
     return RunContext(
         store=run.store,
         trace=trace,
-        registry=registry_with_retriever(default_registry(), retriever),
+        registry=registry_with_retriever(
+            registry if registry is not None else default_registry(), retriever
+        ),
         vlm=vlm,
         retriever=retriever,
         settings=settings,
@@ -226,7 +232,7 @@ async def execute(
     unsubscribe = trace.subscribe(on_event) if on_event else None
     try:
         if context is None:
-            context = _cli_context(run, trace, settings)
+            context = run_context(run, trace, settings)
         trace.set_meta(
             run_id=run.run_id,
             question=run.meta["question"],
@@ -284,7 +290,12 @@ async def execute(
         index.update(run.run_id, "done", answer=answer.short_answer or "(abstained)")
         write_json(
             run.dir / "trace.json",
-            read_trace(run.dir, run.run_id, values["answer"]).model_dump(mode="json"),
+            read_trace(
+                run.dir,
+                run.run_id,
+                values["answer"],
+                [*values.get("evidence", []), *values.get("passages", [])],
+            ).model_dump(mode="json"),
         )
         return answer
     except BaseException as exc:

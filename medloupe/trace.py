@@ -78,6 +78,14 @@ class TraceDocument(BaseModel):
     )
     events: list[TraceEvent]
     answer: dict[str, Any] | None = Field(default=None, description="the GroundedAnswer, if any")
+    evidence: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="every Evidence item of the run (tool results, observations, passages); "
+        "claims cite these ids",
+    )
+    reviews: list[dict[str, Any]] = Field(
+        default_factory=list, description="reviewers' verdicts on the answer (agree/disagree)"
+    )
 
 
 Listener = Callable[[TraceEvent], None]
@@ -186,11 +194,36 @@ class TraceRecorder:
 
 
 def read_trace(
-    run_dir: str | Path, run_id: str, answer: dict[str, Any] | None = None
+    run_dir: str | Path,
+    run_id: str,
+    answer: dict[str, Any] | None = None,
+    evidence: list[dict[str, Any]] | None = None,
 ) -> TraceDocument:
-    """Build the :class:`TraceDocument` of a run from its ``trace.sqlite``."""
-    rec = TraceRecorder(Path(run_dir) / "trace.sqlite")
+    """Build the :class:`TraceDocument` of a run from its ``trace.sqlite`` and, when not
+    given, its ``answer.json`` and the evidence of its last ``trace.json``; reviews come
+    from ``reviews.json``."""
+    from medloupe.review.store import load_reviews
+
+    run_dir = Path(run_dir)
+    if answer is None and (run_dir / "answer.json").is_file():
+        answer = json.loads((run_dir / "answer.json").read_text())
+    if evidence is None:
+        evidence = []
+        old = run_dir / "trace.json"
+        if old.is_file():
+            try:
+                evidence = list(json.loads(old.read_text()).get("evidence") or [])
+            except ValueError:  # a trace.json cut short by a crash: rebuilt from the events
+                evidence = []
+    rec = TraceRecorder(run_dir / "trace.sqlite")
     try:
-        return TraceDocument(run_id=run_id, meta=rec.meta(), events=rec.events(), answer=answer)
+        return TraceDocument(
+            run_id=run_id,
+            meta=rec.meta(),
+            events=rec.events(),
+            answer=answer,
+            evidence=evidence,
+            reviews=[r.model_dump(mode="json") for r in load_reviews(run_dir)],
+        )
     finally:
         rec.close()

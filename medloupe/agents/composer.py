@@ -20,7 +20,9 @@ NO_VLM_NOTE = "no vision-language model configured: the first look is skipped"
 _MODALITY_Q = re.compile(
     r"\b(modality|imaging (technique|method|type)|what (kind|type) of (image|scan|imaging)|"
     r"how was (this|the) image (taken|acquired)|"
-    r"(is|was) (this|the image) (an? )?(x-?ray|ct|mri|ultrasound|radiograph))\b",
+    r"(is|was) (this|the image) (an? )?(x-?ray|ct|mri|ultrasound|radiograph)"
+    # ... but not "is this radiograph under-exposed?": the modality must end the question
+    r"(?=\s*(\?|$|\.|or\b|(image|scan|study|film)\b)))",
     re.I,
 )
 _BODY_Q = re.compile(
@@ -40,7 +42,8 @@ _SIZE_Q = re.compile(
 
 def heuristic_plan(question: str, registry: ToolRegistry, image: ImageRecord, draft: Draft) -> Plan:
     """A fixed, honest plan when no VLM plans: image facts, then intensity-based regions
-    (grayscale images), then a measurement of each region the draft asked to re-examine."""
+    (grayscale images), then a measurement of each region the draft asked to re-examine,
+    then each tool whose :meth:`~medloupe.tools.base.Tool.suggest` asks for a call."""
     calls: list[PlannedCall] = []
 
     def add(tool: str, arguments: dict[str, object], reason: str) -> None:
@@ -66,6 +69,13 @@ def heuristic_plan(question: str, registry: ToolRegistry, image: ImageRecord, dr
             {"box_xyxy": list(roi.box_xyxy)},
             f"size of a region of interest: {roi.reason}",
         )
+    planned = {c.tool for c in calls}
+    for t in registry:
+        if t.name in planned or len(calls) >= 8:
+            continue
+        arguments = t.suggest(question, image)
+        if arguments is not None:
+            add(t.name, arguments, f"the {t.name} tool applies to this question")
     return Plan(calls=calls, rationale="rule-based plan (no VLM configured)")
 
 

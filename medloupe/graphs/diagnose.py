@@ -71,7 +71,11 @@ def _evidence(state: State, key: str = "evidence") -> list[Evidence]:
     return [Evidence.model_validate(e) for e in state.get(key, [])]  # type: ignore[attr-defined]
 
 
-def _record_model_call(ctx: RunContext, node: str, purpose: str, gen: Generation) -> None:
+def _record_model_call(
+    ctx: RunContext, node: str, purpose: str, gen: Generation, result: Any = None
+) -> None:
+    """Trace one model call; ``result`` is the validated reply (a pydantic model), so a
+    reviewer sees what the model said at each step."""
     ctx.trace.record(
         "model_call",
         node=node,
@@ -83,6 +87,7 @@ def _record_model_call(ctx: RunContext, node: str, purpose: str, gen: Generation
         prompt_tokens=gen.usage.prompt_tokens,
         completion_tokens=gen.usage.completion_tokens,
         attempts=gen.attempts,
+        result=result.model_dump(mode="json") if result is not None else None,
     )
 
 
@@ -193,7 +198,7 @@ async def think(state: State, ctx: RunContext) -> dict[str, Any]:
     else:
         try:
             draft, gen = await roles.think(ctx.vlm, ctx.store, _image(state), state["question"])
-            _record_model_call(ctx, "think", "first look", gen)
+            _record_model_call(ctx, "think", "first look", gen, draft)
         except ModelReplyError as exc:
             notes.append(_record_bad_reply(ctx, "think", "first look", exc))
             draft = Draft(note="the first look gave no usable reply; going on with the tools")
@@ -509,7 +514,7 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
                 _evidence(state),
                 _evidence(state, "passages"),
             )
-            _record_model_call(ctx, "rethink", "second look", gen)
+            _record_model_call(ctx, "rethink", "second look", gen, decision)
         except ModelReplyError as exc:
             notes.append(_record_bad_reply(ctx, "rethink", "second look", exc))
             decision = RethinkDecision(
@@ -579,7 +584,7 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
                 state.get("current_confidence", 0.0),
                 evidence,
             )
-            _record_model_call(ctx, "answer", "final answer", gen)
+            _record_model_call(ctx, "answer", "final answer", gen, draft)
         except ModelReplyError as exc:
             notes.append(_record_bad_reply(ctx, "answer", "final answer", exc))
     if draft is not None:

@@ -148,6 +148,12 @@ class Tool(ABC):
             return True
         return modality.upper() in {m.upper() for m in self.modalities}
 
+    def suggest(self, question: str, image: ImageRecord) -> dict[str, Any] | None:
+        """Arguments for a call the rule-based planner (used when no VLM plans) should make
+        for ``question`` about ``image``, or ``None`` (the default: only a model plans it).
+        Must be cheap and must not look at pixels."""
+        return None
+
     @abstractmethod
     def run(self, args: BaseModel, ctx: ToolContext) -> BaseModel | Awaitable[BaseModel]:
         """Run on validated ``args``. May be a coroutine function (then it must not block)."""
@@ -182,8 +188,10 @@ class FunctionTool(Tool):
         requires: Requirements | None = None,
         timeout_s: float | None = None,
         available: Callable[[], Availability] | None = None,
+        suggest: Callable[[str, ImageRecord], dict[str, Any] | None] | None = None,
     ) -> None:
         self.fn = fn
+        self._suggest = suggest
         self.name = name or fn.__name__
         if not _NAME_RE.match(self.name):
             raise ValueError(
@@ -217,6 +225,9 @@ class FunctionTool(Tool):
     def available(self) -> Availability:
         return self._available() if self._available is not None else Availability(True, "ready")
 
+    def suggest(self, question: str, image: ImageRecord) -> dict[str, Any] | None:
+        return self._suggest(question, image) if self._suggest is not None else None
+
     @property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.fn)
@@ -237,8 +248,12 @@ def tool(
     requires: Requirements | None = None,
     timeout_s: float | None = None,
     available: Callable[[], Availability] | None = None,
+    suggest: Callable[[str, ImageRecord], dict[str, Any] | None] | None = None,
 ) -> Any:
     """Make a :class:`Tool` from a typed function; usable bare (``@tool``) or with options.
+
+    ``suggest(question, image_record)`` returns arguments when the rule-based planner (no VLM)
+    should call the tool for a question, else ``None``; a VLM planner sees every tool's schema.
 
     The input and output models are read from the annotations; the description defaults to
     the docstring's first paragraph. The decorated name becomes the tool object (register it
@@ -255,6 +270,7 @@ def tool(
             requires=requires,
             timeout_s=timeout_s,
             available=available,
+            suggest=suggest,
         )
 
     return wrap(fn) if fn is not None else wrap
