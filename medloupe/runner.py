@@ -47,22 +47,38 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
-class RunIndex:
-    """``runs.sqlite`` under ``MEDLOUPE_HOME``: run id -> directory, question, status."""
+def connect_wal(path: Path, *, rows_as_dicts: bool = False) -> sqlite3.Connection:
+    """A SQLite connection in WAL mode (readers never block the writer), 30 s busy timeout."""
+    conn = sqlite3.connect(path, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    if rows_as_dicts:
+        conn.row_factory = sqlite3.Row
+    return conn
+
+
+class SqliteTable:
+    """A SQLite file holding one table, created on first use (``SCHEMA``)."""
+
+    SCHEMA = ""
+    ROWS_AS_DICTS = False
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._conn() as c:
-            c.execute(
-                "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, dir TEXT NOT NULL, "
-                "question TEXT, created REAL, updated REAL, status TEXT, answer TEXT, error TEXT)"
-            )
+            c.execute(self.SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        return conn
+        return connect_wal(self.path, rows_as_dicts=self.ROWS_AS_DICTS)
+
+
+class RunIndex(SqliteTable):
+    """``runs.sqlite`` under ``MEDLOUPE_HOME``: run id -> directory, question, status."""
+
+    SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, dir TEXT NOT NULL, "
+        "question TEXT, created REAL, updated REAL, status TEXT, answer TEXT, error TEXT)"
+    )
 
     def add(self, run_id: str, run_dir: Path, question: str) -> None:
         now = time.time()

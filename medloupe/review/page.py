@@ -92,6 +92,21 @@ def _img(uri: str | None, alt: str, cls: str = "thumb") -> str:
     return f'<img class="{cls}" src="{uri}" alt="{_esc(alt)}">'
 
 
+def _citation_item(c: dict[str, Any], art: _Artifacts, *, with_score: bool = False) -> str:
+    """One cited or retrieved passage as a list item tied to its passage evidence id."""
+    ev_id = "ev-passage-" + str(c.get("id", "")).removeprefix("cit-")
+    score = f" (score {float(c.get('score') or 0):.2f})" if with_score else ""
+    figure = (
+        _img(art.uri(c.get("figure_artifact")), "figure") if c.get("figure_artifact") else ""
+    )
+    return (
+        f'<li class="citation" data-evidence="{_esc(ev_id)}">'
+        f"<b>{_esc(c.get('document'))}</b> {_esc(c.get('section') or '')} "
+        f"p. {_esc(c.get('page') or '?')}{score}"
+        f"<blockquote>{_esc(c.get('snippet'))}</blockquote>{figure}</li>"
+    )
+
+
 def _evidence_map(doc: TraceDocument) -> dict[str, dict[str, Any]]:
     """Evidence id -> evidence dict, from the stored evidence and, for a run cut short, the
     tool-call and retrieval events."""
@@ -251,17 +266,7 @@ def _event_row(e: TraceEvent, art: _Artifacts, evidence: dict[str, dict[str, Any
                 f"<p>{_esc(p.get('reason'))}</p></li>"
             )
         items = "".join(
-            f'<li data-evidence="ev-passage-{_esc(str(c.get("id", "")).removeprefix("cit-"))}">'
-            f"<b>{_esc(c.get('document'))}</b> {_esc(c.get('section') or '')} "
-            f"p. {_esc(c.get('page') or '?')} (score {float(c.get('score') or 0):.2f})"
-            f"<blockquote>{_esc(c.get('snippet'))}</blockquote>"
-            + (
-                _img(art.uri(c.get("figure_artifact")), "figure")
-                if c.get("figure_artifact")
-                else ""
-            )
-            + "</li>"
-            for c in p.get("passages", [])
+            _citation_item(c, art, with_score=True) for c in p.get("passages", [])
         )
         return (
             f'<li class="ev ev-retrieval"><h4>Retrieval ({_esc(e.name)}) {head}</h4>'
@@ -378,19 +383,7 @@ def render_review_page(
             + "</span></li>"
             for i, c in enumerate(answer.get("claims", []))
         )
-        cits = "".join(
-            f'<li class="citation" data-evidence="ev-passage-'
-            f'{_esc(str(c.get("id", "")).removeprefix("cit-"))}">'
-            f"<b>{_esc(c.get('document'))}</b> {_esc(c.get('section') or '')} "
-            f"p. {_esc(c.get('page') or '?')}<blockquote>{_esc(c.get('snippet'))}</blockquote>"
-            + (
-                _img(art.uri(c.get("figure_artifact")), "figure")
-                if c.get("figure_artifact")
-                else ""
-            )
-            + "</li>"
-            for c in answer.get("citations", [])
-        )
+        cits = "".join(_citation_item(c, art) for c in answer.get("citations", []))
         prov = answer.get("provenance") or {}
         answer_html = (
             head

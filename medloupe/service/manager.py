@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -28,7 +27,7 @@ from typing import Any
 
 from medloupe.config import Settings
 from medloupe.errors import InputError, MedloupeError
-from medloupe.runner import Run, find_run
+from medloupe.runner import Run, SqliteTable, find_run
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +39,15 @@ class QueueFullError(MedloupeError):
     """Every worker is busy and the queue is full (HTTP 429)."""
 
 
-class ServiceDB:
+class ServiceDB(SqliteTable):
     """``service.sqlite``: the runs this service accepted and where each stands."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._conn() as c:
-            c.execute(
-                "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, dir TEXT NOT NULL, "
-                "status TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, "
-                "started REAL, finished REAL, resumes INTEGER NOT NULL DEFAULT 0, error TEXT)"
-            )
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.row_factory = sqlite3.Row
-        return conn
+    SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, dir TEXT NOT NULL, "
+        "status TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, "
+        "started REAL, finished REAL, resumes INTEGER NOT NULL DEFAULT 0, error TEXT)"
+    )
+    ROWS_AS_DICTS = True
 
     def add(self, run_id: str, run_dir: Path) -> None:
         now = time.time()
