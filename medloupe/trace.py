@@ -29,6 +29,7 @@ EventKind = Literal[
     "node_start",
     "node_end",
     "node_error",
+    "tool_start",
     "tool_call",
     "model_call",
     "retrieval",

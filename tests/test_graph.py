@@ -73,6 +73,7 @@ def test_no_vlm_full_graph_on_a_real_radiograph(
         "run_start",
         "node_start",
         "node_end",
+        "tool_start",
         "tool_call",
         "plan",
         "rethink_round",

@@ -93,6 +93,10 @@ def test_run_streams_every_step_then_serves_answer_trace_artifacts_and_reviews(
     assert {"intake", "think", "plan", "act", "retrieve", "rethink", "answer"} <= nodes_started
     tools = [d["name"] for n, d in events if n == "tool_call"]
     assert "count_cells" in tools and "crop" in tools
+    started = [d["name"] for n, d in events if n == "tool_start"]
+    assert sorted(started) == sorted(tools)  # each tool call streams its start and its end
+    first_start = names.index("tool_start")
+    assert first_start < names.index("tool_call")
     assert any(n == "rethink_round" for n, _ in events)
     answer = dict(events)["answer"]
     assert answer["short_answer"] and answer["claims"]

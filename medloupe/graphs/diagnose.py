@@ -338,7 +338,9 @@ async def act(state: State, ctx: RunContext) -> dict[str, Any]:
 async def _call_tool(
     ctx: RunContext, node: str, name: str, arguments: dict[str, Any], tctx: ToolContext, step: int
 ) -> Evidence:
-    """Run one tool call and record it in the trace as soon as it finishes."""
+    """Run one tool call; trace its start (``tool_start``, the arguments as planned) and its
+    result (``tool_call``) as each happens."""
+    ctx.trace.record("tool_start", node=node, name=name, status="started", arguments=arguments)
     ev = await ctx.registry.call(
         name, arguments, tctx, default_timeout_s=ctx.settings.tool_timeout_s, step=step
     )
