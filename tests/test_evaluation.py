@@ -159,12 +159,20 @@ def test_importers_for_vqa_rad_slake_and_jsonl(tmp_path: Path) -> None:
                     "question_type": "PRES",
                     "question": "Is there a mass?",
                 },
+                {  # VQA-RAD's trainset has two of these, with a trailing space
+                    "qid": 8,
+                    "image_name": "synpic1.jpg",
+                    "answer": "No",
+                    "answer_type": "CLOSED ",
+                    "question": "Is there a cavity?",
+                },
             ]
         )
     )
-    (item,) = load_dataset(rad)
+    item, spaced = load_dataset(rad)
     assert item.id == "vqa_rad-7" and item.answer_type == "closed" and Path(item.image) == img
     assert item.question_type == "PRES"
+    assert spaced.answer_type == "closed"
 
     root = tmp_path / "slake"
     (root / "imgs" / "xmlab5").mkdir(parents=True)

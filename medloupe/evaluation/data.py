@@ -48,6 +48,12 @@ class EvalItem(BaseModel):
     points_xy: dict[str, tuple[float, float]] | list[tuple[float, float]] | None = None
 
 
+def is_closed(answer_type: object) -> bool:
+    """Whether a dataset's ``answer_type`` marks a closed question (case and surrounding
+    space ignored: VQA-RAD has ``'CLOSED '``)."""
+    return str(answer_type or "").strip().lower() == "closed"
+
+
 def load_jsonl(path: str | Path) -> list[EvalItem]:
     """Items of a generic JSONL file; image paths are resolved against its folder.
 
@@ -76,7 +82,6 @@ def load_vqa_rad(path: str | Path, images: str | Path | None = None) -> list[Eva
     rows = json.loads(p.read_text(encoding="utf-8"))
     items = []
     for row in rows:
-        kind = str(row.get("answer_type", "")).lower()
         items.append(
             EvalItem(
                 id=f"vqa_rad-{row['qid']}",
@@ -84,7 +89,7 @@ def load_vqa_rad(path: str | Path, images: str | Path | None = None) -> list[Eva
                 image=str((image_dir / row["image_name"]).resolve()),
                 question=row["question"],
                 answer=str(row["answer"]),
-                answer_type="closed" if kind == "closed" else "open",
+                answer_type="closed" if is_closed(row.get("answer_type")) else "open",
                 source="vqa_rad",
                 modality=str(row.get("image_organ") or "unknown"),
                 question_type=row.get("question_type"),
@@ -110,7 +115,6 @@ def load_slake(path: str | Path, images: str | Path | None = None) -> list[EvalI
     seen_images: dict[str, dict[str, Any]] = {}
     for row in rows:
         image = (image_dir / row["img_name"]).resolve()
-        kind = str(row.get("answer_type", "")).lower()
         qid = row.get("qid", f"{row['img_name']}-{len(items)}")
         items.append(
             EvalItem(
@@ -119,7 +123,7 @@ def load_slake(path: str | Path, images: str | Path | None = None) -> list[EvalI
                 image=str(image),
                 question=row["question"],
                 answer=str(row["answer"]),
-                answer_type="closed" if kind == "closed" else "open",
+                answer_type="closed" if is_closed(row.get("answer_type")) else "open",
                 source="slake",
                 modality=str(row.get("modality") or "unknown"),
                 question_type=row.get("content_type"),

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from medloupe.evaluation.data import is_closed
 from medloupe.evaluation.scoring import canonical
 
 
@@ -62,7 +63,7 @@ def training_examples(datasets: str | Path) -> list[Example]:
         image = str((root / "vqa_rad" / "images" / row["image_name"]).resolve())
         if image in excluded:
             continue
-        closed = str(row.get("answer_type", "")).strip().upper() == "CLOSED"
+        closed = is_closed(row.get("answer_type"))
         out.append(
             Example(image, row["question"], answer_key(str(row["answer"])), closed, "vqa_rad")
         )
@@ -72,7 +73,7 @@ def training_examples(datasets: str | Path) -> list[Example]:
         image = str((root / "slake" / "imgs" / row["img_name"]).resolve())
         if image in excluded:
             continue
-        closed = str(row.get("answer_type", "")).strip().upper() == "CLOSED"
+        closed = is_closed(row.get("answer_type"))
         out.append(Example(image, row["question"], answer_key(str(row["answer"])), closed, "slake"))
     return out
 
