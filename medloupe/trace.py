@@ -56,6 +56,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+_SELECT_EVENTS = "SELECT seq, ts, kind, node, name, status, duration_ms, payload FROM events"
+
+
 class TraceEvent(BaseModel):
     """One row of the trace."""
 
@@ -90,6 +93,42 @@ class TraceDocument(BaseModel):
 
 
 Listener = Callable[[TraceEvent], None]
+
+
+def _to_event(row: tuple[Any, ...]) -> TraceEvent:
+    seq, ts, kind, node, name, status, duration_ms, payload = row
+    return TraceEvent(
+        seq=seq,
+        ts=ts,
+        kind=kind,
+        node=node,
+        name=name,
+        status=status,
+        duration_ms=duration_ms,
+        payload=json.loads(payload),
+    )
+
+
+def events_after(path: str | Path, after: int = 0, limit: int = 500) -> list[TraceEvent]:
+    """Up to ``limit`` events of the trace file ``path`` with ``seq > after``, read-only
+    (for followers of a run another thread or process is writing); empty while the file or
+    its table does not exist yet."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    except sqlite3.OperationalError:
+        return []
+    try:
+        rows = conn.execute(
+            _SELECT_EVENTS + " WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+        ).fetchall()
+    except sqlite3.OperationalError:  # the table is not created yet
+        return []
+    finally:
+        conn.close()
+    return [_to_event(r) for r in rows]
 
 
 class TraceRecorder:
@@ -164,23 +203,8 @@ class TraceRecorder:
 
     def events(self, kinds: set[str] | None = None) -> list[TraceEvent]:
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT seq, ts, kind, node, name, status, duration_ms, payload FROM events "
-                "ORDER BY seq"
-            ).fetchall()
-        out = [
-            TraceEvent(
-                seq=r[0],
-                ts=r[1],
-                kind=r[2],
-                node=r[3],
-                name=r[4],
-                status=r[5],
-                duration_ms=r[6],
-                payload=json.loads(r[7]),
-            )
-            for r in rows
-        ]
+            rows = self._conn.execute(_SELECT_EVENTS + " ORDER BY seq").fetchall()
+        out = [_to_event(r) for r in rows]
         return [e for e in out if kinds is None or e.kind in kinds]
 
     def close(self) -> None:

@@ -67,16 +67,13 @@ def serve(
     token = os.environ.get(TOKEN_ENV) or None
     check_binding(host, token)
     settings = settings or Settings.from_env()
-    if vlm:
-        from medloupe.agents.protocol import load_backend
-
-        load_backend(vlm)  # a bad spec fails here, not in every run
     if kb and kb != "default":
         kb = str(Path(kb).resolve())
-    if kb:
-        from medloupe.knowledge_base import open_knowledge_base
+    if vlm or kb:
+        from medloupe.graphs.defaults import shared_resources
 
-        open_knowledge_base(kb).close()
+        # a bad spec or KB fails here, not in every run; the runs reuse what this loads
+        shared_resources(vlm, kb)
     manager = RunManager(settings, workers=workers, queue_size=queue_size, vlm=vlm, kb=kb)
     app = create_app(manager, token=token, max_upload_bytes=max_upload_bytes())
     log.info("medloupe serve on http://%s:%d (runs in %s)", host, port, settings.runs_dir)

@@ -38,7 +38,6 @@ import json
 import logging
 import re
 import shutil
-import sqlite3
 import tempfile
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -50,7 +49,6 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from pydantic import BaseModel, Field, ValidationError
 
 from medloupe.errors import (
-    EmptyImageError,
     ImageIntakeError,
     ImageTooLargeError,
     InputError,
@@ -59,6 +57,7 @@ from medloupe.errors import (
 )
 from medloupe.review.store import Review, ReviewIn, add_review, load_reviews
 from medloupe.service.manager import TERMINAL, QueueFullError, RunManager
+from medloupe.trace import events_after
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +156,7 @@ def _intake_status(exc: InputError) -> int:
         return 413
     if isinstance(exc, (UnsupportedImageError, UnsupportedTransferSyntaxError)):
         return 415
-    if isinstance(exc, (EmptyImageError, ImageIntakeError)):
+    if isinstance(exc, ImageIntakeError):
         return 400
     return 422
 
@@ -234,40 +233,6 @@ async def _send_json(
         {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
     )
     await send({"type": "http.response.body", "body": data})
-
-
-def _read_events(trace_path: Path, after: int) -> list[tuple[int, str, str]]:
-    """(seq, kind, event JSON) of the trace events after ``after`` (read-only)."""
-    if not trace_path.is_file():
-        return []
-    try:
-        conn = sqlite3.connect(f"file:{trace_path}?mode=ro", uri=True, timeout=5)
-    except sqlite3.OperationalError:
-        return []
-    try:
-        rows = conn.execute(
-            "SELECT seq, ts, kind, node, name, status, duration_ms, payload FROM events "
-            "WHERE seq > ? ORDER BY seq LIMIT 500",
-            (after,),
-        ).fetchall()
-    except sqlite3.OperationalError:  # table not created yet
-        return []
-    finally:
-        conn.close()
-    out = []
-    for seq, ts, kind, node, name, status, dur, payload in rows:
-        event = {
-            "seq": seq,
-            "ts": ts,
-            "kind": kind,
-            "node": node,
-            "name": name,
-            "status": status,
-            "duration_ms": dur,
-            "payload": json.loads(payload),
-        }
-        out.append((int(seq), str(kind), json.dumps(event)))
-    return out
 
 
 def create_app(
@@ -465,19 +430,18 @@ def create_app(
             while True:
                 if await request.is_disconnected():
                     return
-                rows = await asyncio.to_thread(_read_events, trace_path, seq)
-                for s, kind, data in rows:
-                    seq = s
-                    yield f"id: {s}\nevent: {kind}\ndata: {data}\n\n"
-                if rows:
+                # the status is read before the events: a run is marked done or failed only
+                # after its last event is written, so this read then drains the trace
+                current = manager.db.get(run_id) or {}
+                finished = current.get("status") in TERMINAL
+                events = await asyncio.to_thread(events_after, trace_path, seq)
+                for e in events:
+                    seq = e.seq
+                    yield f"id: {e.seq}\nevent: {e.kind}\ndata: {e.model_dump_json()}\n\n"
+                if events:
                     quiet = 0.0
                     continue
-                current = manager.db.get(run_id) or {}
-                if current.get("status") in TERMINAL:
-                    rows = await asyncio.to_thread(_read_events, trace_path, seq)
-                    for s, kind, data in rows:
-                        seq = s
-                        yield f"id: {s}\nevent: {kind}\ndata: {data}\n\n"
+                if finished:
                     info = _info(current)
                     if info.status == "done":
                         yield f"event: answer\ndata: {json.dumps(info.answer)}\n\n"

@@ -19,9 +19,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,13 +103,6 @@ class ServiceDB(SqliteTable):
         return {r["status"]: int(r["n"]) for r in rows}
 
 
-@dataclass
-class _Shared:
-    registry: Any
-    vlm: Any
-    retriever: Any
-
-
 class RunManager:
     """Accepts runs, executes them on a bounded pool, and recovers them after a restart.
 
@@ -123,7 +113,10 @@ class RunManager:
             raises :class:`QueueFullError`.
         vlm: backend spec for every run (``None``: the evidence-only path).
         kb: knowledge base (``"default"`` or a folder), or ``None``.
-        context_factory: builds the shared (registry, VLM, retriever); tests pass their own.
+
+    The registry, backend and knowledge base come from
+    :func:`medloupe.graphs.defaults.shared_resources`: built once per (VLM, KB) in the
+    process and shared by the runs.
     """
 
     def __init__(
@@ -134,7 +127,6 @@ class RunManager:
         queue_size: int = 16,
         vlm: str | None = None,
         kb: str | None = None,
-        context_factory: Callable[[], Awaitable[_Shared]] | None = None,
     ) -> None:
         if workers < 1 or queue_size < 0:
             raise InputError("workers must be >= 1 and queue_size >= 0")
@@ -144,14 +136,12 @@ class RunManager:
         self.vlm_spec = vlm
         self.kb = kb
         self.db = ServiceDB(settings.home / "service.sqlite")
-        self._factory = context_factory or self._load_shared
         self._lock = threading.Lock()
         self._pending = 0  # queued + running, counted here so admission is race-free
-        self._futures: dict[str, Future[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._sem: asyncio.Semaphore | None = None
-        self._shared: _Shared | None = None
+        self._shared: tuple[Any, Any, Any] | None = None
         self._shared_lock: asyncio.Lock | None = None
         self._stopping = False
 
@@ -250,33 +240,19 @@ class RunManager:
         if not admitted:
             with self._lock:
                 self._pending += 1
-        fut = asyncio.run_coroutine_threadsafe(self._execute(run_id, run_dir, resume), self._loop)
-        self._futures[run_id] = fut
-        fut.add_done_callback(lambda _f: self._futures.pop(run_id, None))
+        asyncio.run_coroutine_threadsafe(self._execute(run_id, run_dir, resume), self._loop)
 
     # -- execution ------------------------------------------------------------------------
 
-    async def _load_shared(self) -> _Shared:
-        from medloupe.knowledge_base.tool import registry_with_retriever
-        from medloupe.tools import default_registry
+    async def _shared_resources(self) -> tuple[Any, Any, Any]:
+        """(registry, VLM or None, retriever or None); the first run loads them (off the
+        loop: opening a KB reads its index), the others wait for that."""
+        from medloupe.graphs.defaults import shared_resources
 
-        vlm = None
-        if self.vlm_spec:
-            from medloupe.agents.protocol import load_backend
-
-            vlm = load_backend(self.vlm_spec)
-        retriever = None
-        if self.kb:
-            from medloupe.knowledge_base import open_knowledge_base
-
-            retriever = await asyncio.to_thread(open_knowledge_base, self.kb)
-        return _Shared(registry_with_retriever(default_registry(), retriever), vlm, retriever)
-
-    async def _shared_resources(self) -> _Shared:
         assert self._shared_lock is not None
         async with self._shared_lock:
             if self._shared is None:
-                self._shared = await self._factory()
+                self._shared = await asyncio.to_thread(shared_resources, self.vlm_spec, self.kb)
             return self._shared
 
     async def _execute(self, run_id: str, run_dir: str, resume: bool) -> None:
@@ -289,15 +265,15 @@ class RunManager:
             async with self._sem:
                 self.db.set(run_id, "running")
                 run = find_run(run_dir, self.settings)
-                shared = await self._shared_resources()
+                registry, vlm, retriever = await self._shared_resources()
                 trace = TraceRecorder(run.trace_path)
                 try:
                     ctx = RunContext(
                         store=run.store,
                         trace=trace,
-                        registry=shared.registry,
-                        vlm=shared.vlm,
-                        retriever=shared.retriever,
+                        registry=registry,
+                        vlm=vlm,
+                        retriever=retriever,
                         settings=self.settings,
                     )
                     await execute(run, settings=self.settings, resume=resume, context=ctx)
@@ -317,10 +293,3 @@ class RunManager:
         finally:
             with self._lock:
                 self._pending -= 1
-
-    def wait(self, run_id: str, timeout_s: float | None = None) -> None:
-        """Block until ``run_id`` (submitted in this process) has finished."""
-        fut = self._futures.get(run_id)
-        if fut is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                fut.result(timeout_s)
