@@ -10,10 +10,9 @@ from typing import Any, TypeVar
 
 from medloupe.config import Settings
 from medloupe.io import load_image
-from medloupe.runner import ReviewCallback, Run, create_run, execute, run_context
+from medloupe.runner import ReviewCallback, Run, create_run, execute
 from medloupe.schemas import GroundedAnswer
 from medloupe.tools.registry import ToolRegistry
-from medloupe.trace import TraceRecorder
 
 T = TypeVar("T")
 
@@ -73,11 +72,7 @@ async def ask_async(
     """Async :func:`ask`."""
     settings = settings or Settings.from_env()
     run = prepare_run(image, question, settings=settings, out=out, vlm=vlm, kb=kb, options=options)
-    if registry is None:
-        return await execute(run, settings=settings, review=review)
-    with TraceRecorder(run.trace_path) as trace:
-        context = run_context(run, trace, settings, registry)
-        return await execute(run, settings=settings, review=review, context=context)
+    return await execute(run, settings=settings, review=review, registry=registry)
 
 
 def ask(

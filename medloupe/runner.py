@@ -223,6 +223,7 @@ async def execute(
     context: Any = None,
     review: ReviewCallback | None = None,
     on_event: Callable[[Any], None] | None = None,
+    registry: Any = None,
 ) -> GroundedAnswer:
     """Run (or resume) the graph for ``run`` with a SQLite checkpointer; write the outputs.
 
@@ -232,6 +233,7 @@ async def execute(
         review: called with the interrupt payload when ``review_plan`` pauses; returns the
             resume value (``{"action": "approve" | "edit" | "reject", "plan": ...}``).
         on_event: called with each trace event as it is recorded (progress display).
+        registry: the tools of a context built here (default: the default registry).
 
     On failure the run is marked failed in the index, the error is recorded, and
     ``trace.json`` is still written; ``answer.json`` is only written for a finished answer.
@@ -248,7 +250,7 @@ async def execute(
     unsubscribe = trace.subscribe(on_event) if on_event else None
     try:
         if context is None:
-            context = run_context(run, trace, settings)
+            context = run_context(run, trace, settings, registry)
         trace.set_meta(
             run_id=run.run_id,
             question=run.meta["question"],
