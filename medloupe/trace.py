@@ -187,16 +187,7 @@ class TraceRecorder:
                 (ts, kind, node, name, status, duration_ms, body),
             )
             seq = int(cur.lastrowid or 0)
-        event = TraceEvent(
-            seq=seq,
-            ts=ts,
-            kind=kind,
-            node=node,
-            name=name,
-            status=status,
-            duration_ms=duration_ms,
-            payload=json.loads(body),
-        )
+        event = _to_event((seq, ts, kind, node, name, status, duration_ms, body))
         for listener in list(self._listeners):
             listener(event)
         return event
