@@ -38,9 +38,10 @@ def prepare_run(
         modality=opts.get("modality"),
         max_pixels=settings.max_pixels,
     )
-    if vlm:
-        from medloupe.agents.protocol import load_backend
+    from medloupe.agents.protocol import load_backend, resolve_vlm
 
+    vlm, vlm_default = resolve_vlm(vlm)
+    if vlm:
         load_backend(vlm)  # fail on a bad spec before writing anything
     if kb:
         from medloupe.knowledge_base import open_knowledge_base
@@ -53,6 +54,7 @@ def prepare_run(
         out_dir=Path(out) if out else None,
         options=opts,
         vlm_spec=vlm,
+        vlm_default=vlm_default,
         kb_path=(kb if kb == "default" else str(Path(kb).resolve())) if kb else None,
     )
 
@@ -89,6 +91,8 @@ def ask(
     """Answer ``question`` about ``image``; writes a run directory (``out`` or under
     ``$MEDLOUPE_HOME/runs``) with ``answer.json``, ``trace.json`` and ``overlay.png``.
 
+    ``vlm``: a backend spec; ``None`` uses ``$MEDLOUPE_VLM``, else medloupe-mini shipped in the
+    package (the answer's provenance says so); ``"none"``: no VLM, the evidence-only path.
     ``registry``: the tools the run may use (default: built-ins, expert tools and the
     ``medloupe.tools`` entry points). Options: ``max_steps``, ``time_budget_s``,
     ``confidence_threshold``, ``rethink``, ``frame``, ``slice_index``, ``axis``, ``modality``.

@@ -169,7 +169,13 @@ def ask(
     out: Annotated[
         Path | None, typer.Option(help="run directory (default under MEDLOUPE_HOME/runs)")
     ] = None,
-    vlm: Annotated[str | None, typer.Option(help="VLM backend spec, e.g. openai:URL#MODEL")] = None,
+    vlm: Annotated[
+        str | None,
+        typer.Option(
+            help="VLM spec, e.g. openai:URL#MODEL (default: MEDLOUPE_VLM, else the shipped "
+            "medloupe-mini; 'none': no VLM)"
+        ),
+    ] = None,
     kb: Annotated[
         str | None,
         typer.Option(help="knowledge base to cite: a KB folder or 'default' (HPO + ICD-10-CM)"),
@@ -281,7 +287,13 @@ def demo_image() -> Path:
 def demo(
     as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON")] = False,
     out: Annotated[Path | None, typer.Option(help="run directory")] = None,
-    vlm: Annotated[str | None, typer.Option(help="VLM backend spec, e.g. openai:URL#MODEL")] = None,
+    vlm: Annotated[
+        str | None,
+        typer.Option(
+            help="VLM spec, e.g. openai:URL#MODEL (default: MEDLOUPE_VLM, else the shipped "
+            "medloupe-mini; 'none': no VLM)"
+        ),
+    ] = None,
     kb: Annotated[
         str,
         typer.Option(help="knowledge base to cite; 'default' (HPO + ICD-10-CM) or 'none'"),
@@ -330,7 +342,11 @@ def serve_api(
     workers: Annotated[int, typer.Option(min=1, help="runs executing at once")] = 2,
     queue: Annotated[int, typer.Option(min=0, help="accepted runs waiting for a worker")] = 16,
     vlm: Annotated[
-        str | None, typer.Option(help="VLM spec for every run (default: MEDLOUPE_VLM)")
+        str | None,
+        typer.Option(
+            help="VLM spec for every run (default: MEDLOUPE_VLM, else medloupe-mini; 'none': "
+            "no VLM)"
+        ),
     ] = None,
     kb: Annotated[str | None, typer.Option(help="knowledge base: 'default' or a folder")] = None,
 ) -> None:
@@ -339,18 +355,20 @@ def serve_api(
     Runs are kept under MEDLOUPE_HOME and survive a restart (unfinished runs are resumed).
     A non-loopback --host requires MEDLOUPE_API_TOKEN. OpenAPI docs at /docs.
     """
-    import os
 
+    from medloupe.agents.protocol import resolve_vlm
     from medloupe.errors import MedloupeError
     from medloupe.service import serve
 
+    spec, is_default = resolve_vlm(vlm)
     try:
         serve(
             host,
             port,
             workers=workers,
             queue_size=queue,
-            vlm=vlm or os.environ.get("MEDLOUPE_VLM") or None,
+            vlm=spec,
+            vlm_default=is_default,
             kb=kb,
             settings=_settings(),
         )
@@ -362,7 +380,10 @@ def serve_api(
 def serve_vlm(
     model: Annotated[
         str,
-        typer.Argument(help="hf:HUB_ID, hf:/path/to/model, a bare hub id or folder, or any spec"),
+        typer.Argument(
+            help="mini (medloupe-mini, shipped), hf:HUB_ID, hf:/path/to/model, a bare hub id "
+            "or folder, or any spec"
+        ),
     ],
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port")] = 8000,
@@ -371,18 +392,22 @@ def serve_vlm(
     ] = None,
 ) -> None:
     """Serve a VLM behind an OpenAI-compatible /v1/chat/completions and /v1/models."""
-    from medloupe.agents.protocol import load_backend
+    from medloupe.agents.protocol import backend_schemes, load_backend
     from medloupe.agents.server import default_served_name, serve
     from medloupe.errors import MedloupeError
 
-    spec = model if ":" in model.split("/")[0] else f"hf:{model}"
+    if model in backend_schemes():
+        spec = f"{model}:"  # e.g. "mini": the model shipped in the package
+    else:
+        spec = model if ":" in model.split("/")[0] else f"hf:{model}"
     try:
         backend = load_backend(spec)
         if hasattr(backend, "load"):
             backend.load()  # fail now, with the reason, rather than on the first request
     except MedloupeError as exc:
         raise _fail(exc) from None
-    name = served_name or default_served_name(spec.partition(":")[2])
+    target = spec.partition(":")[2]
+    name = served_name or (default_served_name(target) if target else "medloupe-mini")
     err_console.print(
         f"serving {spec} as [bold]{name}[/bold] at http://{host}:{port}/v1 "
         f"(use --vlm openai:http://{host}:{port}/v1#{name})"
@@ -446,7 +471,13 @@ def eval_(
         Path, typer.Argument(help="generic JSONL (like dev.jsonl), VQA-RAD JSON or SLAKE JSON")
     ],
     out: Annotated[Path, typer.Option(help="output folder (a re-run resumes it)")],
-    vlm: Annotated[str | None, typer.Option(help="VLM backend spec, e.g. openai:URL#MODEL")] = None,
+    vlm: Annotated[
+        str | None,
+        typer.Option(
+            help="VLM spec, e.g. openai:URL#MODEL (default: MEDLOUPE_VLM, else the shipped "
+            "medloupe-mini; 'none': no VLM)"
+        ),
+    ] = None,
     kb: Annotated[
         str | None, typer.Option(help="knowledge base: a KB folder or 'default'; none by default")
     ] = None,
@@ -498,7 +529,9 @@ def eval_(
     if kb and kb != "default" and not Path(kb).is_dir():
         err_console.print(f"[red]error:[/red] knowledge base {kb} not found")
         raise typer.Exit(2)
-    common = {"vlm": vlm, "kb": kb, "workers": workers, "settings": settings}
+    from medloupe.agents.protocol import resolve_vlm
+
+    common = {"vlm": resolve_vlm(vlm)[0], "kb": kb, "workers": workers, "settings": settings}
     if ablate:
         results = asyncio.run(run_ablations(items, out, **common))  # type: ignore[arg-type]
         out_console.print(comparison_table(results))
@@ -547,18 +580,19 @@ app.add_typer(train_app, name="train")
 @train_app.command("mini")
 def train_mini(
     data: Annotated[Path, typer.Option(help="the shared datasets folder (../shared/datasets)")],
-    out: Annotated[Path, typer.Option(help="output folder for the checkpoint and its card")],
+    out: Annotated[Path, typer.Option(help="output folder for the checkpoints and the card")],
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     max_examples: Annotated[
         int | None, typer.Option(min=50, help="train on a subset (quick runs)")
     ] = None,
 ) -> None:
-    """Train medloupe-mini's answerer on VQA-RAD train + SLAKE English train (dev images out)."""
-    from medloupe.mini.train import train_answerer
+    """Train medloupe-mini (answerer and grounder) on the public train splits (VQA-RAD train,
+    SLAKE English train, NIH ChestX-ray14 boxes, BCCD train; dev images and test splits out)."""
+    from medloupe.mini.train import train_mini as train
 
     with _progress_bars() as progress:
         try:
-            meta = train_answerer(
+            meta, grounder = train(
                 data, out, seed=seed, max_examples=max_examples, on_progress=progress
             )
         except FileNotFoundError as exc:
@@ -568,7 +602,11 @@ def train_mini(
     out_console.print(
         f"answerer: {len(meta['vocab'])} answers, {meta['epochs']} epochs, held-out accuracy "
         f"{_num(held['accuracy_in_vocab'])} (closed {_num(held['closed_accuracy'])}), "
-        f"temperature {meta['temperature']:.2f}, {meta['train_seconds']:.0f} s -> {out}"
+        f"temperature {meta['temperature']:.2f}, {meta['train_seconds']:.0f} s\n"
+        f"grounder: {len(grounder['labels'])} targets, {grounder['epochs']} epochs, held-out "
+        f"hit rate {_num(grounder['held_out']['hit_rate_iou50'])} (prior alone "
+        f"{_num(grounder['held_out']['prior_only_hit_rate'])}), "
+        f"{grounder['train_seconds']:.0f} s -> {out}"
     )
 
 

@@ -141,6 +141,7 @@ def create_run(
     out_dir: Path | None = None,
     options: dict[str, Any] | None = None,
     vlm_spec: str | None = None,
+    vlm_default: bool = False,
     kb_path: str | None = None,
 ) -> Run:
     """Make the run directory, store the image, write ``run.json`` and index the run.
@@ -162,6 +163,7 @@ def create_run(
         "options": options or {},
         "image": record.model_dump(mode="json"),
         "vlm": vlm_spec,
+        "vlm_default": vlm_default,
         "kb": kb_path,
         "created": datetime.now(UTC).isoformat(),
     }
@@ -210,6 +212,7 @@ def run_context(
             registry if registry is not None else default_registry(), retriever
         ),
         vlm=vlm,
+        vlm_default=bool(run.meta.get("vlm_default")),
         retriever=retriever,
         settings=settings,
     )

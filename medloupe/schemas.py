@@ -152,6 +152,11 @@ class Provenance(BaseModel):
     """Which components produced the answer."""
 
     vlm: str | None = Field(default=None, description="backend spec, or null when none was used")
+    vlm_default: bool = Field(
+        default=False,
+        description="true when no VLM was configured and the default (medloupe-mini, shipped "
+        "in the package) was used",
+    )
     answer_source: Literal["vlm", "evidence-composer"] = "evidence-composer"
     tools: list[str] = Field(default_factory=list)
     retriever: str | None = None

@@ -385,7 +385,9 @@ def test_citations_reach_the_answer_and_the_trace(
 ) -> None:
     from medloupe.api import ask
 
-    answer = ask(chest_dcm, "Is there a pleural effusion?", kb=str(kb.path), settings=settings)
+    answer = ask(
+        chest_dcm, "Is there a pleural effusion?", kb=str(kb.path), vlm="none", settings=settings
+    )
     assert answer.abstained  # no VLM: nothing interprets the pixels
     assert answer.provenance.retriever == kb.name
     assert any(c.section == "Pleural effusion" for c in answer.citations)

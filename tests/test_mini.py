@@ -39,6 +39,14 @@ def test_question_options() -> None:
     assert question_options("Is the lesion in the apex or base?") == ["apex", "base"]
     assert question_options("Which side is the effusion on, left or right?") == ["left", "right"]
     assert question_options("What organ is shown?") is None
+    known = {"apex", "base", "contrast", "non contrast", "yes", "no"}
+    q = "Are the ground glass opacities located more in the apex or base of the lung?"
+    assert question_options(q, known) == ["apex", "base"]
+    assert question_options("Is this a contrast or non contrast CT?", known) == [
+        "contrast",
+        "non contrast",
+    ]
+    assert question_options("Is the mass enhancing or not?") == ["yes", "no"]
 
 
 def test_training_data_uses_train_splits_without_dev_images(shared_datasets: Path) -> None:
@@ -58,6 +66,29 @@ def test_training_data_uses_train_splits_without_dev_images(shared_datasets: Pat
     assert 0.05 < share < 0.2  # about a tenth of the images held out
 
 
+def test_grounding_data_leaves_out_test_splits_and_dev_images(shared_datasets: Path) -> None:
+    from medloupe.mini.data import dev_images, grounding_examples
+
+    examples = grounding_examples(shared_datasets)
+    images = {e.image for e in examples}
+    assert {e.source for e in examples} == {"slake", "nih", "bccd"}
+    assert not dev_images(shared_datasets) & images
+    slake_test = {
+        str((shared_datasets / "slake" / "imgs" / r["img_name"]).resolve())
+        for r in json.loads((shared_datasets / "slake" / "splits" / "test.json").read_text())
+    }
+    assert not slake_test & images  # SLAKE's splits share images: every test one is out
+    bccd = shared_datasets / "bccd" / "BCCD"
+    bccd_test = {
+        str((bccd / "JPEGImages" / f"{s}.jpg").resolve())
+        for s in (bccd / "ImageSets" / "Main" / "test.txt").read_text().split()
+    }
+    assert not bccd_test & images
+    for e in examples:
+        for x0, y0, x1, y1 in e.boxes:
+            assert 0 <= x0 < x1 <= e.width + 1 and 0 <= y0 < y1 <= e.height + 1
+
+
 def test_quick_training_run_is_seeded_and_loads(shared_datasets: Path, tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "medloupe", "train", "mini", "--data", str(shared_datasets),
@@ -74,9 +105,17 @@ def test_quick_training_run_is_seeded_and_loads(shared_datasets: Path, tmp_path:
     meta_b = json.loads((tmp_path / "b" / "answerer.json").read_text())
     for key in ("vocab", "temperature", "epochs", "held_out"):
         assert meta_a[key] == meta_b[key]  # same seed, same model
-    assert (tmp_path / "a" / "answerer.pt").stat().st_size < 25 * 1024 * 1024
+    ground_a = json.loads((tmp_path / "a" / "grounder.json").read_text())
+    ground_b = json.loads((tmp_path / "b" / "grounder.json").read_text())
+    for key in ("labels", "threshold", "calibration", "epochs", "held_out"):
+        assert ground_a[key] == ground_b[key]
+    assert "White Blood Cell" in ground_a["labels"] and "Liver" in ground_a["labels"]
+    sizes = sum(p.stat().st_size for p in (tmp_path / "a").iterdir() if p.is_file())
+    assert sizes < 25 * 1024 * 1024
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".training")]
     card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert "CC0 1.0" in card and "CC BY 4.0" in card and "test split" in card
+    assert "grounder" in card and "hit rate" in card
     answerer = MiniAnswerer(tmp_path / "a")
     rgb = np.full((64, 64, 3), 90, np.uint8)
     p = answerer.predict(rgb, "Is there a mass in the left lung?")

@@ -83,6 +83,25 @@ def _ok(evidence: list[Evidence], tool: str) -> list[Evidence]:
     return [e for e in evidence if e.tool == tool and e.status == "ok"]
 
 
+def _grounded(question: str, evidence: list[Evidence]) -> Evidence | None:
+    """The ``ground`` evidence that boxes what a question asks a box for, if any ("where is
+    the spleen, right or lower right?" asks for words: the box stays evidence, not the
+    answer)."""
+    from medloupe.mini.grounder import normalise_target
+    from medloupe.mini.tool import asks_for_box, target_from_question
+
+    target = target_from_question(question)
+    if target is None or not asks_for_box(question):
+        return None
+    want = normalise_target(target)
+    for e in _ok(evidence, "ground"):
+        out = e.output or {}
+        names = {normalise_target(str(out.get("target", ""))), str(out.get("label", "")).lower()}
+        if want in names and e.regions:
+            return e
+    return None
+
+
 def compose_answer(
     question: str,
     image: ImageRecord,
@@ -90,14 +109,17 @@ def compose_answer(
     *,
     vlm_answer: str | None = None,
     vlm_problem: str | None = None,
+    deferring_model: str | None = None,
 ) -> GroundedAnswer:
     """Compose a grounded answer from evidence alone, or abstain with the reason.
 
     ``vlm_problem`` says why a configured model's own answer was not used (unusable reply,
     claims citing unknown evidence); without it, no model is assumed to be configured.
+    ``deferring_model`` names a short-answer model that looked but defers to instruments.
 
-    Answers modality / body-part and size questions from ``image_info`` evidence; everything
-    else is an abstention that says what was gathered and what would be needed.
+    Answers modality / body-part and size questions from ``image_info`` evidence, white-cell
+    counts and boxes from ``count_cells``, and "locate the X" questions from ``ground``;
+    everything else is an abstention that says what was gathered and what would be needed.
     """
     info = _ok(evidence, "image_info")
     regions: list[Region] = [
@@ -179,11 +201,31 @@ def compose_answer(
         # the located cells lead the answer's regions (the first is the answer's box)
         regions = [*cells, *(r for r in regions if r.id not in {c.id for c in cells})]
         confidence = min(confidence, WBC_COUNT_CONFIDENCE)
+    grounded = _grounded(question, evidence)
+    if grounded is not None and not (counts and _LOCATE_WBC_Q.search(question)):
+        out = grounded.output or {}
+        top = grounded.regions[0]
+        box = "[" + ", ".join(f"{v:.0f}" for v in top.box_xyxy) + "]"
+        claims.append(
+            Claim(
+                text=(
+                    f"medloupe-mini's grounder boxed the {str(out.get('label')).lower()} at "
+                    f"{box} (XYXY pixels); calibrated chance that the box overlaps the truth "
+                    f"with IoU >= 0.5: {float(out.get('confidence', 0.0)):.2f}."
+                ),
+                evidence_ids=[grounded.id],
+            )
+        )
+        parts.append(f"{out.get('label')}: {box}")
+        regions = [*grounded.regions, *(r for r in regions if r not in grounded.regions)]
+        confidence = min(confidence, float(out.get("confidence", 0.0)))
     errors = [e for e in evidence if e.status == "error"]
     if parts:
-        explanation = (
-            "Composed from the evidence of the image's header and classical instruments; "
-            "no VLM interpreted the pixels."
+        explanation = "Composed from the evidence of the image's header and instruments; " + (
+            f"{deferring_model} also looked, but what an instrument states outright is kept "
+            "over a short-answer model's guess."
+            if deferring_model
+            else "no VLM interpreted the pixels."
         )
         if errors:
             explanation += f" {len(errors)} tool call(s) failed (see the trace)."

@@ -92,6 +92,37 @@ class VLMBackend(Protocol):
         ...
 
 
+DEFAULT_VLM = "mini:"
+VLM_ENV = "MEDLOUPE_VLM"
+
+
+def resolve_vlm(spec: str | None) -> tuple[str | None, bool]:
+    """The VLM spec a run uses and whether it is the default.
+
+    ``spec`` (e.g. from ``--vlm``) wins; else ``$MEDLOUPE_VLM``; ``"none"`` in either means no
+    VLM (the evidence-only path). With neither, the default is medloupe-mini's answerer
+    shipped in the package (:data:`DEFAULT_VLM`) when it is installed, else no VLM.
+
+    Returns:
+        ``(spec or None, True when the default was chosen)``.
+    """
+    import os
+
+    chosen = spec if spec else os.environ.get(VLM_ENV) or None
+    if chosen is not None:
+        return (None, False) if chosen.strip().lower() == "none" else (chosen, False)
+    from medloupe.mini import model_folder
+
+    if (model_folder() / "answerer.json").is_file():
+        return DEFAULT_VLM, True
+    return None, False
+
+
+def backend_schemes() -> list[str]:
+    """The installed backend schemes (``medloupe.vlm_backends`` entry points)."""
+    return sorted({ep.name for ep in entry_points(group=BACKEND_ENTRY_POINT_GROUP)})
+
+
 def load_backend(spec: str) -> VLMBackend:
     """Build the backend a spec string names.
 
@@ -99,12 +130,14 @@ def load_backend(spec: str) -> VLMBackend:
         BackendSpecError: malformed spec or unknown scheme (the message lists known schemes).
     """
     scheme, sep, rest = spec.partition(":")
+    found = {ep.name: ep for ep in entry_points(group=BACKEND_ENTRY_POINT_GROUP)}
+    if not sep and scheme in found:  # a bare scheme ("mini") takes its default target
+        sep = ":"
     if not sep or not scheme:
         raise BackendSpecError(
             f"VLM spec {spec!r} is not of the form SCHEME:TARGET "
-            "(e.g. openai:http://127.0.0.1:8000/v1#MODEL or hf:/path/to/model)"
+            "(e.g. openai:http://127.0.0.1:8000/v1#MODEL, hf:/path/to/model or mini:)"
         )
-    found = {ep.name: ep for ep in entry_points(group=BACKEND_ENTRY_POINT_GROUP)}
     if scheme not in found:
         import difflib
 

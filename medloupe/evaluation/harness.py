@@ -227,7 +227,7 @@ class Evaluation:
                 item.question,
                 settings=self.settings,
                 out=run_dir,
-                vlm=None,  # the backend is shared; its spec goes into run.json below
+                vlm="none",  # the backend is shared; its spec goes into run.json below
                 kb=None,
                 options=options,
             )

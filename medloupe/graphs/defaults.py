@@ -8,7 +8,8 @@ context it builds one here, from the environment:
 ``MEDLOUPE_HOME``
     artifacts and the trace of each thread live in ``$MEDLOUPE_HOME/threads/<thread_id>/``.
 ``MEDLOUPE_VLM``
-    a VLM spec (e.g. ``openai:http://127.0.0.1:8000/v1#MODEL``); unset: the evidence-only path.
+    a VLM spec (e.g. ``openai:http://127.0.0.1:8000/v1#MODEL``); unset: medloupe-mini (shipped
+    in the package); ``none``: the evidence-only path.
 ``MEDLOUPE_KB``
     a knowledge-base path; unset: no retrieval.
 
@@ -79,9 +80,10 @@ def default_context(config: dict[str, Any] | None = None) -> Iterator[RunContext
     thread_id = str(configurable.get("thread_id") or config.get("run_id") or "default")
     settings = Settings.from_env()
     root = settings.home / "threads" / thread_dir_name(thread_id)
-    registry, vlm, retriever = shared_resources(
-        os.environ.get("MEDLOUPE_VLM") or None, os.environ.get("MEDLOUPE_KB") or None
-    )
+    from medloupe.agents.protocol import resolve_vlm
+
+    spec, vlm_default = resolve_vlm(None)
+    registry, vlm, retriever = shared_resources(spec, os.environ.get("MEDLOUPE_KB") or None)
     trace = TraceRecorder(root / "trace.sqlite")
     try:
         yield RunContext(
@@ -89,6 +91,7 @@ def default_context(config: dict[str, Any] | None = None) -> Iterator[RunContext
             trace=trace,
             registry=registry,
             vlm=vlm,
+            vlm_default=vlm_default,
             retriever=retriever,
             settings=settings,
         )

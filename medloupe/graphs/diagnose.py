@@ -576,7 +576,19 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
     result: GroundedAnswer | None = None
     notes: list[str] = []
     draft: roles.AnswerDraft | None = None
-    if ctx.vlm is not None:
+    if ctx.vlm is not None and getattr(ctx.vlm, "defers_to_instruments", False):
+        # a short-answer model (medloupe-mini) keeps what the instruments state outright
+        composed = compose_answer(state["question"], image, evidence, deferring_model=ctx.vlm.spec)
+        if not composed.abstained:
+            result = composed
+            ctx.trace.record(
+                "note",
+                node="answer",
+                status="ok",
+                message=f"{ctx.vlm.spec} defers to the instruments, which answer this question "
+                "outright",
+            )
+    if ctx.vlm is not None and result is None:
         try:
             draft, gen = await roles.answer(
                 ctx.vlm,
@@ -631,6 +643,7 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
 
     provenance = Provenance(
         vlm=ctx.vlm.spec if ctx.vlm else None,
+        vlm_default=ctx.vlm is not None and ctx.vlm_default,
         answer_source=result.provenance.answer_source,
         tools=sorted({e.tool for e in evidence if e.tool}),
         retriever=ctx.retriever.name if ctx.retriever else None,

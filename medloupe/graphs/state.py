@@ -81,7 +81,8 @@ class RunContext:
         store: artifact store of the run directory.
         trace: the run's trace recorder.
         registry: tools available to the planner and act node.
-        vlm: the vision-language backend, or ``None`` for the evidence-only default path.
+        vlm: the vision-language backend, or ``None`` for the evidence-only path.
+        vlm_default: ``vlm`` is the default (no VLM was configured), said in the provenance.
         retriever: the knowledge base, or ``None``.
         settings: process settings (tool timeout, pixel limit).
     """
@@ -90,6 +91,7 @@ class RunContext:
     trace: TraceRecorder
     registry: ToolRegistry
     vlm: VLMBackend | None = None
+    vlm_default: bool = False
     retriever: Retriever | None = None
     settings: Settings = field(default_factory=Settings.from_env)
     max_plan_repairs: int = 2

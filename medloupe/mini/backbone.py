@@ -27,6 +27,9 @@ STAGES = (
 )
 INPUT_SIZE = 224
 FEATURE_DIM = 1280
+# blocks whose outputs :meth:`EfficientNetLite0.pyramid` taps: the last of stages 3, 5 and 7
+PYRAMID_TAPS = (4, 10, 15)
+PYRAMID_DIM = 40 + 112 + 320
 
 
 def weights_path() -> str:
@@ -111,6 +114,26 @@ def build_backbone() -> Any:
                 y = block(y)
             y = F.relu6(self._bn1(self._conv_head(y)))
             return y.mean(dim=(2, 3))
+
+        def pyramid(self, x: torch.Tensor) -> torch.Tensor:
+            """``(N, 3, H, W)`` scaled input -> ``(N, 472, H/8, W/8)``: the stride-8 (40
+            channels), stride-16 (112) and stride-32 (320) stage outputs, the coarser two
+            upsampled bilinearly to the stride-8 grid (28x28 for a 224 input)."""
+            y = F.relu6(self._bn0(self._conv_stem(x)))
+            taps = []
+            for i, block in enumerate(self._blocks):
+                y = block(y)
+                if i in PYRAMID_TAPS:
+                    taps.append(y)
+            size = taps[0].shape[-2:]
+            return torch.cat(
+                [taps[0]]
+                + [
+                    F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+                    for t in taps[1:]
+                ],
+                dim=1,
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self._fc(self.features(x))

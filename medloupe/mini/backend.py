@@ -1,7 +1,10 @@
-"""medloupe-mini as a VLM backend: spec ``mini:/path/to/answerer-folder``.
+"""medloupe-mini as a VLM backend: spec ``mini:`` (the answerer shipped in the package, or
+``$MEDLOUPE_MINI``) or ``mini:/path/to/folder``.
 
 It answers short questions; it does not write plans (``plans = False``: the graph uses its
-rule-based plan) or prose. Per role (read from the message's ``hints``):
+rule-based plan) or prose, and where the instruments answer the question outright (header
+facts, counts, grounded boxes) the graph keeps their answer (``defers_to_instruments``).
+Per role (read from the message's ``hints``):
 
 - think: the answerer on the whole image -> a :class:`~medloupe.schemas.Draft`;
 - rethink: the answerer on each zoomed crop; its answers are reported in the decision's note
@@ -9,45 +12,62 @@ rule-based plan) or prose. Per role (read from the message's ``hints``):
   images) -> a :class:`~medloupe.schemas.RethinkDecision` (never asks for more evidence);
 - answer: the current answer, its claim citing the model's own looks (observation evidence,
   with the regions it examined) and any tool evidence that states the answer outright.
+
+Served over the OpenAI-compatible API (``medloupe serve-vlm mini``, :meth:`complete`), it
+answers the question of the last user message (its ``Question:`` line, else its whole text)
+about that message's last image: plain text, or ``{"answer", "confidence"}`` when a
+``response_format`` asks for JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import json
+import re
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
 
 from medloupe.agents.protocol import ChatMessage, Generation, ImagePart, Usage
+from medloupe.agents.structured import Completion
 from medloupe.artifacts import ArtifactStore
-from medloupe.errors import BackendError, BackendSpecError
-
-MINI_ENV = "MEDLOUPE_MINI"
+from medloupe.errors import BackendError, BackendSpecError, InputError
+from medloupe.mini import BUNDLED, MINI_ENV, model_folder
 
 
 class MiniBackend:
     """The answerer of ``folder`` behind the VLM backend protocol."""
 
     plans = False
+    defers_to_instruments = True
+    supports_schema = True  # served: {"answer", "confidence"} objects
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path | None = None) -> None:
         from medloupe.mini.answerer import MiniAnswerer
 
-        self.folder = Path(folder).expanduser()
+        self._given = folder is not None and str(folder) != ""
+        self.folder = model_folder(folder or None)
         if not (self.folder / "answerer.json").is_file():
             raise BackendSpecError(
                 f"no medloupe-mini answerer in {self.folder} (answerer.json missing); train one "
-                "with `medloupe train mini --data ../shared/datasets --out DIR`"
+                f"with `medloupe train mini --data ../shared/datasets --out DIR` and use "
+                f"mini:DIR (or set {MINI_ENV}=DIR)"
             )
         self.answerer = MiniAnswerer(self.folder)
         self._lock = threading.Lock()  # one prediction at a time (CPU model)
 
+    def load(self) -> None:
+        """Load the weights now (``serve-vlm`` fails at start, not on the first request)."""
+        self.answerer.load()
+
     @property
     def spec(self) -> str:
+        if not self._given and self.folder == BUNDLED:
+            return "mini:"
         return f"mini:{self.folder}"
 
     @property
@@ -61,6 +81,29 @@ class MiniBackend:
         with self._lock:
             p = self.answerer.predict(np.ascontiguousarray(rgb[..., :3]), question)
         return p.answer, p.confidence
+
+    async def complete(
+        self,
+        messages: list[ChatMessage],
+        *,
+        store: ArtifactStore,
+        json_schema: dict[str, Any] | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+    ) -> Completion:
+        """Answer an OpenAI-style request (see the module docstring); ``max_tokens`` and
+        ``temperature`` do not apply to a classifier and are ignored."""
+        question, artifact = served_question(messages)
+        answer, confidence = await asyncio.to_thread(self._predict, store, artifact, question)
+        text = answer
+        if json_schema is not None:
+            text = json.dumps(fill_schema(json_schema, answer, confidence))
+        return Completion(
+            text=text,
+            usage=Usage(prompt_tokens=0, completion_tokens=0),
+            model="medloupe-mini",
+            constrained=json_schema is not None,
+        )
 
     async def generate(
         self,
@@ -142,11 +185,57 @@ class MiniBackend:
         )
 
 
-def from_spec(rest: str) -> MiniBackend:
-    """``mini:FOLDER`` (or ``mini:`` with ``$MEDLOUPE_MINI``)."""
-    folder = rest or os.environ.get(MINI_ENV, "")
-    if not folder:
-        raise BackendSpecError(
-            f"give the answerer folder: mini:/path/to/folder (or set {MINI_ENV})"
+_QUESTION_LINE = re.compile(r"^\s*question\s*:\s*(.+)$", re.I | re.M)
+_FILLABLE = {"answer": "answer", "short_answer": "answer", "confidence": "confidence"}
+
+
+def served_question(messages: list[ChatMessage]) -> tuple[str, str]:
+    """(question, image artifact) of an OpenAI-style request: the last user message's
+    ``Question:`` line (else its whole text) and its last image.
+
+    Raises:
+        InputError: no user message, no question text or no image.
+    """
+    users = [m for m in messages if m.role == "user"]
+    if not users:
+        raise InputError("medloupe-mini needs a user message with a question and an image")
+    last = users[-1]
+    text = "\n".join(p.text for p in last.content if not isinstance(p, ImagePart)).strip()
+    images = [p.artifact for p in last.content if isinstance(p, ImagePart)]
+    if not images:
+        raise InputError(
+            "medloupe-mini answers questions about an image: add an image_url part (a base64 "
+            "data: URI) to the last user message"
         )
-    return MiniBackend(folder)
+    m = _QUESTION_LINE.search(text)
+    question = (m.group(1) if m else text).strip()
+    if not question:
+        raise InputError("the last user message has no question text")
+    return question, images[-1]
+
+
+def fill_schema(schema: dict[str, Any], answer: str, confidence: float) -> dict[str, Any]:
+    """The reply object for a requested JSON schema: medloupe-mini fills ``answer`` (or
+    ``short_answer``) and ``confidence``.
+
+    Raises:
+        InputError: the schema requires a field medloupe-mini cannot fill (named).
+    """
+    values = {"answer": answer, "confidence": round(confidence, 4)}
+    props = schema.get("properties")
+    if not isinstance(props, dict):  # json_object or a schema without properties
+        return values
+    required = set(schema.get("required") or [])
+    missing = sorted(required - set(_FILLABLE))
+    if missing:
+        raise InputError(
+            f"medloupe-mini fills only answer/short_answer and confidence; the response_format "
+            f"schema also requires {', '.join(missing)}"
+        )
+    return {k: values[_FILLABLE[k]] for k in props if k in _FILLABLE}
+
+
+def from_spec(rest: str) -> MiniBackend:
+    """``mini:FOLDER``; ``mini:`` uses ``$MEDLOUPE_MINI`` or the answerer shipped in the
+    package."""
+    return MiniBackend(rest or None)

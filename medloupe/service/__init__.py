@@ -54,11 +54,13 @@ def serve(
     workers: int = 2,
     queue_size: int = 16,
     vlm: str | None = None,
+    vlm_default: bool = False,
     kb: str | None = None,
     settings: Settings | None = None,
     log_level: str = "info",
 ) -> None:
-    """Serve the API until interrupted (blocking)."""
+    """Serve the API until interrupted (blocking). ``vlm``: the backend spec of every run
+    (``None``: the evidence-only path); ``vlm_default``: it is the default one."""
     import uvicorn
 
     from medloupe.service.app import create_app
@@ -74,7 +76,9 @@ def serve(
 
         # a bad spec or KB fails here, not in every run; the runs reuse what this loads
         shared_resources(vlm, kb)
-    manager = RunManager(settings, workers=workers, queue_size=queue_size, vlm=vlm, kb=kb)
+    manager = RunManager(
+        settings, workers=workers, queue_size=queue_size, vlm=vlm, vlm_default=vlm_default, kb=kb
+    )
     app = create_app(manager, token=token, max_upload_bytes=max_upload_bytes())
     log.info("medloupe serve on http://%s:%d (runs in %s)", host, port, settings.runs_dir)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -538,6 +538,7 @@ def _create(loaded: Any, question: str, options: dict[str, Any], manager: RunMan
         settings=manager.settings,
         options=options,
         vlm_spec=manager.vlm_spec,
+        vlm_default=manager.vlm_default,
         kb_path=manager.kb,
     )
 

@@ -112,6 +112,7 @@ class RunManager:
         queue_size: accepted runs that may wait for a worker; beyond it :meth:`submit`
             raises :class:`QueueFullError`.
         vlm: backend spec for every run (``None``: the evidence-only path).
+        vlm_default: ``vlm`` is the default one (none was configured): said in provenance.
         kb: knowledge base (``"default"`` or a folder), or ``None``.
 
     The registry, backend and knowledge base come from
@@ -126,6 +127,7 @@ class RunManager:
         workers: int = 2,
         queue_size: int = 16,
         vlm: str | None = None,
+        vlm_default: bool = False,
         kb: str | None = None,
     ) -> None:
         if workers < 1 or queue_size < 0:
@@ -134,6 +136,7 @@ class RunManager:
         self.workers = workers
         self.queue_size = queue_size
         self.vlm_spec = vlm
+        self.vlm_default = vlm_default
         self.kb = kb
         self.db = ServiceDB(settings.home / "service.sqlite")
         self._lock = threading.Lock()
@@ -273,6 +276,7 @@ class RunManager:
                         trace=trace,
                         registry=registry,
                         vlm=vlm,
+                        vlm_default=bool(run.meta.get("vlm_default")),
                         retriever=retriever,
                         settings=self.settings,
                     )

@@ -21,9 +21,11 @@ from medloupe.tools.registry import ENTRY_POINT_GROUP, PluginProblem, ToolRegist
 
 def expert_tools() -> list[Tool]:
     """New instances of medloupe's expert tools: ``segment`` (SAM / MedSAM / classical),
-    ``zoom``, ``contrast``, ``overlay``, ``count_cells``, ``read_text`` (OCR), ``detect``
+    ``zoom``, ``contrast``, ``overlay``, ``count_cells``, ``ground`` (medloupe-mini's grounder),
+    ``read_text`` (OCR), ``detect``
     (zero-shot detector, when configured) and ``classify`` (DenseNet121, when configured).
     Each instance owns its lazily loaded weights and caches."""
+    from medloupe.mini.tool import GroundTool
     from medloupe.tools.cells import count_cells
     from medloupe.tools.classify import ClassifyTool
     from medloupe.tools.detect import DetectTool
@@ -35,6 +37,7 @@ def expert_tools() -> list[Tool]:
         SegmentTool(),
         *image_op_tools(),
         count_cells,
+        GroundTool(),
         ReadTextTool(),
         DetectTool(),
         ClassifyTool(),

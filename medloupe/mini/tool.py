@@ -1,0 +1,177 @@
+"""``ground``: medloupe-mini's grounder as a tool (target phrase -> boxes with scores)."""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from medloupe.io.records import ImageRecord
+from medloupe.mini import MINI_ENV, model_folder
+from medloupe.mini.grounder import MiniGrounder, UnknownTarget, modality_key
+from medloupe.schemas import Box, Region
+from medloupe.tools.base import Availability, Requirements, Tool, ToolContext, ToolResult
+
+_TARGET_PATTERNS = (
+    # "This chest X-ray shows pneumonia. Locate it ..."
+    re.compile(
+        r"\bshows? (?:an? |the )?(?P<t>[a-z][a-z -]*?)\s*[.,;]\s*(?:locate|find|box)\b", re.I
+    ),
+    # "Locate the liver in this CT image ...", "Find the left kidney."
+    re.compile(
+        r"\b(?:locate|find|detect|box(?!\s+(?:of|for|around)\b))\s+(?:the |a |an |all )?"
+        r"(?P<t>[a-z][a-z -]*?)\s*(?:\b(?:in|on|within) (?:this|the)\b|[.?,;]|\band\b|$)",
+        re.I,
+    ),
+    # "Where is the spleen (located)?"
+    re.compile(
+        r"\bwhere (?:is|are) (?:the |a |an )?(?P<t>[a-z][a-z -]*?)"
+        r"\s*(?:\blocated\b|\b(?:in|on) (?:this|the)\b|[.?,;]|$)",
+        re.I,
+    ),
+    # "the bounding box of the nodule"
+    re.compile(
+        r"\bbounding box (?:of|for|around) (?:the |a |an )?(?P<t>[a-z][a-z -]*?)"
+        r"\s*(?:\b(?:in|on) (?:this|the)\b|[.?,;]|$)",
+        re.I,
+    ),
+)
+
+
+_BOX_REQUEST = re.compile(r"\b(locate|bounding box|box|outline|mark|draw a box)\b", re.I)
+
+
+def asks_for_box(question: str) -> bool:
+    """Whether a question asks for a box ("Locate the liver ... give its bounding box"), not
+    for a position in words ("Where is the spleen, right or lower right?")."""
+    return bool(_BOX_REQUEST.search(question))
+
+
+def target_from_question(question: str) -> str | None:
+    """The thing a localisation question asks for ("Locate the liver in this CT image" ->
+    ``"liver"``), or ``None``."""
+    for pattern in _TARGET_PATTERNS:
+        m = pattern.search(question)
+        if m and m.group("t").strip() not in ("it", "this", "them"):
+            return m.group("t").strip()
+    return None
+
+
+class GroundArgs(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    target: str = Field(
+        min_length=1,
+        max_length=100,
+        description="what to find: an organ, lesion, chest X-ray finding or white blood cell "
+        "(e.g. 'liver', 'left kidney', 'nodule', 'white blood cell')",
+    )
+    modality: Literal["CT", "MRI", "X-Ray", "microscopy"] | None = Field(
+        default=None, description="the image's modality (default: from the image header, if any)"
+    )
+    max_boxes: int = Field(default=3, ge=1, le=10, description="boxes returned at most")
+
+
+class ScoredBox(BaseModel):
+    box_xyxy: Box
+    score: float = Field(ge=0.0, le=1.0, description="heatmap peak inside the box")
+
+
+class GroundResult(ToolResult):
+    target: str
+    label: str = Field(description="the trained target the phrase was matched to")
+    modality: str | None
+    boxes: list[ScoredBox] = Field(description="XYXY pixels, best first")
+    confidence: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="chance that the first box has IoU >= 0.5 with the truth (calibrated on "
+        "held-out training images)",
+    )
+    method: str
+
+    def summary(self) -> str:
+        if not self.boxes:
+            return f"{self.label}: nothing found"
+        b = self.boxes[0].box_xyxy
+        return (
+            f"{self.label} ({self.modality or 'modality unknown'}): box "
+            f"[{b[0]:.0f}, {b[1]:.0f}, {b[2]:.0f}, {b[3]:.0f}] (confidence {self.confidence:.2f})"
+            + (f", {len(self.boxes) - 1} more" if len(self.boxes) > 1 else "")
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _grounder(folder: Path) -> MiniGrounder:
+    return MiniGrounder(folder)
+
+
+class GroundTool(Tool):
+    """medloupe-mini's grounder behind the tool protocol.
+
+    Args:
+        folder: a trained medloupe-mini folder with ``grounder.json`` / ``grounder.pt``
+            (default: ``$MEDLOUPE_MINI``, else the copy shipped in the package).
+    """
+
+    name = "ground"
+    description = (
+        "Find an organ, lesion, chest X-ray finding or white blood cell named in words and "
+        "return its boxes (medloupe-mini's grounder, trained on SLAKE, NIH ChestX-ray14 and "
+        "BCCD train images)."
+    )
+    input_model = GroundArgs
+    output_model = GroundResult
+    requires = Requirements(weights=("medloupe-mini grounder.pt",), device="cpu")
+    timeout_s = 120.0
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = model_folder(folder)
+
+    @property
+    def grounder(self) -> MiniGrounder:
+        return _grounder(self.folder)
+
+    def available(self) -> Availability:
+        if not (self.folder / "grounder.json").is_file():
+            return Availability(
+                False,
+                f"no medloupe-mini grounder in {self.folder} (grounder.json missing): train one "
+                f"with `medloupe train mini --data ../shared/datasets --out DIR` and set "
+                f"{MINI_ENV}=DIR",
+            )
+        return Availability(True, f"ready: {len(self.grounder.labels)} targets")
+
+    def suggest(self, question: str, image: ImageRecord) -> dict[str, Any] | None:
+        target = target_from_question(question)
+        if target is None or not self.available().ok or self.grounder.known(target) is None:
+            return None
+        args: dict[str, Any] = {"target": target}
+        modality = modality_key(question) or modality_key(image.modality)
+        if modality:
+            args["modality"] = modality
+        return args
+
+    def run(self, args: BaseModel, ctx: ToolContext) -> GroundResult:
+        a: Any = args
+        modality = a.modality or modality_key(ctx.image.modality)
+        try:
+            found = self.grounder.ground(ctx.rgb(), a.target, modality, a.max_boxes)
+        except UnknownTarget as exc:
+            raise ValueError(str(exc)) from None
+        boxes = [ScoredBox(box_xyxy=b, score=min(1.0, s)) for b, s in found.boxes]
+        return GroundResult(
+            target=a.target,
+            label=found.label,
+            modality=found.modality,
+            boxes=boxes,
+            confidence=found.confidence,
+            method="medloupe-mini grounder (heatmap head on EfficientNet-Lite0 features)",
+            regions=[
+                Region(id="pending", box_xyxy=b.box_xyxy, label=f"{found.label} {i + 1}")
+                for i, b in enumerate(boxes)
+            ],
+        )
