@@ -117,7 +117,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         # -- phase 1: load
-        srv = Server(Path(tmp) / "load", "--workers", str(args.workers), "--queue", str(args.queue))
+        srv = Server(Path(tmp) / "load", "--vlm", "none", "--workers", str(args.workers), "--queue", str(args.queue))
         srv.start()
         assert srv.proc is not None
         results: list[dict[str, object]] = []
@@ -147,14 +147,14 @@ def main() -> None:
 
         # -- phase 2: crash and restart
         home = Path(tmp) / "crash"
-        srv = Server(home, "--workers", str(args.workers), "--queue", str(args.crash_runs)).start()
+        srv = Server(home, "--vlm", "none", "--workers", str(args.workers), "--queue", str(args.crash_runs)).start()
         with httpx.Client(base_url=srv.url, timeout=120) as c:
             ids = [
                 post_run(c, image, f"What organ is shown? (crash run {i})").json()["run_id"]
                 for i in range(args.crash_runs)
             ]
         srv.kill()  # at once: most runs are still queued or mid-graph
-        srv2 = Server(home, "--workers", str(args.workers)).start()
+        srv2 = Server(home, "--vlm", "none", "--workers", str(args.workers)).start()
         t1 = time.perf_counter()
         with httpx.Client(base_url=srv2.url, timeout=120) as c:
             final = [wait_done(c, i, timeout_s=600) for i in ids]
