@@ -41,6 +41,14 @@ err_console = Console(stderr=True)
 log = logging.getLogger("medloupe")
 
 DEMO_QUESTION = "What imaging modality and body part is this, and how large is the image?"
+# --vlm of ask, demo and eval
+VlmOption = Annotated[
+    str | None,
+    typer.Option(
+        help="VLM spec, e.g. openai:URL#MODEL (default: MEDLOUPE_VLM, else the shipped "
+        "medloupe-mini; 'none': no VLM)"
+    ),
+]
 
 
 def _settings() -> Settings:
@@ -169,13 +177,7 @@ def ask(
     out: Annotated[
         Path | None, typer.Option(help="run directory (default under MEDLOUPE_HOME/runs)")
     ] = None,
-    vlm: Annotated[
-        str | None,
-        typer.Option(
-            help="VLM spec, e.g. openai:URL#MODEL (default: MEDLOUPE_VLM, else the shipped "
-            "medloupe-mini; 'none': no VLM)"
-        ),
-    ] = None,
+    vlm: VlmOption = None,
     kb: Annotated[
         str | None,
         typer.Option(help="knowledge base to cite: a KB folder or 'default' (HPO + ICD-10-CM)"),
@@ -287,13 +289,7 @@ def demo_image() -> Path:
 def demo(
     as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON")] = False,
     out: Annotated[Path | None, typer.Option(help="run directory")] = None,
-    vlm: Annotated[
-        str | None,
-        typer.Option(
-            help="VLM spec, e.g. openai:URL#MODEL (default: MEDLOUPE_VLM, else the shipped "
-            "medloupe-mini; 'none': no VLM)"
-        ),
-    ] = None,
+    vlm: VlmOption = None,
     kb: Annotated[
         str,
         typer.Option(help="knowledge base to cite; 'default' (HPO + ICD-10-CM) or 'none'"),
@@ -471,13 +467,7 @@ def eval_(
         Path, typer.Argument(help="generic JSONL (like dev.jsonl), VQA-RAD JSON or SLAKE JSON")
     ],
     out: Annotated[Path, typer.Option(help="output folder (a re-run resumes it)")],
-    vlm: Annotated[
-        str | None,
-        typer.Option(
-            help="VLM spec, e.g. openai:URL#MODEL (default: MEDLOUPE_VLM, else the shipped "
-            "medloupe-mini; 'none': no VLM)"
-        ),
-    ] = None,
+    vlm: VlmOption = None,
     kb: Annotated[
         str | None, typer.Option(help="knowledge base: a KB folder or 'default'; none by default")
     ] = None,

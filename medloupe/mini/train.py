@@ -28,23 +28,34 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 
-def image_features(paths: list[str], on_progress: Progress | None = None) -> np.ndarray:
-    """``(len(paths), 1280)`` EfficientNet-Lite0 features."""
+def image_features(
+    paths: list[str],
+    *,
+    pyramid: bool = False,
+    stage: str = "images",
+    on_progress: Progress | None = None,
+) -> np.ndarray:
+    """EfficientNet-Lite0 features of image files, 16 at a time: ``(len(paths), 1280)``
+    float32 pooled features, or with ``pyramid`` ``(len(paths), 472, 28, 28)`` float16
+    pyramid maps (the grounder's input)."""
     import torch
     from PIL import Image
 
-    from medloupe.mini.backbone import FEATURE_DIM, build_backbone, preprocess
+    from medloupe.mini.backbone import FEATURE_DIM, PYRAMID_DIM, build_backbone, preprocess
+    from medloupe.mini.grounder import GRID
 
     net = build_backbone()
-    out = np.zeros((len(paths), FEATURE_DIM), np.float32)
+    encode = net.pyramid if pyramid else net.features
+    shape = (PYRAMID_DIM, GRID, GRID) if pyramid else (FEATURE_DIM,)
+    out = np.zeros((len(paths), *shape), np.float16 if pyramid else np.float32)
     batch = 16
     for start in range(0, len(paths), batch):
         chunk = paths[start : start + batch]
         x = np.stack([preprocess(np.asarray(Image.open(p).convert("RGB"))) for p in chunk])
         with torch.inference_mode():
-            out[start : start + len(chunk)] = net.features(torch.from_numpy(x)).numpy()
+            out[start : start + len(chunk)] = encode(torch.from_numpy(x)).numpy()
         if on_progress:
-            on_progress("images", start + len(chunk), len(paths))
+            on_progress(stage, start + len(chunk), len(paths))
     return out
 
 
@@ -78,7 +89,7 @@ def train_answerer(
         examples = examples[::step]
     images = sorted({e.image for e in examples})
     img_index = {p: i for i, p in enumerate(images)}
-    img_feats = image_features(images, on_progress)
+    img_feats = image_features(images, on_progress=on_progress)
     questions = [e.question for e in examples]
     encoded = [0]
 

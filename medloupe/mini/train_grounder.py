@@ -28,31 +28,11 @@ from medloupe.mini.grounder import (
     condition,
     decode,
 )
-from medloupe.mini.train import Progress
+from medloupe.mini.train import Progress, image_features
 
 log = logging.getLogger(__name__)
 HELD_OUT_FRACTION = 0.15
 UNKNOWN_MODALITY_RATE = 0.2
-
-
-def pyramid_features(paths: list[str], on_progress: Progress | None = None) -> np.ndarray:
-    """``(len(paths), 472, 28, 28)`` float16 pyramid features."""
-    import torch
-    from PIL import Image
-
-    from medloupe.mini.backbone import PYRAMID_DIM, build_backbone, preprocess
-
-    net = build_backbone()
-    out = np.zeros((len(paths), PYRAMID_DIM, GRID, GRID), np.float16)
-    batch = 16
-    for start in range(0, len(paths), batch):
-        chunk = paths[start : start + batch]
-        x = np.stack([preprocess(np.asarray(Image.open(p).convert("RGB"))) for p in chunk])
-        with torch.inference_mode():
-            out[start : start + len(chunk)] = net.pyramid(torch.from_numpy(x)).numpy()
-        if on_progress:
-            on_progress("grounder images", start + len(chunk), len(paths))
-    return out
 
 
 def priors_for(
@@ -99,7 +79,7 @@ def train_grounder(
     labels = sorted({e.label for e in examples})
     images = sorted({e.image for e in examples})
     img_index = {p: i for i, p in enumerate(images)}
-    feats = pyramid_features(images, on_progress)
+    feats = image_features(images, pyramid=True, stage="grounder images", on_progress=on_progress)
     maps = np.stack([box_map(list(e.boxes), e.width, e.height) for e in examples])
     text = TextEmbedder()
     label_emb = dict(zip(labels, text.encode([lab.lower() for lab in labels]), strict=True))
