@@ -134,6 +134,11 @@ def _print_answer(answer: GroundedAnswer, run: Run) -> None:
         body += f"\n  region {i}: {region.label} [{box}] from {source}"
     for c in answer.citations:
         body += f"\n  cites {c.document}{' - ' + c.section if c.section else ''}"
+    prov = answer.provenance
+    model = prov.vlm or "none (evidence only)"
+    if prov.vlm_default:
+        model += " - medloupe-mini, the default (no VLM configured; --vlm to choose one)"
+    body += f"\n[dim]model: {model}; answer from {prov.answer_source}[/dim]"
     body += f"\n[dim]{answer.disclaimer}[/dim]"
     out_console.print(
         Panel(body, title=f"medloupe - {run.run_id}", subtitle=str(run.dir)), highlight=False
