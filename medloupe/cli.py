@@ -397,10 +397,9 @@ def serve_vlm(
     from medloupe.agents.server import default_served_name, serve
     from medloupe.errors import MedloupeError
 
-    if model in backend_schemes():
-        spec = f"{model}:"  # e.g. "mini": the model shipped in the package
-    else:
-        spec = model if ":" in model.split("/")[0] else f"hf:{model}"
+    # a spec, or a bare scheme ("mini": the model shipped in the package); else a hub id/folder
+    is_spec = ":" in model.split("/")[0] or model in backend_schemes()
+    spec = model if is_spec else f"hf:{model}"
     try:
         backend = load_backend(spec)
         if hasattr(backend, "load"):

@@ -10,7 +10,16 @@ from __future__ import annotations
 import re
 
 from medloupe.io.records import ImageRecord
-from medloupe.schemas import Claim, Draft, Evidence, GroundedAnswer, Plan, PlannedCall, Region
+from medloupe.schemas import (
+    Box,
+    Claim,
+    Draft,
+    Evidence,
+    GroundedAnswer,
+    Plan,
+    PlannedCall,
+    Region,
+)
 from medloupe.tools.registry import ToolRegistry
 
 NO_VLM_NOTE = "no vision-language model configured: the first look is skipped"
@@ -81,6 +90,11 @@ def heuristic_plan(question: str, registry: ToolRegistry, image: ImageRecord, dr
 
 def _ok(evidence: list[Evidence], tool: str) -> list[Evidence]:
     return [e for e in evidence if e.tool == tool and e.status == "ok"]
+
+
+def _box_text(box: Box) -> str:
+    """``[x0, y0, x1, y1]`` in whole pixels, as answers and claims print boxes."""
+    return "[" + ", ".join(f"{v:.0f}" for v in box) + "]"
 
 
 def _grounded(question: str, evidence: list[Evidence]) -> Evidence | None:
@@ -187,7 +201,7 @@ def compose_answer(
         confidence = min(confidence, WBC_COUNT_CONFIDENCE)
     if counts and _LOCATE_WBC_Q.search(question) and counts[0].regions:
         cells = counts[0].regions  # largest first
-        boxes = "; ".join("[" + ", ".join(f"{v:.0f}" for v in r.box_xyxy) + "]" for r in cells)
+        boxes = "; ".join(_box_text(r.box_xyxy) for r in cells)
         claims.append(
             Claim(
                 text=(
@@ -205,7 +219,7 @@ def compose_answer(
     if grounded is not None and not (counts and _LOCATE_WBC_Q.search(question)):
         out = grounded.output or {}
         top = grounded.regions[0]
-        box = "[" + ", ".join(f"{v:.0f}" for v in top.box_xyxy) + "]"
+        box = _box_text(top.box_xyxy)
         claims.append(
             Claim(
                 text=(

@@ -49,7 +49,6 @@ class MiniBackend:
     def __init__(self, folder: str | Path | None = None) -> None:
         from medloupe.mini.answerer import MiniAnswerer
 
-        self._given = folder is not None and str(folder) != ""
         self.folder = model_folder(folder or None)
         if not (self.folder / "answerer.json").is_file():
             raise BackendSpecError(
@@ -66,7 +65,7 @@ class MiniBackend:
 
     @property
     def spec(self) -> str:
-        if not self._given and self.folder == BUNDLED:
+        if self.folder == BUNDLED:
             return "mini:"
         return f"mini:{self.folder}"
 
