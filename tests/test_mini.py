@@ -36,16 +36,24 @@ def test_backbone_recognises_grace_hopper_uniform() -> None:
 
 def test_question_options() -> None:
     assert question_options("Is there a pneumothorax?") == ["yes", "no"]
-    assert question_options("Is the lesion in the apex or base?") == ["apex", "base"]
+    assert question_options("Is the lesion in the apex or base?") == ["apex", "base", "yes", "no"]
+    assert question_options("Any epidural or subdural hematoma?") == [
+        "epidural", "subdural", "yes", "no",
+    ]  # fmt: skip
     assert question_options("Which side is the effusion on, left or right?") == ["left", "right"]
     assert question_options("What organ is shown?") is None
     known = {"apex", "base", "contrast", "non contrast", "yes", "no"}
     q = "Are the ground glass opacities located more in the apex or base of the lung?"
-    assert question_options(q, known) == ["apex", "base"]
-    assert question_options("Is this a contrast or non contrast CT?", known) == [
+    assert question_options(q, known) == ["apex", "base", "yes", "no"]
+    assert question_options("Is this a contrast or non contrast CT?", known)[:2] == [
         "contrast",
         "non contrast",
     ]
+    assert question_options("Was it contrast or non-contrast?") == [
+        "contrast", "non contrast", "yes", "no",
+    ]  # fmt: skip
+    which = "Which is it, contrast or non contrast?"
+    assert question_options(which) == ["contrast", "non contrast"]
     assert question_options("Is the mass enhancing or not?") == ["yes", "no"]
 
 
@@ -103,7 +111,7 @@ def test_quick_training_run_is_seeded_and_loads(shared_datasets: Path, tmp_path:
         assert proc.returncode == 0, proc.stderr
     meta_a = json.loads((tmp_path / "a" / "answerer.json").read_text())
     meta_b = json.loads((tmp_path / "b" / "answerer.json").read_text())
-    for key in ("vocab", "temperature", "epochs", "held_out"):
+    for key in ("vocab", "temperature", "epochs", "yesno", "held_out"):
         assert meta_a[key] == meta_b[key]  # same seed, same model
     ground_a = json.loads((tmp_path / "a" / "grounder.json").read_text())
     ground_b = json.loads((tmp_path / "b" / "grounder.json").read_text())
@@ -127,6 +135,43 @@ def test_quick_training_run_is_seeded_and_loads(shared_datasets: Path, tmp_path:
     assert missing.returncode == 2 and "trainset.json" in missing.stderr
 
 
+def test_yes_no_gate_trusts_each_expert_where_it_was_right() -> None:
+    """The gate, fitted on out-of-fold logits, learns per kind of image which expert to follow:
+    on images of one kind (first principal component high) the image expert's logits carry the
+    answer and the question expert's are noise, on the other kind the reverse."""
+    from medloupe.mini.yesno import Principal, _fit_gate, gate_features
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    kind = rng.random(n) < 0.5
+    features = rng.normal(size=(n, 16)) * 0.1
+    features[:, 0] += np.where(kind, 3.0, -3.0)  # two kinds of image
+    yes = rng.random(n) < 0.5
+    signal = np.where(yes, 2.0, -2.0) + rng.normal(size=n)
+    noise = rng.normal(size=n) * 2.0
+    image_logit = np.where(kind, signal, noise)
+    question_logit = np.where(kind, noise, signal)
+    principal = Principal.fit(features, k=2)
+    w, b = _fit_gate(gate_features(image_logit, question_logit, principal(features)), yes)
+    gated = gate_features(image_logit, question_logit, principal(features)) @ w + b
+    accuracy = np.mean((gated > 0) == yes)
+    either_alone = max(np.mean((image_logit > 0) == yes), np.mean((question_logit > 0) == yes))
+    assert accuracy > 0.9 and either_alone < 0.8
+
+
+def test_an_answerer_of_an_older_format_is_refused_with_the_fix(
+    small_mini: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(small_mini, old)
+    meta = json.loads((old / "answerer.json").read_text())
+    (old / "answerer.json").write_text(json.dumps(meta | {"format": "medloupe-mini-answerer/1"}))
+    with pytest.raises(ValueError, match="medloupe train mini"):
+        MiniAnswerer(old).predict(np.zeros((32, 32, 3), np.uint8), "Is there a mass?")
+
+
 @pytest.fixture(scope="module")
 def small_mini(shared_datasets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from medloupe.mini.train import train_answerer
@@ -136,7 +181,10 @@ def small_mini(shared_datasets: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-@pytest.mark.parametrize("question", ["Is the heart enlarged?", "Is this the apex or base?"])
+@pytest.mark.parametrize(
+    "question",
+    ["Is the heart enlarged?", "Is this the apex or base?", "Which lung, left or right?"],
+)
 def test_closed_questions_answer_from_their_options(question: str, small_mini: Path) -> None:
     p = MiniAnswerer(small_mini).predict(np.zeros((32, 32, 3), np.uint8), question)
     assert p.options is not None and p.answer in p.options

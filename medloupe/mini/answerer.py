@@ -1,11 +1,11 @@
 """medloupe-mini's answerer: frozen EfficientNet-Lite0 image features + the bundled MiniLM
 question embedding -> a small MLP over the training answers, temperature-calibrated.
 
-At inference a closed question is answered from the options it allows: yes/no for a
-yes/no question (with a "yes" logit offset fitted on held-out training images), or the options
-it names ("apex or base?"); an open question from the whole answer vocabulary.
-Checkpoint: ``answerer.pt`` (tensors only) + ``answerer.json`` (vocabulary, temperature, yes
-offset, dimensions, data and held-out metrics).
+At inference a yes/no question goes to :mod:`medloupe.mini.yesno` (an image expert and a
+question expert weighed per image by a gate); a question naming its options ("apex or base?")
+is answered from those options, an open question from the whole answer vocabulary.
+Checkpoint: ``answerer.pt`` and ``yesno.pt`` (tensors only) + ``answerer.json`` (vocabulary,
+temperature, dimensions, data and held-out metrics).
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ from typing import Any
 import numpy as np
 
 from medloupe.evaluation.scoring import canonical, normalise
+from medloupe.mini.yesno import YesNo, asks_yes_or_no
 
-_YESNO_START = re.compile(
-    r"^\s*(is|are|does|do|did|was|were|can|could|has|have|had|will|would|should|shall|may|"
-    r"might|must)\b",
-    re.I,
-)
+FORMAT = "medloupe-mini-answerer/2"
+
 # "A or B" anywhere in the question, up to three words each side ("a contrast or non contrast
 # CT", "more in the apex or base of the lung"); "or not" is a yes/no question
 _OPTIONS = re.compile(
@@ -33,29 +31,36 @@ _OPTIONS = re.compile(
 )
 
 
+_NEGATING = {"non", "not", "no", "un"}
+
+
 def _side(words: list[str], vocab: set[str] | None, from_end: bool) -> str:
     """The option one side of "or" names: the longest run of words next to "or" that is a
-    trained answer, else the single word next to "or"."""
+    trained answer, else the single word next to "or" ("non contrast" after "or" is kept
+    whole)."""
     for n in range(len(words), 0, -1):
         phrase = " ".join(words[-n:] if from_end else words[:n])
         if vocab is not None and canonical(phrase) in vocab:
             return canonical(phrase)
+    if not from_end and len(words) > 1 and words[0].lower() in _NEGATING:
+        return canonical(" ".join(words[:2]))
     return canonical(words[-1] if from_end else words[0])
 
 
 def question_options(question: str, vocab: set[str] | None = None) -> list[str] | None:
     """The answers a closed question allows: the two options it names ("... apex or base of
     the lung?"; with ``vocab``, multi-word options the model knows are kept whole, e.g. "non
-    contrast"), ``["yes", "no"]`` for a yes/no question, or ``None`` (open)."""
+    contrast"), ``["yes", "no"]`` for a yes/no question, both for a yes/no question that names
+    options ("Is there epidural or subdural hematoma?" may be answered "no"), or ``None``
+    (open)."""
+    yes_no = ["yes", "no"] if asks_yes_or_no(question) else []
     m = _OPTIONS.search(question)
     if m:
         left = _side(m.group(1).split(), vocab, from_end=True)
         right = _side(m.group(2).split(), vocab, from_end=False)
         if left != right:
-            return [left, right]
-    if _YESNO_START.match(question):
-        return ["yes", "no"]
-    return None
+            return [left, right, *(o for o in yes_no if o not in (left, right))]
+    return yes_no or None
 
 
 def build_head(in_dim: int, hidden: int, classes: int, dropout: float = 0.3) -> Any:
@@ -82,13 +87,13 @@ class MiniAnswerer:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self._lock = threading.Lock()
-        self._loaded: tuple[Any, Any, Any, dict[str, Any]] | None = None
+        self._loaded: _Loaded | None = None
 
     def load(self) -> None:
         """Load the weights now (they load on first use otherwise)."""
         self._load()
 
-    def _load(self) -> tuple[Any, Any, Any, dict[str, Any]]:
+    def _load(self) -> _Loaded:
         with self._lock:
             if self._loaded is None:
                 import torch
@@ -97,17 +102,27 @@ class MiniAnswerer:
                 from medloupe.mini.backbone import build_backbone
 
                 meta = json.loads((self.folder / "answerer.json").read_text(encoding="utf-8"))
+                if meta.get("format") != FORMAT:
+                    raise ValueError(
+                        f"{self.folder} holds a {meta.get('format')!r} answerer; this medloupe "
+                        f"reads {FORMAT!r} (it answers yes/no questions with a gated pair of "
+                        "experts): retrain it with `medloupe train mini --out "
+                        f"{self.folder}`, or use the shipped model (`--vlm mini:`)"
+                    )
                 head = build_head(meta["in_dim"], meta["hidden"], len(meta["vocab"]))
                 state = torch.load(
                     self.folder / "answerer.pt", map_location="cpu", weights_only=True
                 )
                 head.load_state_dict(state)
-                self._loaded = (build_backbone(), head.eval(), TextEmbedder(), meta)
+                yesno = YesNo(
+                    torch.load(self.folder / "yesno.pt", map_location="cpu", weights_only=True)
+                )
+                self._loaded = _Loaded(build_backbone(), head.eval(), yesno, TextEmbedder(), meta)
             return self._loaded
 
     @property
     def meta(self) -> dict[str, Any]:
-        return self._load()[3]
+        return self._load().meta
 
     def predict(self, rgb: np.ndarray, question: str) -> Prediction:
         """Answer ``question`` about ``rgb`` (``(H, W, 3)`` uint8)."""
@@ -115,29 +130,44 @@ class MiniAnswerer:
 
         from medloupe.mini.backbone import preprocess
 
-        backbone, head, text, meta = self._load()
+        m = self._load()
         with torch.inference_mode():
-            img = backbone.features(torch.from_numpy(preprocess(rgb))[None])[0].numpy()
-        q = text.encode([question])[0]
-        logits = head_logits(head, img, q) / float(meta["temperature"])
-        vocab: list[str] = meta["vocab"]
+            img = m.backbone.features(torch.from_numpy(preprocess(rgb))[None])[0].numpy()
+        q = m.text.encode([question])[0]
+        vocab: list[str] = m.meta["vocab"]
         options = question_options(question, set(vocab))
-        allowed = np.ones(len(vocab), bool)
-        if options:
-            allowed = np.array([v in options for v in vocab])
-            if not allowed.any():  # named options the model never saw: say the first
-                return Prediction(options[0], 1.0 / len(options), options)
-        if options == ["yes", "no"] and "yes" in vocab:
-            logits = logits.copy()
-            logits[vocab.index("yes")] += float(meta.get("yes_bias", 0.0))
-        masked = np.where(allowed, logits, -np.inf)
-        probs = np.exp(masked - masked.max())
-        probs /= probs.sum()
-        k = int(np.argmax(probs))
-        confidence = float(probs[k])
-        if options:  # named options the model never saw share the mass it cannot place
-            confidence *= int(allowed.sum()) / len(options)
-        return Prediction(vocab[k], confidence, options)
+        if options == ["yes", "no"]:
+            p_yes = float(m.yesno.probabilities(img[None], q[None])["gated"][0])
+            return Prediction("yes" if p_yes >= 0.5 else "no", max(p_yes, 1.0 - p_yes), options)
+        logits = head_logits(m.head, img, q) / float(m.meta["temperature"])
+        return choose(logits, vocab, options)
+
+
+@dataclass
+class _Loaded:
+    backbone: Any
+    head: Any
+    yesno: YesNo
+    text: Any
+    meta: dict[str, Any]
+
+
+def choose(logits: np.ndarray, vocab: list[str], options: list[str] | None) -> Prediction:
+    """The most probable answer among those ``options`` allows (all of ``vocab`` when
+    ``None``), from temperature-scaled ``logits`` over ``vocab``."""
+    allowed = np.ones(len(vocab), bool)
+    if options:
+        allowed = np.array([v in options for v in vocab])
+        if not allowed.any():  # named options the model never saw: say the first
+            return Prediction(options[0], 1.0 / len(options), options)
+    masked = np.where(allowed, logits, -np.inf)
+    probs = np.exp(masked - masked.max())
+    probs /= probs.sum()
+    k = int(np.argmax(probs))
+    confidence = float(probs[k])
+    if options:  # named options the model never saw share the mass it cannot place
+        confidence *= int(allowed.sum()) / len(options)
+    return Prediction(vocab[k], confidence, options)
 
 
 def head_logits(

@@ -85,6 +85,13 @@ def held_out(image: str, fraction: float = 0.1) -> bool:
     return (h % 1000) < fraction * 1000
 
 
+def fold(image: str, folds: int) -> int:
+    """The cross-validation fold of an image, in ``[0, folds)`` (a stable hash of its path's
+    name, independent of :func:`held_out`'s)."""
+    p = Path(image)
+    return int(hashlib.sha256(f"{p.parent.name}/{p.name}".encode()).hexdigest()[8:16], 16) % folds
+
+
 @dataclass(frozen=True)
 class BoxExample:
     """One grounding target: image path, size, label, modality, its boxes (XYXY pixels)."""

