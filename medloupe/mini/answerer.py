@@ -20,9 +20,21 @@ from typing import Any
 import numpy as np
 
 from medloupe.evaluation.scoring import canonical, normalise
-from medloupe.mini.yesno import YesNo, asks_yes_or_no
+from medloupe.mini.yesno import YesNo
 
 FORMAT = "medloupe-mini-answerer/2"
+
+_YESNO_START = re.compile(
+    r"^\s*(is|are|does|do|did|was|were|can|could|has|have|had|will|would|should|shall|may|"
+    r"might|must|any|anything)\b",
+    re.I,
+)
+
+
+def asks_yes_or_no(question: str) -> bool:
+    """Whether a question opens the way yes/no questions do ("Is ...", "Does ...", "Any ...")."""
+    return bool(_YESNO_START.match(question))
+
 
 # "A or B" anywhere in the question, up to three words each side ("a contrast or non contrast
 # CT", "more in the apex or base of the lung"); "or not" is a yes/no question

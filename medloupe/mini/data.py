@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from medloupe.evaluation.data import is_closed
 from medloupe.evaluation.scoring import canonical
@@ -76,6 +77,17 @@ def training_examples(datasets: str | Path) -> list[Example]:
         closed = is_closed(row.get("answer_type"))
         out.append(Example(image, row["question"], answer_key(str(row["answer"])), closed, "slake"))
     return out
+
+
+T = TypeVar("T")
+
+
+def every_kth(items: list[T], at_most: int | None) -> list[T]:
+    """``items``, or every k-th of them so that at most ``at_most`` remain (quick training runs
+    and tests; ``None`` keeps all)."""
+    if at_most is None or len(items) <= at_most:
+        return items
+    return items[:: -(-len(items) // at_most)]
 
 
 def held_out(image: str, fraction: float = 0.1) -> bool:

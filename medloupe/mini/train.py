@@ -24,7 +24,7 @@ import numpy as np
 
 from medloupe.mini import yesno
 from medloupe.mini.answerer import FORMAT, build_head, choose, question_options
-from medloupe.mini.data import Example, fold, held_out, training_examples
+from medloupe.mini.data import Example, every_kth, fold, held_out, training_examples
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -86,10 +86,7 @@ def train_answerer(
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    examples = training_examples(datasets)
-    if max_examples is not None and len(examples) > max_examples:
-        step = -(-len(examples) // max_examples)
-        examples = examples[::step]
+    examples = every_kth(training_examples(datasets), max_examples)
     images = sorted({e.image for e in examples})
     img_index = {p: i for i, p in enumerate(images)}
     img_feats = image_features(images, on_progress=on_progress)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from medloupe.evaluation.scoring import iou
-from medloupe.mini.data import BoxExample, grounding_examples, held_out
+from medloupe.mini.data import BoxExample, every_kth, grounding_examples, held_out
 from medloupe.mini.grounder import (
     GRID,
     MODALITIES,
@@ -72,10 +72,7 @@ def train_grounder(
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    examples = grounding_examples(datasets)
-    if max_examples is not None and len(examples) > max_examples:
-        step = -(-len(examples) // max_examples)
-        examples = examples[::step]
+    examples = every_kth(grounding_examples(datasets), max_examples)
     labels = sorted({e.label for e in examples})
     images = sorted({e.image for e in examples})
     img_index = {p: i for i, p in enumerate(images)}

@@ -27,7 +27,6 @@ Tensors live in ``yesno.pt``; dimensions and held-out accuracies in ``answerer.j
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,17 +40,6 @@ GATE_DIMS = 4
 FOLDS = 5
 GATE_C = 1.0  # inverse L2 strength of the gate, as in scikit-learn's LogisticRegression
 
-_YESNO_START = re.compile(
-    r"^\s*(is|are|does|do|did|was|were|can|could|has|have|had|will|would|should|shall|may|"
-    r"might|must|any|anything)\b",
-    re.I,
-)
-
-
-def asks_yes_or_no(question: str) -> bool:
-    """Whether a question opens the way yes/no questions do ("Is ...", "Does ...", "Any ...")."""
-    return bool(_YESNO_START.match(question))
-
 
 def build_expert(in_dim: int, hidden: int = HIDDEN) -> Any:
     """MLP ``in_dim -> hidden -> 1`` (ReLU, dropout 0.3): the logit of "yes"."""
@@ -60,6 +48,22 @@ def build_expert(in_dim: int, hidden: int = HIDDEN) -> Any:
     return nn.Sequential(
         nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(0.3), nn.Linear(hidden, 1)
     )
+
+
+def _inputs(image_features: np.ndarray, question_embeddings: np.ndarray) -> tuple[Any, Any]:
+    """The image expert's ``(N, 1664)`` and the question expert's ``(N, 384)`` float32 inputs."""
+    import torch
+
+    both = np.concatenate([image_features, question_embeddings], 1).astype(np.float32)
+    return torch.from_numpy(both), torch.from_numpy(question_embeddings.astype(np.float32))
+
+
+def _load_expert(weights: dict[str, Any]) -> Any:
+    """An expert from its state dict (dimensions read from the first layer)."""
+    first = weights["0.weight"]
+    net = build_expert(int(first.shape[1]), int(first.shape[0]))
+    net.load_state_dict(weights)
+    return net.eval()
 
 
 def gate_features(image_logit: np.ndarray, question_logit: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -161,10 +165,7 @@ def train_yesno(
     """
     import torch
 
-    xi = torch.from_numpy(
-        np.concatenate([image_features, question_embeddings], 1).astype(np.float32)
-    )
-    xq = torch.from_numpy(question_embeddings.astype(np.float32))
+    xi, xq = _inputs(image_features, question_embeddings)
     y = torch.from_numpy(answers_yes.astype(np.float32))
     oof_i = np.zeros(len(y))
     oof_q = np.zeros(len(y))
@@ -203,18 +204,8 @@ class YesNo:
         def sub(prefix: str) -> dict[str, Any]:
             return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
-        image = sub("image.")
-        question = sub("question.")
-        self.image_expert = build_expert(
-            int(image["0.weight"].shape[1]), int(image["0.weight"].shape[0])
-        )
-        self.image_expert.load_state_dict(image)
-        self.image_expert.eval()
-        self.question_expert = build_expert(
-            int(question["0.weight"].shape[1]), int(question["0.weight"].shape[0])
-        )
-        self.question_expert.load_state_dict(question)
-        self.question_expert.eval()
+        self.image_expert = _load_expert(sub("image."))
+        self.question_expert = _load_expert(sub("question."))
         self.principal = Principal(
             state["pca.mean"].numpy().astype(np.float64),
             state["pca.components"].numpy().astype(np.float64),
@@ -229,12 +220,7 @@ class YesNo:
         """P(yes) ``(N,)`` from ``(N, 1280)`` image features and ``(N, 384)`` question
         embeddings: ``"gated"`` (the answer), and each expert's own (``"image"``,
         ``"question"``) for reports."""
-        import torch
-
-        xi = torch.from_numpy(
-            np.concatenate([image_features, question_embeddings], 1).astype(np.float32)
-        )
-        xq = torch.from_numpy(question_embeddings.astype(np.float32))
+        xi, xq = _inputs(image_features, question_embeddings)
         li, lq = _logits(self.image_expert, xi), _logits(self.question_expert, xq)
         z = self.principal(image_features.astype(np.float64))
         gated = gate_features(li, lq, z).astype(np.float64) @ self.weight + self.bias
