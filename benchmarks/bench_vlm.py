@@ -45,6 +45,12 @@ def p95(values: list[float]) -> float:
     return float(np.percentile(values, 95))
 
 
+def gpu_name() -> str:
+    import torch
+
+    return f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,6 +98,21 @@ async def concurrent(
     return total / (time.perf_counter() - t0), latencies
 
 
+def caller_threads(backend: TransformersBackend, store: ArtifactStore, n: int, total: int) -> float:
+    """Requests/s when ``n`` threads call the in-process backend at once (no HTTP)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prepared = [messages(store, i % 8) for i in range(total)]
+    with ThreadPoolExecutor(n) as pool:
+        t0 = time.perf_counter()
+        list(
+            pool.map(
+                lambda m: backend.complete_sync(m, store=store, max_tokens=ANSWER_TOKENS), prepared
+            )
+        )
+        return total / (time.perf_counter() - t0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if present)")
@@ -121,6 +142,7 @@ def main() -> None:
         # in process
         asyncio.run(sequential(local, store, 3))  # warm-up (load, first kernels)
         in_proc = asyncio.run(sequential(local, store, 20))
+        threaded = {n: caller_threads(local, store, n, max(24, 3 * n)) for n in (1, 4, 16)}
 
         # served in a separate process
         port = free_port()
@@ -177,6 +199,11 @@ def main() -> None:
             "",
         ),
         ("HTTP path / in process", f"{ratio:.2f}x", "< 1.2x"),
+        (
+            "in process, 1 / 4 / 16 caller threads: requests/s",
+            " / ".join(f"{threaded[n]:.1f}" for n in (1, 4, 16)),
+            "",
+        ),
     ]
     for c, (rps, lat) in conc.items():
         rows.append(
@@ -197,7 +224,7 @@ def main() -> None:
         "VLM serving, tiny random-weight Qwen2.5-VL",
         rows,
         columns=("measure", "result", "goal"),
-        context=machine(f"model on {device}"),
+        context=machine(f"model on {device}{gpu_name()}"),
         note=(
             "The tiny model (2 layers, hidden 64) makes generation cheap, so the HTTP share is "
             "shown at its largest; with a real 3B-7B model the same fixed per-request cost is a "

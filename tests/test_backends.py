@@ -111,6 +111,43 @@ def test_transformers_backend_loads_lazily_and_constrains_json(
     assert plain.usage.prompt_tokens < gen.usage.prompt_tokens  # the image added its tokens
 
 
+def test_generation_runs_on_one_thread_whoever_asks(
+    tiny_vlm_dir: Path, store: ArtifactStore
+) -> None:
+    """Requests from many threads and event loops queue for the model's one generation thread
+    (on CUDA a different driving thread per request cost 2-4x; see BENCHMARKS.md)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = TransformersBackend(str(tiny_vlm_dir))
+    backend.load()
+    seen: list[str] = []
+    running = threading.Semaphore(1)  # fails if two generate calls overlap
+    generate = backend._model.generate
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        assert running.acquire(blocking=False), "two generate calls at once"
+        try:
+            seen.append(threading.current_thread().name)
+            return generate(*args, **kwargs)
+        finally:
+            running.release()
+
+    backend._model.generate = recording
+    msgs = image_message(store)
+    with ThreadPoolExecutor(4) as pool:
+        done = list(
+            pool.map(
+                lambda i: asyncio.run(backend.generate(msgs, store=store, max_tokens=2)),
+                range(8),
+            )
+        )
+    backend.complete_sync(msgs, store=store, max_tokens=2)  # the caller's own thread too
+    assert len(done) == 8 and all(g.usage.completion_tokens >= 1 for g in done)
+    assert len(seen) == 9 and len(set(seen)) == 1
+    assert seen[0].startswith("medloupe-generate") and seen[0] != threading.current_thread().name
+
+
 def test_images_above_the_models_pixel_cap_are_downscaled(
     tiny_backend: TransformersBackend, store: ArtifactStore
 ) -> None:

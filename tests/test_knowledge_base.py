@@ -21,6 +21,7 @@ from medloupe.knowledge_base.image_embedders import (
     PixelEmbedder,
     reciprocal_rank_fusion,
 )
+from medloupe.knowledge_base.index import faiss_gpus
 from medloupe.knowledge_base.loaders import LoadReport, load_openstax, load_source
 from tests.conftest import SHARED, cli_env
 from tests.kb_docs import (
@@ -112,6 +113,7 @@ def test_a_corrupt_document_fails_alone_with_its_name(kb: KnowledgeBase) -> None
     failed = kb.manifest["failed_documents"]
     assert len(failed) == 1 and "broken.pdf" in failed[0]
     assert len(kb.info()["documents"]) == 3
+    assert kb.info()["search_device"] == ("cpu" if not faiss_gpus() else f"{faiss_gpus()} GPU(s)")
 
 
 def test_unsupported_and_absent_sources_are_reported(tmp_path: Path) -> None:

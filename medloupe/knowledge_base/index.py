@@ -105,12 +105,20 @@ def build_faiss_index(vectors: np.ndarray) -> Any:
     return index
 
 
+def faiss_gpus() -> int:
+    """How many GPUs the installed FAISS build can use (0 for ``faiss-cpu``)."""
+    import faiss
+
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
 def to_device(index: Any) -> Any:
     """The index on all GPUs when FAISS sees any, else unchanged (CPU)."""
     import faiss
 
-    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-        log.info("FAISS index moved to %d GPU(s)", faiss.get_num_gpus())
+    gpus = faiss_gpus()
+    if gpus > 0:
+        log.info("FAISS index moved to %d GPU(s)", gpus)
         return faiss.index_cpu_to_all_gpus(index)
     return index
 
@@ -239,7 +247,14 @@ class KnowledgeBase:
     def info(self) -> dict[str, Any]:
         kinds = dict(self._db.execute("SELECT kind, COUNT(*) FROM passages GROUP BY kind"))
         docs = [r[0] for r in self._db.execute("SELECT DISTINCT document FROM passages")]
-        return {**self.manifest, "kinds": kinds, "documents": docs, "path": str(self.path)}
+        gpus = faiss_gpus()
+        return {
+            **self.manifest,
+            "kinds": kinds,
+            "documents": docs,
+            "path": str(self.path),
+            "search_device": f"{gpus} GPU(s)" if gpus else "cpu",
+        }
 
     def close(self) -> None:
         self._db.close()
