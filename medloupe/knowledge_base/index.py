@@ -46,7 +46,9 @@ import numpy as np
 from medloupe.errors import KnowledgeBaseError
 from medloupe.knowledge_base.embedders import TextEmbedder
 from medloupe.knowledge_base.image_embedders import (
+    BACKBONE_ID,
     PIXELS_ID,
+    BackboneImageEmbedder,
     ClipImageEmbedder,
     ImageEmbedder,
     PixelEmbedder,
@@ -392,6 +394,8 @@ class KnowledgeBase:
 def _image_embedder_for(embedder_id: str) -> ImageEmbedder:
     if embedder_id == PIXELS_ID:
         return PixelEmbedder()
+    if embedder_id == BACKBONE_ID:
+        return BackboneImageEmbedder()
     return ClipImageEmbedder(embedder_id)
 
 
