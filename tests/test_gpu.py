@@ -109,6 +109,20 @@ def test_clip_image_embedder_on_cuda_matches_the_cpu(tmp_path: Path) -> None:
     np.testing.assert_allclose(vg, vc, atol=1e-4)
 
 
+@needs_cuda
+def test_backbone_image_embedder_on_cuda_matches_the_cpu() -> None:
+    from medloupe.knowledge_base.image_embedders import BackboneImageEmbedder
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (90 + 20 * i, 120, 3), dtype=np.uint8) for i in range(4)]
+    on_gpu = BackboneImageEmbedder()
+    vg = on_gpu.encode_images(images)
+    assert next(on_gpu._net.parameters()).device.type == "cuda"
+    vc = BackboneImageEmbedder(device="cpu").encode_images(images)
+    assert vg.shape == vc.shape == (4, 1280)
+    np.testing.assert_allclose(vg, vc, atol=2e-3)  # TF32 convolutions on the GPU
+
+
 @pytest.mark.skipif(
     not faiss_gpus(), reason="the installed faiss sees no GPU (pip install 'medloupe[gpu]')"
 )

@@ -108,9 +108,11 @@ def build_faiss_index(vectors: np.ndarray) -> Any:
 
 
 def faiss_gpus() -> int:
-    """How many GPUs the installed FAISS build can use (0 for ``faiss-cpu``)."""
-    import faiss
-
+    """How many GPUs the installed FAISS build can use (0 for ``faiss-cpu``, or no FAISS)."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
     return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
 
 
