@@ -166,3 +166,33 @@ def write_image_pdf(path: Path, kind: str = "grid") -> Path:
     """A one-page PDF that holds an embedded image (written by Pillow)."""
     Image.fromarray(picture(kind, 300)).save(path, format="PDF", resolution=72.0)
     return path
+
+
+def write_tiny_clip(folder: Path) -> Path:
+    """A CLIP model with random weights (the real architecture, 24-d projections, 32 px
+    input) and its image processor, saved in ``folder``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "vocab_size": 99,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=24,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(folder)
+    return folder

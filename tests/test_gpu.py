@@ -73,32 +73,10 @@ def test_sam_masks_on_cuda_match_the_cpu(tmp_path: Path) -> None:
 
 @needs_cuda
 def test_clip_image_embedder_on_cuda_matches_the_cpu(tmp_path: Path) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
     from medloupe.knowledge_base.image_embedders import ClipImageEmbedder
+    from tests.kb_docs import write_tiny_clip
 
-    cfg = CLIPConfig(
-        text_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_attention_heads": 4,
-            "num_hidden_layers": 2,
-            "vocab_size": 99,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_attention_heads": 4,
-            "num_hidden_layers": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=24,
-    )
-    CLIPModel(cfg).save_pretrained(tmp_path)
-    CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(tmp_path)
+    write_tiny_clip(tmp_path)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(5)]
     on_gpu = ClipImageEmbedder(str(tmp_path))

@@ -34,6 +34,7 @@ from tests.kb_docs import (
     write_jsonl,
     write_markdown,
     write_pdf,
+    write_tiny_clip,
 )
 
 OPENSTAX = SHARED / "textbooks" / "openstax-ap2e"
@@ -298,32 +299,7 @@ def test_pixel_embedder_shapes_and_similarity() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    config = CLIPConfig(
-        text_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_attention_heads": 4,
-            "num_hidden_layers": 2,
-            "vocab_size": 99,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_attention_heads": 4,
-            "num_hidden_layers": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=24,
-    )
-    CLIPModel(config).save_pretrained(folder)
-    CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(folder)
-    return folder
+    return write_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 def test_clip_image_embedder_loads_a_real_architecture_and_builds_a_kb(
