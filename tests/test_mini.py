@@ -36,25 +36,42 @@ def test_backbone_recognises_grace_hopper_uniform() -> None:
 
 def test_question_options() -> None:
     assert question_options("Is there a pneumothorax?") == ["yes", "no"]
-    assert question_options("Is the lesion in the apex or base?") == ["apex", "base", "yes", "no"]
+    # naming options: the answer is one of them, not yes/no ...
+    assert question_options("Is the lesion in the apex or base?") == ["apex", "base"]
+    # ... unless the question asks whether one exists
     assert question_options("Any epidural or subdural hematoma?") == [
         "epidural", "subdural", "yes", "no",
     ]  # fmt: skip
+    assert question_options("Is there ectatic or aneurysmal enlargement of the aorta?") == [
+        "ectatic", "aneurysmal", "yes", "no",
+    ]  # fmt: skip
     assert question_options("Which side is the effusion on, left or right?") == ["left", "right"]
     assert question_options("What organ is shown?") is None
-    known = {"apex", "base", "contrast", "non contrast", "yes", "no"}
+    known = {"apex", "base", "contrast", "non contrast", "small bowel", "t1", "t2", "yes", "no"}
     q = "Are the ground glass opacities located more in the apex or base of the lung?"
-    assert question_options(q, known) == ["apex", "base", "yes", "no"]
-    assert question_options("Is this a contrast or non contrast CT?", known)[:2] == [
+    assert question_options(q, known) == ["apex", "base"]
+    assert question_options("Is this a contrast or non contrast CT?", known) == [
         "contrast",
         "non contrast",
     ]
-    assert question_options("Was it contrast or non-contrast?") == [
-        "contrast", "non contrast", "yes", "no",
+    assert question_options("Was it contrast or non-contrast?") == ["contrast", "non contrast"]
+    assert question_options("Does this CT have contrast or no contrast?") == [
+        "contrast", "no contrast",
     ]  # fmt: skip
     which = "Which is it, contrast or non contrast?"
     assert question_options(which) == ["contrast", "non contrast"]
     assert question_options("Is the mass enhancing or not?") == ["yes", "no"]
+    # a list before "or"; a tail both options share or that the left one borrows
+    biggest = "Which is the biggest in this image, bladder, small bowel or rectum?"
+    assert question_options(biggest, known) == ["bladder", "small bowel", "rectum"]
+    assert question_options("Is this a T1 weighted or T2 weighted MRI image?", known) == [
+        "t1", "t2",
+    ]  # fmt: skip
+    denser = "Is the lesion more or less dense than the surrounding tissue?"
+    assert question_options(denser) == ["more dense", "less dense"]
+    assert question_options("Was this MRI taken with or without contrast?") == [
+        "with contrast", "without contrast",
+    ]  # fmt: skip
 
 
 def test_training_data_uses_train_splits_without_dev_images(shared_datasets: Path) -> None:

@@ -203,6 +203,8 @@ class ClipImageEmbedder:
         out: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
             batch = [_as_rgb(im) for im in images[start : start + self.batch_size]]
+            # the processor makes tensors of the arrays in place: give it writable ones
+            batch = [a if a.flags.writeable else a.copy() for a in batch]
             inputs = processor(images=batch, return_tensors="pt")
             pixel_values = inputs["pixel_values"].to(model.device, dtype=model.dtype)
             with self._lock, torch.inference_mode():

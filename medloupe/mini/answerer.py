@@ -36,14 +36,25 @@ def asks_yes_or_no(question: str) -> bool:
     return bool(_YESNO_START.match(question))
 
 
-# "A or B" anywhere in the question, up to three words each side ("a contrast or non contrast
-# CT", "more in the apex or base of the lung"); "or not" is a yes/no question
-_OPTIONS = re.compile(
-    r"\b((?:[\w-]+ ){0,2}[\w-]+)\s+or\s+(?!not\b)([\w-]+(?: [\w-]+){0,2})\s*[?.]?", re.I
-)
-
-
+# "A or B": the first "or" that does not close a yes/no question ("enhancing or not?")
+_OR = re.compile(r"\bor\b(?!\s+not\b)", re.I)
+# yes/no questions that name options and may still be answered yes or no: existence ("Is
+# there epidural or subdural hematoma?" -> no); "Is this a contrast or non contrast CT?" is not
+_EXISTENCE = re.compile(r"^(?:(?:is |are )+there|any|anything|can you)\b|\bevidence\b")
 _NEGATING = {"non", "not", "no", "un"}
+# words that share the right option's tail: "more or less dense", "with or without contrast"
+_SHARING = {"more", "less", "with", "one"}
+
+
+def _both_known(pairs: list[tuple[str, str]], vocab: set[str] | None) -> tuple[str, str]:
+    """Of candidate spellings of two options (most specific first), the first pair ``vocab``
+    holds both of, else the first it holds either of, else the last pair (canonical)."""
+    forms = [(canonical(a), canonical(b)) for a, b in pairs]
+    for need in (2, 1):
+        for a, b in forms:
+            if vocab is not None and (a in vocab) + (b in vocab) >= need:
+                return a, b
+    return forms[-1]
 
 
 def _side(words: list[str], vocab: set[str] | None, from_end: bool) -> str:
@@ -54,24 +65,59 @@ def _side(words: list[str], vocab: set[str] | None, from_end: bool) -> str:
         phrase = " ".join(words[-n:] if from_end else words[:n])
         if vocab is not None and canonical(phrase) in vocab:
             return canonical(phrase)
-    if not from_end and len(words) > 1 and words[0].lower() in _NEGATING:
+    if not from_end and len(words) > 1 and words[0] in _NEGATING:
         return canonical(" ".join(words[:2]))
     return canonical(words[-1] if from_end else words[0])
 
 
+def _pair(left: list[str], right: list[str], vocab: set[str] | None) -> tuple[str, str]:
+    """The two options around "or" from the (normalised) words before and after it."""
+    tail = left[-1]
+    # the right option negates the left: "contrast or no contrast", "ct or non contrast ct"
+    if tail in right[:3] and right[0] in _NEGATING:
+        k = right.index(tail)
+        if len(left) >= k:
+            return canonical(" ".join(left[-k:])), canonical(" ".join(right[: k + 1]))
+    if tail in right[1:3]:  # a shared tail: "t1 weighted or t2 weighted"
+        k = right.index(tail, 1)
+        if len(left) > k:
+            mine, core = left[-1 - k : -1], right[:k]
+            return _both_known(
+                [
+                    (" ".join([*mine, tail]), " ".join([*core, tail])),
+                    ("".join([*mine, tail]), "".join([*core, tail])),
+                    (" ".join(mine), " ".join(core)),
+                ],
+                vocab,
+            )
+    if len(right) > 1:  # the left option shares the right one's tail: "more or less dense"
+        first, second = canonical(f"{tail} {right[1]}"), canonical(" ".join(right[:2]))
+        if first != second and (
+            tail in _SHARING or (vocab is not None and first in vocab and second in vocab)
+        ):
+            return first, second
+    return _side(left, vocab, from_end=True), _side(right, vocab, from_end=False)
+
+
 def question_options(question: str, vocab: set[str] | None = None) -> list[str] | None:
-    """The answers a closed question allows: the two options it names ("... apex or base of
-    the lung?"; with ``vocab``, multi-word options the model knows are kept whole, e.g. "non
-    contrast"), ``["yes", "no"]`` for a yes/no question, both for a yes/no question that names
-    options ("Is there epidural or subdural hematoma?" may be answered "no"), or ``None``
-    (open)."""
+    """The answers a closed question allows: the options it names ("... apex or base of the
+    lung?", "Which is biggest, lung, liver or heart?"; with ``vocab``, multi-word options the
+    model knows are kept whole, e.g. "small bowel"), ``["yes", "no"]`` for a yes/no question,
+    both for a question asking whether one of the options exists ("Is there epidural or
+    subdural hematoma?" may be answered "no"), or ``None`` (open)."""
     yes_no = ["yes", "no"] if asks_yes_or_no(question) else []
-    m = _OPTIONS.search(question)
+    m = _OR.search(question)
     if m:
-        left = _side(m.group(1).split(), vocab, from_end=True)
-        right = _side(m.group(2).split(), vocab, from_end=False)
-        if left != right:
-            return [left, right, *(o for o in yes_no if o not in (left, right))]
+        segments = question[: m.start()].split(",")
+        left = normalise(segments[-1]).split()[-4:]
+        right = normalise(re.split(r"[,?;]|\bor\b", question[m.end() :], flags=re.I)[0]).split()
+        if left and right:
+            listed = [canonical(s) for s in segments[1:-1] if 0 < len(normalise(s).split()) <= 3]
+            options = list(dict.fromkeys([*listed, *_pair(left, right[:4], vocab)]))
+            if len(options) > 1 and all(options):
+                if yes_no and not _EXISTENCE.search(normalise(question)):
+                    return options
+                return [*options, *(o for o in yes_no if o not in options)]
     return yes_no or None
 
 
