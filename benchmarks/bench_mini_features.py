@@ -29,7 +29,7 @@ import numpy as np
 from bench_report import append_section, machine
 
 from medloupe.mini import yesno
-from medloupe.mini.answerer import question_options
+from medloupe.mini.answerer import plain_yes_no
 from medloupe.mini.data import Example, fold, training_examples
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -131,11 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"the shared datasets are absent ({args.data}); nothing to measure")
-    examples = [
-        e
-        for e in training_examples(args.data)
-        if e.answer in ("yes", "no") and question_options(e.question) == ["yes", "no"]
-    ]
+    examples = [e for e in training_examples(args.data) if plain_yes_no(e.question, e.answer)]
     rows: list[tuple[str, str, str]] = []
     for source in args.sources.split(","):
         rows += study(examples, source)

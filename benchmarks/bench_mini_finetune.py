@@ -39,7 +39,7 @@ def prepare(out: Path) -> None:
     from PIL import Image
 
     from medloupe.knowledge_base.embedders import TextEmbedder
-    from medloupe.mini.answerer import question_options
+    from medloupe.mini.answerer import plain_yes_no
     from medloupe.mini.backbone import weights_path
     from medloupe.mini.data import fold, training_examples
 
@@ -47,13 +47,7 @@ def prepare(out: Path) -> None:
     text = TextEmbedder()
     examples = training_examples(DATA)
     for src in SOURCES:
-        ex = [
-            e
-            for e in examples
-            if e.source == src
-            and e.answer in ("yes", "no")
-            and question_options(e.question) == ["yes", "no"]
-        ]
+        ex = [e for e in examples if e.source == src and plain_yes_no(e.question, e.answer)]
         images = sorted({e.image for e in ex})
         where = {p: i for i, p in enumerate(images)}
         pixels = np.stack(

@@ -46,12 +46,7 @@ import numpy as np
 from medloupe.errors import KnowledgeBaseError
 from medloupe.knowledge_base.embedders import TextEmbedder
 from medloupe.knowledge_base.image_embedders import (
-    BACKBONE_ID,
-    PIXELS_ID,
-    BackboneImageEmbedder,
-    ClipImageEmbedder,
     ImageEmbedder,
-    PixelEmbedder,
     image_embedder_from_spec,
     reciprocal_rank_fusion,
 )
@@ -394,11 +389,11 @@ class KnowledgeBase:
 
 
 def _image_embedder_for(embedder_id: str) -> ImageEmbedder:
-    if embedder_id == PIXELS_ID:
-        return PixelEmbedder()
-    if embedder_id == BACKBONE_ID:
-        return BackboneImageEmbedder()
-    return ClipImageEmbedder(embedder_id)
+    """The embedder a manifest names by its id (every id is a spec the reader accepts)."""
+    embedder = image_embedder_from_spec(embedder_id)
+    if embedder is None:
+        raise KnowledgeBaseError(f"the manifest names no image embedder ({embedder_id!r})")
+    return embedder
 
 
 def embed_figures(

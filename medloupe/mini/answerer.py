@@ -74,8 +74,8 @@ def _pair(left: list[str], right: list[str], vocab: set[str] | None) -> tuple[st
     """The two options around "or" from the (normalised) words before and after it."""
     tail = left[-1]
     # the right option negates the left: "contrast or no contrast", "ct or non contrast ct"
-    if tail in right[:3] and right[0] in _NEGATING:
-        k = right.index(tail)
+    if right[0] in _NEGATING and tail in right[1:3]:
+        k = right.index(tail, 1)
         if len(left) >= k:
             return canonical(" ".join(left[-k:])), canonical(" ".join(right[: k + 1]))
     if tail in right[1:3]:  # a shared tail: "t1 weighted or t2 weighted"
@@ -119,6 +119,12 @@ def question_options(question: str, vocab: set[str] | None = None) -> list[str] 
                     return options
                 return [*options, *(o for o in yes_no if o not in options)]
     return yes_no or None
+
+
+def plain_yes_no(question: str, answer: str) -> bool:
+    """Whether a training question is a yes/no question naming no options and answered yes or
+    no: what the yes/no experts (:mod:`medloupe.mini.yesno`) learn from."""
+    return answer in ("yes", "no") and question_options(question) == ["yes", "no"]
 
 
 def build_head(in_dim: int, hidden: int, classes: int, dropout: float = 0.3) -> Any:

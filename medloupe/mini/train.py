@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from medloupe.mini import yesno
-from medloupe.mini.answerer import FORMAT, build_head, choose, question_options
+from medloupe.mini.answerer import FORMAT, build_head, choose, plain_yes_no, question_options
 from medloupe.mini.data import Example, every_kth, fold, held_out, training_examples
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,7 @@ def train_answerer(
     temperature = fit_temperature(hold_logits, yh)
 
     def yes_no(idx: list[int]) -> list[int]:
-        return [
-            i
-            for i in idx
-            if examples[i].answer in ("yes", "no")
-            and question_options(examples[i].question) == ["yes", "no"]
-        ]
+        return [i for i in idx if plain_yes_no(examples[i].question, examples[i].answer)]
 
     yn_train, yn_hold = yes_no(train_idx), yes_no(hold_idx)
 
