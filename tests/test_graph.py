@@ -83,6 +83,25 @@ def test_no_vlm_full_graph_on_a_real_radiograph(
     assert len(rounds) == 1 and len(rounds[0]["payload"]["crops"]) == 2
 
 
+@pytest.mark.parametrize(
+    ("question", "short", "says"),
+    [
+        ("Is this an X-ray?", "yes", "so it is X-ray"),
+        ("Is this a CT scan?", "no", "so it is not CT"),
+        ("What imaging modality is this?", "radiography", "gives modality CR"),
+    ],
+)
+def test_the_header_answers_modality_questions_without_a_vlm(
+    settings: Settings, chest_dcm: Path, tmp_path: Path, question: str, short: str, says: str
+) -> None:
+    from medloupe import ask
+
+    answer = ask(chest_dcm, question, out=tmp_path / "r", vlm="none", settings=settings)
+    assert not answer.abstained and short in (answer.short_answer or "")
+    assert answer.provenance.answer_source == "evidence-composer"
+    assert any(says in c.text for c in answer.claims)
+
+
 def test_rethink_loop_is_bounded_by_max_steps(
     settings: Settings, chest_dcm: Path, tmp_path: Path
 ) -> None:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from medloupe.mini.answerer import MiniAnswerer, question_options
+from medloupe.mini.attributes import answer_claims, attribute_claims
 
 from .conftest import cli_env
 
@@ -72,6 +73,47 @@ def test_question_options() -> None:
     assert question_options("Was this MRI taken with or without contrast?") == [
         "with contrast", "without contrast",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("question", "claims"),
+    [
+        ("Is this a CT scan?", {"modality": "CT"}),
+        ("Is this image taken via X-Ray?", {"modality": "X-ray"}),
+        ("Is this a chest x-ray?", {"region": "chest", "modality": "X-ray"}),
+        ("Is the image in the axial plane?", {"plane": "axial"}),
+        ("Is this a saggital view of the brain?", {"plane": "sagittal", "region": "head"}),
+        ("Is this an MRI image with T2 weighted?", {"modality": "MRI", "weighting": "T2"}),
+        ("Does this image show the chest?", {"region": "chest"}),
+        ("Is this the brain?", {"region": "head"}),
+        # anything besides attribute values: the yes/no experts answer
+        ("Is this CT scan enhanced by IV contrast?", None),
+        ("Is this a PA film?", None),
+        ("Is this a CT or an MRI?", None),
+        ("Is this an axial or coronal CT?", None),
+        ("Is there a mass in the chest?", None),
+        # presence of an organ is not a region claim
+        ("Does the picture contain lung?", None),
+        ("Does this image show the lungs?", None),
+    ],
+)
+def test_attribute_claims(question: str, claims: dict[str, str] | None) -> None:
+    assert attribute_claims(question) == claims
+
+
+def test_answer_claims_reads_each_claimed_value_share() -> None:
+    vocab = ["abdomen", "axial", "ct", "mri", "no", "x ray", "yes"]
+    probs = {
+        "modality": np.array([0.1, 0.0, 0.6, 0.2, 0.0, 0.1, 0.0]),
+        "plane": np.array([0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]),
+    }
+    ct = answer_claims({"modality": "CT"}, probs.__getitem__, vocab)
+    assert ct is not None and ct.p_yes == pytest.approx(0.6 / 0.9)
+    assert "modality CT (0.67), claimed CT" in ct.basis
+    both = answer_claims({"modality": "MRI", "plane": "axial"}, probs.__getitem__, vocab)
+    assert both is not None and both.p_yes == pytest.approx(0.2 / 0.9)  # axial has all the mass
+    # a value the head has no trained answer for is left to the experts
+    assert answer_claims({"plane": "sagittal"}, probs.__getitem__, vocab) is None
 
 
 def test_training_data_uses_train_splits_without_dev_images(shared_datasets: Path) -> None:

@@ -100,6 +100,29 @@ def test_ask_uses_the_shipped_mini_by_default_and_says_so(chest_dcm: Path, tmp_p
     assert off["provenance"]["vlm_default"] is False
 
 
+def test_questions_about_the_kind_of_image_are_answered_by_the_open_question(
+    chest_dcm: Path, ct_dcm: Path
+) -> None:
+    from medloupe.io import load_image
+    from medloupe.mini.answerer import MiniAnswerer
+
+    answerer = MiniAnswerer(BUNDLED)
+    chest, ct = load_image(chest_dcm).rgb(), load_image(ct_dcm).rgb()
+    for rgb, question, answer in [
+        (chest, "Is this an X-ray?", "yes"),
+        (chest, "Is this a CT scan?", "no"),
+        (chest, "Is this a study of the chest?", "yes"),
+        (ct, "Is this a CT scan?", "yes"),
+        (ct, "Is this an X-ray?", "no"),
+        (ct, "Is this an axial image?", "yes"),
+    ]:
+        p = answerer.predict(rgb, question)
+        assert (p.answer, p.basis is not None) == (answer, True), (question, p)
+    assert "modality X-ray" in str(answerer.predict(chest, "Is this an MRI?").basis)
+    # a yes/no question about anything else goes to the gated experts
+    assert answerer.predict(chest, "Is there a pleural effusion?").basis is None
+
+
 def _dev_item(datasets: Path, question_start: str) -> dict:
     for line in (datasets / "dev.jsonl").read_text().splitlines():
         row = json.loads(line)

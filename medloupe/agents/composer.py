@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from medloupe.io.records import ImageRecord
+from medloupe.mini.attributes import attribute_claims
 from medloupe.schemas import (
     Box,
     Claim,
@@ -42,6 +43,12 @@ _LOCATE_WBC_Q = re.compile(
     r"\b(locate|where|find|bounding box)\b.*\b(white (blood )?cells?|leu[ck]ocytes?|wbcs?)\b",
     re.I,
 )
+# DICOM modality codes -> the modality values yes/no questions claim (medloupe.mini.attributes)
+_CLAIMED_MODALITY = {
+    "CT": "CT",
+    "MR": "MRI",
+    **dict.fromkeys(("CR", "DX", "DR", "RG", "MG", "RF", "XA", "PX", "IO"), "X-ray"),
+}
 # exact-match rate of count_cells(wbc) on the BCCD validation split (BENCHMARKS.md)
 WBC_COUNT_CONFIDENCE = 0.9
 _SIZE_Q = re.compile(
@@ -142,7 +149,28 @@ def compose_answer(
     claims: list[Claim] = []
     parts: list[str] = []
     header_modality = (info[0].output or {}).get("modality", image.modality) if info else None
+    asserted = attribute_claims(question)
     if (
+        info
+        and header_modality not in (None, "OT")  # OT: the file does not say
+        and asserted is not None
+        and set(asserted) == {"modality"}  # "Is this a CT scan?": yes or no from the header
+    ):
+        out = info[0].output or {}
+        name = out.get("modality_name", header_modality)
+        claimed = asserted["modality"]
+        same = _CLAIMED_MODALITY.get(str(header_modality)) == claimed
+        claims.append(
+            Claim(
+                text=(
+                    f"The image header gives modality {header_modality} ({name}), so it is "
+                    f"{'' if same else 'not '}{claimed}."
+                ),
+                evidence_ids=[info[0].id],
+            )
+        )
+        parts.append("yes" if same else "no")
+    elif (
         info
         and header_modality not in (None, "OT")  # OT: the file does not say
         and (_MODALITY_Q.search(question) or _BODY_Q.search(question))

@@ -1,8 +1,10 @@
 """medloupe-mini's answerer: frozen EfficientNet-Lite0 image features + the bundled MiniLM
 question embedding -> a small MLP over the training answers, temperature-calibrated.
 
-At inference a yes/no question goes to :mod:`medloupe.mini.yesno` (an image expert and a
-question expert weighed per image by a gate); a question naming its options ("apex or base?")
+At inference a yes/no question that only asserts what kind of image this is ("Is this a CT
+scan?") is answered by asking the head the open question (:mod:`medloupe.mini.attributes`),
+another yes/no question goes to :mod:`medloupe.mini.yesno` (an image expert and a question
+expert weighed per image by a gate); a question naming its options ("apex or base?")
 is answered from those options, an open question from the whole answer vocabulary.
 Checkpoint: ``answerer.pt`` and ``yesno.pt`` (tensors only) + ``answerer.json`` (vocabulary,
 temperature, dimensions, data and held-out metrics).
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from medloupe.evaluation.scoring import canonical, normalise
+from medloupe.mini.attributes import PROBES, answer_claims, attribute_claims
 from medloupe.mini.yesno import YesNo
 
 FORMAT = "medloupe-mini-answerer/2"
@@ -143,6 +146,7 @@ class Prediction:
     answer: str
     confidence: float
     options: list[str] | None
+    basis: str | None = None  # how a yes/no answer was reached, when not by the experts
 
 
 class MiniAnswerer:
@@ -181,7 +185,9 @@ class MiniAnswerer:
                 yesno = YesNo(
                     torch.load(self.folder / "yesno.pt", map_location="cpu", weights_only=True)
                 )
-                self._loaded = _Loaded(build_backbone(), head.eval(), yesno, TextEmbedder(), meta)
+                text = TextEmbedder()
+                probes = dict(zip(PROBES, text.encode(list(PROBES.values())), strict=True))
+                self._loaded = _Loaded(build_backbone(), head.eval(), yesno, text, meta, probes)
             return self._loaded
 
     @property
@@ -197,13 +203,40 @@ class MiniAnswerer:
         m = self._load()
         with torch.inference_mode():
             img = m.backbone.features(torch.from_numpy(preprocess(rgb))[None])[0].numpy()
-        q = m.text.encode([question])[0]
+        return self.predict_features(img, question)
+
+    def predict_features(
+        self,
+        image_features: np.ndarray,
+        question: str,
+        question_embedding: np.ndarray | None = None,
+        *,
+        attributes: bool = True,
+    ) -> Prediction:
+        """Answer ``question`` from the image's ``(1280,)`` pooled backbone features (and the
+        question's ``(384,)`` MiniLM embedding when already computed). ``attributes=False``
+        sends every yes/no question to the gated experts (for ablations)."""
+        m = self._load()
+        img = image_features
+        q = m.text.encode([question])[0] if question_embedding is None else question_embedding
         vocab: list[str] = m.meta["vocab"]
         options = question_options(question, set(vocab))
+        temperature = float(m.meta["temperature"])
         if options == ["yes", "no"]:
-            p_yes = float(m.yesno.probabilities(img[None], q[None])["gated"][0])
-            return Prediction("yes" if p_yes >= 0.5 else "no", max(p_yes, 1.0 - p_yes), options)
-        logits = head_logits(m.head, img, q) / float(m.meta["temperature"])
+
+            def probe(attribute: str) -> np.ndarray:
+                return softmax(head_logits(m.head, img, m.probes[attribute]) / temperature)
+
+            claims = attribute_claims(question) if attributes else None
+            by_claims = answer_claims(claims, probe, vocab) if claims else None
+            if by_claims is not None:
+                p_yes, basis = by_claims.p_yes, by_claims.basis
+            else:
+                p_yes = float(m.yesno.probabilities(img[None], q[None])["gated"][0])
+                basis = None
+            answer = "yes" if p_yes >= 0.5 else "no"
+            return Prediction(answer, max(p_yes, 1.0 - p_yes), options, basis)
+        logits = head_logits(m.head, img, q) / temperature
         return choose(logits, vocab, options)
 
 
@@ -214,6 +247,7 @@ class _Loaded:
     yesno: YesNo
     text: Any
     meta: dict[str, Any]
+    probes: dict[str, np.ndarray]  # attribute -> its open question's embedding
 
 
 def choose(logits: np.ndarray, vocab: list[str], options: list[str] | None) -> Prediction:
@@ -224,14 +258,18 @@ def choose(logits: np.ndarray, vocab: list[str], options: list[str] | None) -> P
         allowed = np.array([v in options for v in vocab])
         if not allowed.any():  # named options the model never saw: say the first
             return Prediction(options[0], 1.0 / len(options), options)
-    masked = np.where(allowed, logits, -np.inf)
-    probs = np.exp(masked - masked.max())
-    probs /= probs.sum()
+    probs = softmax(np.where(allowed, logits, -np.inf))
     k = int(np.argmax(probs))
     confidence = float(probs[k])
     if options:  # named options the model never saw share the mass it cannot place
         confidence *= int(allowed.sum()) / len(options)
     return Prediction(vocab[k], confidence, options)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from logits (``-inf`` entries get 0)."""
+    probs = np.exp(logits - logits.max())
+    return probs / probs.sum()
 
 
 def head_logits(

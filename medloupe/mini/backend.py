@@ -37,6 +37,7 @@ from medloupe.agents.structured import Completion
 from medloupe.artifacts import ArtifactStore
 from medloupe.errors import BackendError, BackendSpecError, InputError
 from medloupe.mini import BUNDLED, MINI_ENV, model_folder
+from medloupe.mini.answerer import MiniAnswerer, Prediction
 
 
 class MiniBackend:
@@ -47,8 +48,6 @@ class MiniBackend:
     supports_schema = True  # served: {"answer", "confidence"} objects
 
     def __init__(self, folder: str | Path | None = None) -> None:
-        from medloupe.mini.answerer import MiniAnswerer
-
         self.folder = model_folder(folder or None)
         if not (self.folder / "answerer.json").is_file():
             raise BackendSpecError(
@@ -73,13 +72,12 @@ class MiniBackend:
     def preferred_image_side(self) -> int:
         return 224
 
-    def _predict(self, store: ArtifactStore, artifact: str, question: str) -> tuple[str, float]:
+    def _predict(self, store: ArtifactStore, artifact: str, question: str) -> Prediction:
         rgb = store.load(artifact)
         if rgb.ndim == 2:
             rgb = np.repeat(rgb[..., None], 3, axis=2)
         with self._lock:
-            p = self.answerer.predict(np.ascontiguousarray(rgb[..., :3]), question)
-        return p.answer, p.confidence
+            return self.answerer.predict(np.ascontiguousarray(rgb[..., :3]), question)
 
     async def complete(
         self,
@@ -93,10 +91,10 @@ class MiniBackend:
         """Answer an OpenAI-style request (see the module docstring); ``max_tokens`` and
         ``temperature`` do not apply to a classifier and are ignored."""
         question, artifact = served_question(messages)
-        answer, confidence = await asyncio.to_thread(self._predict, store, artifact, question)
-        text = answer
+        p = await asyncio.to_thread(self._predict, store, artifact, question)
+        text = p.answer
         if json_schema is not None:
-            text = json.dumps(fill_schema(json_schema, answer, confidence))
+            text = json.dumps(fill_schema(json_schema, p.answer, p.confidence))
         return Completion(
             text=text,
             usage=Usage(prompt_tokens=0, completion_tokens=0),
@@ -124,11 +122,14 @@ class MiniBackend:
         images = [p.artifact for p in last.content if isinstance(p, ImagePart)]
         reply: BaseModel
         if role == "think" and schema is Draft and images:
-            ans, conf = await asyncio.to_thread(self._predict, store, images[0], question)
-            reply = Draft(answer=ans, confidence=conf)
+            p = await asyncio.to_thread(self._predict, store, images[0], question)
+            reply = Draft(answer=p.answer, confidence=p.confidence, note=p.basis)
         elif role == "rethink" and schema is RethinkDecision and images:
             # images: the overview with the regions drawn, then the zoomed crops
-            looks = [await asyncio.to_thread(self._predict, store, a, question) for a in images[1:]]
+            looks = []
+            for crop in images[1:]:
+                p = await asyncio.to_thread(self._predict, store, crop, question)
+                looks.append((p.answer, p.confidence))
             current = hints.get("answer")
             said = "; ".join(f"crop {i + 1}: {a!r} ({c:.2f})" for i, (a, c) in enumerate(looks))
             kept: str | None

