@@ -149,13 +149,10 @@ def compose_answer(
     claims: list[Claim] = []
     parts: list[str] = []
     header_modality = (info[0].output or {}).get("modality", image.modality) if info else None
+    header_known = bool(info) and header_modality not in (None, "OT")  # OT: the file does not say
     asserted = attribute_claims(question)
-    if (
-        info
-        and header_modality not in (None, "OT")  # OT: the file does not say
-        and asserted is not None
-        and set(asserted) == {"modality"}  # "Is this a CT scan?": yes or no from the header
-    ):
+    # "Is this a CT scan?": yes or no from the header
+    if header_known and asserted is not None and set(asserted) == {"modality"}:
         out = info[0].output or {}
         name = out.get("modality_name", header_modality)
         claimed = asserted["modality"]
@@ -170,11 +167,7 @@ def compose_answer(
             )
         )
         parts.append("yes" if same else "no")
-    elif (
-        info
-        and header_modality not in (None, "OT")  # OT: the file does not say
-        and (_MODALITY_Q.search(question) or _BODY_Q.search(question))
-    ):
+    elif header_known and (_MODALITY_Q.search(question) or _BODY_Q.search(question)):
         out = info[0].output or {}
         modality = out.get("modality", image.modality)
         name = out.get("modality_name", modality)
