@@ -169,7 +169,7 @@ def compose_answer(
         parts.append("yes" if same else "no")
     elif header_known and (_MODALITY_Q.search(question) or _BODY_Q.search(question)):
         out = info[0].output or {}
-        modality = out.get("modality", image.modality)
+        modality = header_modality
         name = out.get("modality_name", modality)
         body = out.get("body_part")
         answer = f"{name}" + (f" of the {str(body).lower()}" if body else "")
