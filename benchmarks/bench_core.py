@@ -1,5 +1,5 @@
 """Core benchmark: graph overhead per node transition, its share of a demo run, concurrency of
-independent tool calls, and ``medloupe --help`` start-up time. Appends to BENCHMARKS.md.
+independent tool calls, and ``medloupe --help`` start-up time. Writes its section of BENCHMARKS.md.
 
 Run: ``.venv/bin/python benchmarks/bench_core.py``
 """
@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from medloupe.cli import DEMO_QUESTION, demo_image
 from medloupe.config import Settings
-from medloupe.graphs.state import RunContext
+from medloupe.graphs.context import ResourceSpec, load_resources
 from medloupe.io import load_image
 from medloupe.runner import create_run, execute
 from medloupe.tools import ToolContext, ToolResult, default_registry, tool
@@ -54,12 +54,12 @@ def one_run(tmp: Path, *, review: object = None, **options: object) -> tuple[flo
         out_dir=tmp / "run",
         options=dict(options),
     )
-    trace = TraceRecorder(run.trace_path)
     registry = default_registry(plugins=False)
     registry.register(pause)
-    ctx = RunContext(store=run.store, trace=trace, registry=registry, settings=settings)
-    asyncio.run(execute(run, settings=settings, context=ctx, review=review))  # type: ignore[arg-type]
+    resources = load_resources(ResourceSpec(), registry=registry)
+    asyncio.run(execute(run, settings=settings, resources=resources, review=review))  # type: ignore[arg-type]
     wall = (time.perf_counter() - t0) * 1000.0
+    trace = TraceRecorder(run.trace_path)
     events = trace.events()
     trace.close()
     return wall, events

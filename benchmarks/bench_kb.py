@@ -13,7 +13,7 @@
   index against exact search (goal >= 0.95 where it is used). CPU here; the index moves to
   the GPU when FAISS sees one.
 
-Appends a section to BENCHMARKS.md. Run: ``.venv/bin/python benchmarks/bench_kb.py``
+Writes its section of BENCHMARKS.md. Run: ``.venv/bin/python benchmarks/bench_kb.py``
 (about 10-15 minutes on 2 cores; ``--sizes 10000,100000`` for a shorter run).
 
 Book: "Anatomy and Physiology 2e, OpenStax (Rice University), CC BY 4.0".

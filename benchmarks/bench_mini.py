@@ -130,7 +130,7 @@ def main() -> None:
         rows,
         context=machine("CPU"),
         note=(
-            f"Model: {'retrained by this run' if args.train else model}. Answerer trained on "
+            f"Model: {'retrained by this run' if args.train else shown_path(model)}. Answerer trained on "
             "VQA-RAD trainset.json and the SLAKE English train split; grounder on SLAKE "
             "train-split images (none its test split uses), the NIH ChestX-ray14 sample boxes and "
             "BCCD's train list; every dev.jsonl image left out of both; epochs, thresholds and "
@@ -164,3 +164,11 @@ def write_card_metrics(card: Path, rows: list[tuple[str, str, str]]) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it (no machine paths in reports)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return Path(path).name

@@ -9,7 +9,7 @@ yes/no experts and gate) and the fold's closed questions are answered by
 :meth:`MiniAnswerer.predict_features` with attribute answering on and off.
 
 Run: ``.venv/bin/python benchmarks/bench_mini_attributes.py`` (about 15 minutes on 2 cores).
-Appends to BENCHMARKS.md.
+Writes its section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import numpy as np
 from bench_report import append_section, machine
 
 from medloupe.mini.answerer import MiniAnswerer, plain_yes_no
-from medloupe.mini.attributes import attribute_claims
 from medloupe.mini.data import fold, training_examples
-from medloupe.mini.train import fit_answerer, image_features
+from medloupe.mini.features import image_features
+from medloupe.mini.train import fit_answerer
+from medloupe.text import attribute_claims
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 FOLDS = 5

@@ -12,7 +12,7 @@ are trained and scored out of fold with four kinds of frozen EfficientNet-Lite0 
 - ``pyramid``: mean and max of the grounder's pyramid maps (stages 3, 5, 7; 944-d).
 
 Reports accuracy of the question expert alone, the image expert (image + question) and the
-mean of both logits. Appends to BENCHMARKS.md.
+mean of both logits. Writes its section of BENCHMARKS.md.
 
 Run: ``.venv/bin/python benchmarks/bench_mini_features.py`` (about 10 minutes on 2 cores).
 """
@@ -38,7 +38,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 def variants() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     import torch
 
-    from medloupe.mini.backbone import build_backbone, preprocess
+    from medloupe.knowledge_base.backbone import build_backbone, preprocess
 
     net = build_backbone()
 

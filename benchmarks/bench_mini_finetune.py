@@ -38,9 +38,9 @@ def prepare(out: Path) -> None:
     fold) and ``lite0.pth`` (the ImageNet weights) into ``out``."""
     from PIL import Image
 
+    from medloupe.knowledge_base.backbone import weights_path
     from medloupe.knowledge_base.embedders import TextEmbedder
     from medloupe.mini.answerer import plain_yes_no
-    from medloupe.mini.backbone import weights_path
     from medloupe.mini.data import fold, training_examples
 
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ class Runner:
     def __init__(self, data: Path, epochs: int) -> None:
         import torch
 
-        from medloupe.mini import backbone
+        from medloupe.knowledge_base import backbone
 
         if (data / "lite0.pth").exists():
             backbone.weights_path = lambda: str(data / "lite0.pth")  # type: ignore[assignment]

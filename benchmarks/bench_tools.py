@@ -9,7 +9,7 @@
 - the classical white-cell counter on the BCCD dev items: count exact match and mean absolute
   error (with the "always 1" baseline), and box hits (IoU >= 0.5) on the WBC grounding items.
 
-Appends a section to BENCHMARKS.md. Run: ``.venv/bin/python benchmarks/bench_tools.py``
+Writes its section of BENCHMARKS.md. Run: ``.venv/bin/python benchmarks/bench_tools.py``
 (about 2 minutes on 2 CPU cores; ``--device cuda`` times the SAM encoder on a GPU).
 """
 

@@ -7,7 +7,7 @@
 - image encoding cost per crop (PNG data URI on the client, decode on the server).
 
 The server runs as a separate process (``medloupe serve-vlm``), as in production. With a GPU
-the same numbers are taken with the model on CUDA (``--device cuda``). Appends to
+the same numbers are taken with the model on CUDA (``--device cuda``). Writes its section of
 BENCHMARKS.md.
 
 Run: ``.venv/bin/python benchmarks/bench_vlm.py``
@@ -34,8 +34,8 @@ from medloupe.agents.hf_backend import TransformersBackend
 from medloupe.agents.images import store_data_uri
 from medloupe.agents.openai_backend import OpenAIBackend
 from medloupe.agents.protocol import ChatMessage, ImagePart, TextPart
-from medloupe.agents.tiny_model import build_tiny_qwen2_5_vl
 from medloupe.artifacts import ArtifactStore
+from medloupe.testing.tiny_model import build_tiny_qwen2_5_vl
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWER_TOKENS = 20

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from medloupe.config import Settings
-from medloupe.io import load_image
+from medloupe.graphs.context import (
+    Resources,
+    load_resources,
+    resolve_resources,
+    shared_resources,
+)
+from medloupe.io.intake import read_input
+from medloupe.options import RunOptions
 from medloupe.runner import ReviewCallback, Run, create_run, execute
 from medloupe.schemas import GroundedAnswer
 from medloupe.tools.registry import ToolRegistry
@@ -25,38 +32,30 @@ def prepare_run(
     out: str | Path | None = None,
     vlm: str | None = None,
     kb: str | None = None,
-    options: dict[str, Any] | None = None,
-) -> Run:
-    """Read the image (raising a typed error on bad input, before anything is written),
-    validate the backend spec and knowledge base, then create the run directory."""
-    opts = dict(options or {})
-    loaded = load_image(
-        image,
-        frame=opts.get("frame"),
-        slice_index=opts.get("slice_index"),
-        axis=opts.get("axis", 2),
-        modality=opts.get("modality"),
-        max_pixels=settings.max_pixels,
+    options: RunOptions | dict[str, Any] | None = None,
+    registry: ToolRegistry | None = None,
+) -> tuple[Run, Resources]:
+    """Read the image (raising a typed error on bad input, before anything is written), load
+    the backend and knowledge base (a bad spec or KB fails here too), then create the run
+    directory. Returns the run and the resources it runs with.
+
+    ``registry``: the tools (default: the shared default registry).
+    """
+    opts = RunOptions.of(options)
+    loaded = read_input(image, opts, settings.max_pixels)
+    spec = resolve_resources(vlm, kb, settings)
+    resources = (
+        shared_resources(spec) if registry is None else load_resources(spec, registry=registry)
     )
-    from medloupe.agents.protocol import load_backend, resolve_vlm
-
-    vlm, vlm_default = resolve_vlm(vlm)
-    if vlm:
-        load_backend(vlm)  # fail on a bad spec before writing anything
-    if kb:
-        from medloupe.knowledge_base import open_knowledge_base
-
-        open_knowledge_base(kb).close()  # fail on a bad KB before writing anything
-    return create_run(
+    run = create_run(
         loaded,
         question,
         settings=settings,
         out_dir=Path(out) if out else None,
         options=opts,
-        vlm_spec=vlm,
-        vlm_default=vlm_default,
-        kb_path=(kb if kb == "default" else str(Path(kb).resolve())) if kb else None,
+        resources=spec,
     )
+    return run, resources
 
 
 async def ask_async(
@@ -73,8 +72,18 @@ async def ask_async(
 ) -> GroundedAnswer:
     """Async :func:`ask`."""
     settings = settings or Settings.from_env()
-    run = prepare_run(image, question, settings=settings, out=out, vlm=vlm, kb=kb, options=options)
-    return await execute(run, settings=settings, review=review, registry=registry)
+    run, resources = await asyncio.to_thread(
+        prepare_run,
+        image,
+        question,
+        settings=settings,
+        out=out,
+        vlm=vlm,
+        kb=kb,
+        options=options,
+        registry=registry,
+    )
+    return await execute(run, settings=settings, resources=resources, review=review)
 
 
 def ask(
@@ -88,14 +97,17 @@ def ask(
     registry: ToolRegistry | None = None,
     **options: Any,
 ) -> GroundedAnswer:
-    """Answer ``question`` about ``image``; writes a run directory (``out`` or under
-    ``$MEDLOUPE_HOME/runs``) with ``answer.json``, ``trace.json`` and ``overlay.png``.
+    """Answer ``question`` about ``image``; writes a run directory (``out`` or under the
+    settings' ``home``/runs) with ``answer.json``, ``trace.json`` and ``overlay.png``.
 
-    ``vlm``: a backend spec; ``None`` uses ``$MEDLOUPE_VLM``, else medloupe-mini shipped in the
+    ``vlm``: a backend spec; ``None`` uses ``Settings.vlm``, else medloupe-mini shipped in the
     package (the answer's provenance says so); ``"none"``: no VLM, the evidence-only path.
+    ``kb``: a knowledge-base folder or ``"default"``.
     ``registry``: the tools the run may use (default: built-ins, expert tools and the
-    ``medloupe.tools`` entry points). Options: ``max_steps``, ``time_budget_s``,
-    ``confidence_threshold``, ``rethink``, ``frame``, ``slice_index``, ``axis``, ``modality``.
+    ``medloupe.tools`` entry points). ``options``: the fields of
+    :class:`~medloupe.options.RunOptions` (``max_steps``, ``time_budget_s``,
+    ``confidence_threshold``, ``rethink``, ``frame``, ``slice_index``, ``axis``,
+    ``modality``).
     """
     return run_sync(
         ask_async(

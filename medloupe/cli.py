@@ -14,6 +14,7 @@ from rich.console import Console
 
 if TYPE_CHECKING:
     from medloupe.config import Settings
+    from medloupe.graphs.context import Resources
     from medloupe.runner import Run
     from medloupe.schemas import GroundedAnswer
     from medloupe.trace import TraceEvent
@@ -145,7 +146,14 @@ def _print_answer(answer: GroundedAnswer, run: Run) -> None:
     )
 
 
-def _run_and_report(run: Run, settings: Settings, *, as_json: bool, resume: bool = False) -> None:
+def _run_and_report(
+    run: Run,
+    settings: Settings,
+    *,
+    resources: Resources | None = None,
+    as_json: bool,
+    resume: bool = False,
+) -> None:
     from medloupe.errors import MedloupeError
     from medloupe.runner import execute
 
@@ -154,6 +162,7 @@ def _run_and_report(run: Run, settings: Settings, *, as_json: bool, resume: bool
             execute(
                 run,
                 settings=settings,
+                resources=resources,
                 resume=resume,
                 review=_review_in_terminal,
                 on_event=None if as_json else _progress,
@@ -226,12 +235,12 @@ def ask(
     if kb == "default":
         _prepare_default_kb()
     try:
-        run = prepare_run(
+        run, resources = prepare_run(
             image, question, settings=settings, out=out, vlm=vlm, kb=kb, options=options
         )
     except MedloupeError as exc:
         raise _fail(exc) from None
-    _run_and_report(run, settings, as_json=as_json)
+    _run_and_report(run, settings, resources=resources, as_json=as_json)
 
 
 def _prepare_default_kb() -> None:
@@ -313,10 +322,12 @@ def demo(
     if use_kb == "default":
         _prepare_default_kb()
     try:
-        run = prepare_run(image, DEMO_QUESTION, settings=settings, out=out, vlm=vlm, kb=use_kb)
+        run, resources = prepare_run(
+            image, DEMO_QUESTION, settings=settings, out=out, vlm=vlm, kb=use_kb
+        )
     except MedloupeError as exc:
         raise _fail(exc) from None
-    _run_and_report(run, settings, as_json=as_json)
+    _run_and_report(run, settings, resources=resources, as_json=as_json)
 
 
 @app.command()
@@ -357,22 +368,11 @@ def serve_api(
     A non-loopback --host requires MEDLOUPE_API_TOKEN. OpenAPI docs at /docs.
     """
 
-    from medloupe.agents.protocol import resolve_vlm
     from medloupe.errors import MedloupeError
     from medloupe.service import serve
 
-    spec, is_default = resolve_vlm(vlm)
     try:
-        serve(
-            host,
-            port,
-            workers=workers,
-            queue_size=queue,
-            vlm=spec,
-            vlm_default=is_default,
-            kb=kb,
-            settings=_settings(),
-        )
+        serve(host, port, workers=workers, queue_size=queue, vlm=vlm, kb=kb, settings=_settings())
     except MedloupeError as exc:
         raise _fail(exc) from None
 
@@ -402,8 +402,7 @@ def serve_vlm(
     spec = model if is_spec else f"hf:{model}"
     try:
         backend = load_backend(spec)
-        if hasattr(backend, "load"):
-            backend.load()  # fail now, with the reason, rather than on the first request
+        backend.load()  # fail now, with the reason, rather than on the first request
     except MedloupeError as exc:
         raise _fail(exc) from None
     target = spec.partition(":")[2]
@@ -421,7 +420,7 @@ def tiny_vlm(
     seed: Annotated[int, typer.Option(help="seed of the random weights")] = 0,
 ) -> None:
     """Write a tiny random-weight Qwen2.5-VL (for smoke tests of serving; it answers noise)."""
-    from medloupe.agents.tiny_model import build_tiny_qwen2_5_vl
+    from medloupe.testing.tiny_model import build_tiny_qwen2_5_vl
 
     out = build_tiny_qwen2_5_vl(path, seed=seed)
     err_console.print(f"tiny Qwen2.5-VL (random weights) written to {out}")
@@ -676,7 +675,7 @@ def trace_show(run_id: Annotated[str, typer.Argument(help="run id or run directo
         "status",
         "ms",
         "detail",
-        title=f"{run.run_id}: {run.meta['question']}",
+        title=f"{run.run_id}: {run.spec.question}",
     )
     for e in events:
         detail = e.payload.get("summary") or e.payload.get("error") or e.payload.get("note") or ""

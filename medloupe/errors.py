@@ -50,7 +50,7 @@ class UnsupportedTransferSyntaxError(ImageIntakeError):
 
 
 class ImageTooLargeError(ImageIntakeError):
-    """The image has more pixels than the configured limit (``MEDLOUPE_MAX_PIXELS``)."""
+    """The image has more pixels than the configured limit (``Settings.max_pixels``)."""
 
 
 # --- tools -------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 A run directory holds ``run.json`` (question, options, image record, backend spec),
 ``checkpoints.sqlite`` (LangGraph's SQLite checkpointer; the run id is the thread id),
 ``trace.sqlite``, ``artifacts/``, and at the end ``answer.json``, ``trace.json`` and
-``overlay.png`` (each written atomically). ``$MEDLOUPE_HOME/runs.sqlite`` indexes runs so
+``overlay.png`` (each written atomically). ``<Settings.home>/runs.sqlite`` indexes runs so
 ``medloupe resume RUN_ID`` and ``medloupe runs list`` find them wherever they were written.
 """
 
@@ -20,23 +20,32 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.types import Command
+from pydantic import BaseModel, Field
+
 from medloupe.artifacts import ArtifactStore, atomic_write_bytes
 from medloupe.config import Settings
 from medloupe.errors import InputError, MedloupeError, RunNotFoundError
+from medloupe.graphs.context import (
+    Resources,
+    ResourceSpec,
+    RunContext,
+    build_context,
+    shared_resources,
+)
+from medloupe.graphs.diagnose import builder
+from medloupe.io.intake import ingest_image
 from medloupe.io.records import ImageRecord, LoadedImage
+from medloupe.options import RunOptions
+from medloupe.overlay import draw_overlay
 from medloupe.schemas import GroundedAnswer
 from medloupe.trace import TraceRecorder, read_trace
 
 log = logging.getLogger(__name__)
 
 ReviewCallback = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-def ingest_image(loaded: LoadedImage, store: ArtifactStore) -> ImageRecord:
-    """Store the display image (and raw values) as artifacts; returns the record with their ids."""
-    display_id = store.put_png(loaded.display, kind="image")
-    raw_id = store.put_array(loaded.raw, kind="raw") if loaded.raw is not None else None
-    return loaded.record.model_copy(update={"display_artifact": display_id, "raw_artifact": raw_id})
 
 
 def new_run_id() -> str:
@@ -73,7 +82,7 @@ class SqliteTable:
 
 
 class RunIndex(SqliteTable):
-    """``runs.sqlite`` under ``MEDLOUPE_HOME``: run id -> directory, question, status."""
+    """``runs.sqlite`` under ``Settings.home``: run id -> directory, question, status."""
 
     SCHEMA = (
         "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, dir TEXT NOT NULL, "
@@ -112,13 +121,41 @@ class RunIndex(SqliteTable):
         return [dict(r) for r in rows]
 
 
-@dataclass
-class Run:
-    """A run directory and its metadata."""
+class RunSpec(BaseModel):
+    """``run.json``: what a run is asked and with what, written once before it starts."""
 
     run_id: str
+    question: str
+    options: RunOptions = Field(default_factory=RunOptions)
+    image: ImageRecord
+    vlm: str | None = None
+    vlm_default: bool = False
+    kb: str | None = None
+    created: str = ""
+
+    def resources(self) -> ResourceSpec:
+        """The resources the run uses, by name."""
+        return ResourceSpec(vlm=self.vlm, vlm_default=self.vlm_default, kb=self.kb)
+
+    def graph_input(self) -> dict[str, Any]:
+        """The diagnose graph's input for this run."""
+        return {
+            "question": self.question,
+            "image": self.image.model_dump(mode="json"),
+            "options": self.options.model_dump(mode="json"),
+        }
+
+
+@dataclass
+class Run:
+    """A run directory and its specification."""
+
     dir: Path
-    meta: dict[str, Any]
+    spec: RunSpec
+
+    @property
+    def run_id(self) -> str:
+        return self.spec.run_id
 
     @property
     def store(self) -> ArtifactStore:
@@ -139,10 +176,8 @@ def create_run(
     *,
     settings: Settings,
     out_dir: Path | None = None,
-    options: dict[str, Any] | None = None,
-    vlm_spec: str | None = None,
-    vlm_default: bool = False,
-    kb_path: str | None = None,
+    options: RunOptions | dict[str, Any] | None = None,
+    resources: ResourceSpec = ResourceSpec(),
 ) -> Run:
     """Make the run directory, store the image, write ``run.json`` and index the run.
 
@@ -155,21 +190,19 @@ def create_run(
     if run_dir.exists() and any(run_dir.iterdir()):
         raise InputError(f"output directory {run_dir} is not empty; choose a new --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    store = ArtifactStore(run_dir)
-    record = ingest_image(loaded, store)
-    meta = {
-        "run_id": run_id,
-        "question": question,
-        "options": options or {},
-        "image": record.model_dump(mode="json"),
-        "vlm": vlm_spec,
-        "vlm_default": vlm_default,
-        "kb": kb_path,
-        "created": datetime.now(UTC).isoformat(),
-    }
-    write_json(run_dir / "run.json", meta)
+    spec = RunSpec(
+        run_id=run_id,
+        question=question,
+        options=RunOptions.of(options),
+        image=ingest_image(loaded, ArtifactStore(run_dir)),
+        vlm=resources.vlm,
+        vlm_default=resources.vlm_default,
+        kb=resources.kb,
+        created=datetime.now(UTC).isoformat(),
+    )
+    write_json(run_dir / "run.json", spec.model_dump(mode="json"))
     RunIndex(settings.index_path).add(run_id, run_dir, question)
-    return Run(run_id=run_id, dir=run_dir, meta=meta)
+    return Run(dir=run_dir, spec=spec)
 
 
 def find_run(ref: str, settings: Settings) -> Run:
@@ -181,132 +214,52 @@ def find_run(ref: str, settings: Settings) -> Run:
         raise RunNotFoundError(
             f"no run {ref!r}: not in the index at {settings.index_path} and not a run directory"
         )
-    meta = json.loads(meta_path.read_text())
-    return Run(run_id=meta["run_id"], dir=run_dir, meta=meta)
-
-
-def run_context(
-    run: Run, trace: TraceRecorder, settings: Settings, registry: Any = None
-) -> Any:
-    """The :class:`~medloupe.graphs.state.RunContext` of ``run`` built from its
-    ``run.json`` (backend, knowledge base) with ``registry`` (default: the default one)."""
-    from medloupe.graphs.state import RunContext
-    from medloupe.tools import default_registry
-
-    vlm = None
-    if run.meta.get("vlm"):
-        from medloupe.agents.protocol import load_backend
-
-        vlm = load_backend(run.meta["vlm"])
-    retriever = None
-    if run.meta.get("kb"):
-        from medloupe.knowledge_base import open_knowledge_base
-
-        retriever = open_knowledge_base(run.meta["kb"])
-    from medloupe.knowledge_base.tool import registry_with_retriever
-
-    return RunContext(
-        store=run.store,
-        trace=trace,
-        registry=registry_with_retriever(
-            registry if registry is not None else default_registry(), retriever
-        ),
-        vlm=vlm,
-        vlm_default=bool(run.meta.get("vlm_default")),
-        retriever=retriever,
-        settings=settings,
-    )
+    return Run(dir=run_dir, spec=RunSpec.model_validate_json(meta_path.read_bytes()))
 
 
 async def execute(
     run: Run,
     *,
     settings: Settings,
+    resources: Resources | None = None,
     resume: bool = False,
-    context: Any = None,
     review: ReviewCallback | None = None,
     on_event: Callable[[Any], None] | None = None,
-    registry: Any = None,
 ) -> GroundedAnswer:
     """Run (or resume) the graph for ``run`` with a SQLite checkpointer; write the outputs.
 
     Args:
-        context: a :class:`~medloupe.graphs.state.RunContext`; built from ``run.json`` when
-            ``None`` (the CLI path). Its ``trace`` must be the run's trace.
+        resources: registry, backend and KB (default: the shared ones ``run.json`` names).
         review: called with the interrupt payload when ``review_plan`` pauses; returns the
             resume value (``{"action": "approve" | "edit" | "reject", "plan": ...}``).
         on_event: called with each trace event as it is recorded (progress display).
-        registry: the tools of a context built here (default: the default registry).
 
     On failure the run is marked failed in the index, the error is recorded, and
     ``trace.json`` is still written; ``answer.json`` is only written for a finished answer.
     """
-    from langchain_core.runnables import RunnableConfig
-    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-    from langgraph.types import Command
-
-    from medloupe.graphs.diagnose import builder
-
     index = RunIndex(settings.index_path)
-    own_trace = context is None
-    trace = context.trace if context is not None else TraceRecorder(run.trace_path)
+    trace = TraceRecorder(run.trace_path)
     unsubscribe = trace.subscribe(on_event) if on_event else None
+    spec = run.spec
     try:
-        if context is None:
-            context = run_context(run, trace, settings, registry)
+        if resources is None:
+            resources = shared_resources(spec.resources())
+        context = build_context(run.store, trace, resources, settings)
         trace.set_meta(
             run_id=run.run_id,
-            question=run.meta["question"],
-            options=run.meta.get("options", {}),
-            image=run.meta["image"],
-            vlm=run.meta.get("vlm"),
-            kb=run.meta.get("kb"),
+            question=spec.question,
+            options=spec.options.model_dump(mode="json"),
+            image=spec.image.model_dump(mode="json"),
+            vlm=spec.vlm,
+            kb=spec.kb,
         )
         trace.record("resume" if resume else "run_start", status="started")
         index.update(run.run_id, "running")
-        config: RunnableConfig = {"configurable": {"thread_id": run.run_id}, "recursion_limit": 100}
-        async with AsyncSqliteSaver.from_conn_string(str(run.checkpoint_path)) as saver:
-            app = builder.compile(checkpointer=saver)
-            start: Any = {
-                "question": run.meta["question"],
-                "image": run.meta["image"],
-                "options": run.meta.get("options", {}),
-            }
-            payload: Any = start
-            run_graph = True
-            if resume:
-                snapshot = await app.aget_state(config)
-                if not snapshot.values:
-                    payload = start  # killed before the first checkpoint: start over
-                elif snapshot.interrupts:
-                    if review is None:
-                        raise InputError(
-                            f"run {run.run_id} waits for plan review; resume it in a terminal"
-                        )
-                    payload = Command(resume=review(snapshot.interrupts[0].value))
-                elif not snapshot.next:
-                    run_graph = False  # finished already: rewrite the outputs
-                else:
-                    payload = None  # continue from the last checkpoint
-            while True:
-                if run_graph:
-                    await app.ainvoke(payload, config, context=context, durability="async")
-                snapshot = await app.aget_state(config)
-                if snapshot.interrupts:
-                    if review is None:
-                        raise InputError(
-                            "the run paused for plan review; resume it with "
-                            f"`medloupe resume {run.run_id}` in a terminal"
-                        )
-                    payload = Command(resume=review(snapshot.interrupts[0].value))
-                    run_graph = True
-                    continue
-                break
-            values = snapshot.values
+        values = await _drive(run, context, resume=resume, review=review)
         if "answer" not in values:
             raise MedloupeError("the graph ended without an answer")
         answer = GroundedAnswer.model_validate(values["answer"])
-        _write_outputs(run, answer, trace)
+        _write_outputs(run, answer)
         trace.record("run_end", status="ok", abstained=answer.abstained)
         index.update(run.run_id, "done", answer=answer.short_answer or "(abstained)")
         write_json(
@@ -327,15 +280,52 @@ async def execute(
     finally:
         if unsubscribe:
             unsubscribe()
-        if own_trace:
-            trace.close()
+        trace.close()
 
 
-def _write_outputs(run: Run, answer: GroundedAnswer, trace: TraceRecorder) -> None:
-    from medloupe.overlay import draw_overlay
+async def _drive(
+    run: Run, context: RunContext, *, resume: bool, review: ReviewCallback | None
+) -> dict[str, Any]:
+    """Invoke (or resume) the checkpointed graph until it ends; the final state values."""
+    config: RunnableConfig = {"configurable": {"thread_id": run.run_id}, "recursion_limit": 100}
+    async with AsyncSqliteSaver.from_conn_string(str(run.checkpoint_path)) as saver:
+        app = builder.compile(checkpointer=saver)
+        start: Any = run.spec.graph_input()
+        payload: Any = start
+        run_graph = True
+        if resume:
+            snapshot = await app.aget_state(config)
+            if not snapshot.values:
+                payload = start  # killed before the first checkpoint: start over
+            elif snapshot.interrupts:
+                payload = _reviewed(run, review, snapshot.interrupts[0].value)
+            elif not snapshot.next:
+                run_graph = False  # finished already: rewrite the outputs
+            else:
+                payload = None  # continue from the last checkpoint
+        while True:
+            if run_graph:
+                await app.ainvoke(payload, config, context=context, durability="async")
+            snapshot = await app.aget_state(config)
+            if not snapshot.interrupts:
+                return dict(snapshot.values)
+            payload = _reviewed(run, review, snapshot.interrupts[0].value)
+            run_graph = True
 
+
+def _reviewed(run: Run, review: ReviewCallback | None, payload: dict[str, Any]) -> Command[Any]:
+    """The resume command of a plan-review interrupt (the reviewer's decision)."""
+    if review is None:
+        raise InputError(
+            "the run paused for plan review; resume it with "
+            f"`medloupe resume {run.run_id}` in a terminal"
+        )
+    return Command(resume=review(payload))
+
+
+def _write_outputs(run: Run, answer: GroundedAnswer) -> None:
     store = run.store
-    image = ImageRecord.model_validate(run.meta["image"])
+    image = run.spec.image
     assert image.display_artifact is not None
     px = store.load(image.display_artifact)
     rgb = px if px.ndim == 3 else px[:, :, None].repeat(3, axis=2)

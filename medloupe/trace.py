@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from medloupe.reviews import load_reviews
+
 EventKind = Literal[
     "run_start",
     "run_end",
@@ -218,7 +220,6 @@ def read_trace(
     """Build the :class:`TraceDocument` of a run from its ``trace.sqlite`` and, when not
     given, its ``answer.json`` and the evidence of its last ``trace.json``; reviews come
     from ``reviews.json``."""
-    from medloupe.review.store import load_reviews
 
     run_dir = Path(run_dir)
     if answer is None and (run_dir / "answer.json").is_file():

@@ -19,7 +19,8 @@ import time
 
 from pydantic import BaseModel, Field
 
-from medloupe.agents.protocol import Generation, TextPart, Usage
+from medloupe.agents.messages import Completion, TextPart, Usage
+from medloupe.agents.protocol import ModelProfile, VLMBackend
 from medloupe.agents.roles import AnswerDraft
 from medloupe.schemas import Draft, Plan, RethinkDecision
 from medloupe.tools import ToolContext, ToolResult, tool
@@ -40,8 +41,10 @@ def slow_probe(args: ProbeArgs, ctx: ToolContext) -> ProbeResult:
     return ProbeResult(mean_intensity=float(ctx.gray().mean()), slept_s=args.seconds)
 
 
-class ScriptedFakeBackend:
+class ScriptedFakeBackend(VLMBackend):
     """FAKE VLM for tests: deterministic scripted replies, no model."""
+
+    profile = ModelProfile(supports_schema=True)
 
     def __init__(self, target: str) -> None:
         self.seconds = float(target or 0)
@@ -50,25 +53,26 @@ class ScriptedFakeBackend:
     def spec(self) -> str:
         return f"scripted:{self.seconds:g}"
 
-    async def generate(self, messages, *, store, schema=None, max_tokens=512, temperature=0.0):
+    async def complete(self, messages, *, store, json_schema=None, max_tokens=512, temperature=0.0):
         text = " ".join(p.text for m in messages for p in m.content if isinstance(p, TextPart))
-        if schema is Draft:
+        title = (json_schema or {}).get("title")
+        if title == "Draft":
             reply = Draft(answer="scripted draft", confidence=0.4,
                           regions=[{"box_xyxy": [100, 100, 600, 700], "reason": "scripted"}])
-        elif schema is Plan:
+        elif title == "Plan":
             reply = Plan(calls=[
                 {"tool": "image_info", "arguments": {}},
                 {"tool": "slow_probe", "arguments": {"seconds": self.seconds}},
             ])
-        elif schema is RethinkDecision:
+        elif title == "RethinkDecision":
             reply = RethinkDecision(answer="scripted answer", confidence=0.9)
         else:
             ids = re.findall(r"^- (ev-[\\w-]+) \\[", text, flags=re.M)
             probe = [i for i in ids if i.startswith("ev-slow_probe")]
             reply = AnswerDraft(short_answer="scripted answer", confidence=0.9,
                                 claims=[{"text": "probe measured the image", "evidence_ids": probe[:1]}])
-        return Generation(text=reply.model_dump_json(), parsed=reply,
-                          usage=Usage(prompt_tokens=len(text) // 4, completion_tokens=10), model="scripted")
+        return Completion(text=reply.model_dump_json(), usage=Usage(prompt_tokens=len(text) // 4,
+                          completion_tokens=10), model="scripted", constrained=True)
 
 
 def backend(target: str) -> ScriptedFakeBackend:

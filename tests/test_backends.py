@@ -45,7 +45,7 @@ class Finding(BaseModel):
 
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from medloupe.agents.tiny_model import build_tiny_qwen2_5_vl
+    from medloupe.testing.tiny_model import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
 
@@ -339,7 +339,7 @@ def test_refused_response_format_falls_back_to_prompt_and_parse_with_repair(
         backend = fast_client(url)
         gen = asyncio.run(backend.generate(image_message(store), store=store, schema=Finding))
     assert gen.parsed == Finding(label="fixed", size_mm=9) and gen.attempts == 2
-    assert not backend.supports_schema  # remembered for the next calls
+    assert not backend.profile.supports_schema  # remembered for the next calls
     second, third = fake.requests[1], fake.requests[2]
     assert "response_format" not in second
     assert "JSON schema" in second["messages"][-1]["content"][-1]["text"]
@@ -426,7 +426,7 @@ def test_full_graph_through_the_served_tiny_model(
     """Real HTTP, real model code: every role calls the model; whatever the random weights
     say, the run ends with a validated answer and every model call traced with tokens."""
     from medloupe.config import Settings
-    from medloupe.graphs.state import RunContext
+    from medloupe.graphs.context import ResourceSpec, load_resources
     from medloupe.io import load_image
     from medloupe.runner import create_run, execute
     from medloupe.tools import default_registry
@@ -436,16 +436,12 @@ def test_full_graph_through_the_served_tiny_model(
     run = create_run(
         load_image(chest_dcm), "Is there a nodule?", settings=settings, out_dir=tmp_path / "run"
     )
-    trace = TraceRecorder(run.trace_path)
     vlm = OpenAIBackend(served, "tiny")
-    ctx = RunContext(
-        store=run.store,
-        trace=trace,
-        registry=default_registry(plugins=False),
-        vlm=vlm,
-        settings=settings,
+    resources = load_resources(
+        ResourceSpec(), registry=default_registry(plugins=False), backend=vlm
     )
-    answer = asyncio.run(execute(run, settings=settings, context=ctx))
+    answer = asyncio.run(execute(run, settings=settings, resources=resources))
+    trace = TraceRecorder(run.trace_path)
     events = trace.events()
     trace.close()
     calls = [e for e in events if e.kind == "model_call"]

@@ -370,8 +370,7 @@ def test_answered_items_are_scored_and_calibrated_with_a_fake_vlm(
     """Orchestration only: a scripted FAKE backend always answers "yes" with confidence 0.8,
     so the answered-item path of scoring and calibration can be checked exactly."""
     from medloupe.agents.roles import AnswerDraft
-
-    from .fakes import ScriptedFakeVLM, evidence_ids_in
+    from medloupe.testing.fakes import ScriptedFakeVLM, evidence_ids_in
 
     def always_yes(messages, n):  # type: ignore[no-untyped-def]
         ids = evidence_ids_in(messages)

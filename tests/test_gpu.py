@@ -34,8 +34,8 @@ def test_transformers_backend_runs_in_bf16_on_cuda(tmp_path: Path) -> None:
 
     from medloupe.agents.hf_backend import TransformersBackend
     from medloupe.agents.protocol import ChatMessage, ImagePart, TextPart
-    from medloupe.agents.tiny_model import build_tiny_qwen2_5_vl
     from medloupe.artifacts import ArtifactStore
+    from medloupe.testing.tiny_model import build_tiny_qwen2_5_vl
 
     backend = TransformersBackend(str(build_tiny_qwen2_5_vl(tmp_path / "tiny")))
     assert not backend.loaded

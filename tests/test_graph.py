@@ -12,15 +12,16 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from medloupe.agents.protocol import ModelProfile
 from medloupe.agents.roles import AnswerDraft
 from medloupe.config import Settings
-from medloupe.graphs.state import RunContext
+from medloupe.graphs.context import ResourceSpec, load_resources
 from medloupe.io import load_image
 from medloupe.runner import create_run, execute
 from medloupe.schemas import Plan, RethinkDecision
+from medloupe.testing import ScriptedFakeVLM
 from medloupe.tools import ToolContext, ToolResult, default_registry, tool
 from medloupe.trace import TraceRecorder
-from tests.fakes import ScriptedFakeVLM
 
 
 def run_graph(
@@ -40,15 +41,11 @@ def run_graph(
         out_dir=tmp_path / "run",
         options=options,
     )
-    trace = TraceRecorder(run.trace_path)
-    ctx = RunContext(
-        store=run.store,
-        trace=trace,
-        registry=registry or default_registry(plugins=False),
-        vlm=vlm,
-        settings=settings,
+    resources = load_resources(
+        ResourceSpec(), registry=registry or default_registry(plugins=False), backend=vlm
     )
-    answer = asyncio.run(execute(run, settings=settings, context=ctx, review=review))
+    answer = asyncio.run(execute(run, settings=settings, resources=resources, review=review))
+    trace = TraceRecorder(run.trace_path)
     events = trace.events()
     trace.close()
     return run, answer, events
@@ -191,7 +188,8 @@ def test_unparseable_model_output_degrades_and_is_traced(
     run, answer, events = run_graph(settings, chest_dcm, vlm, tmp_path)
     failed = [e for e in events if e.kind == "model_call" and e.status == "error"]
     assert [e.node for e in failed] == ["think", "plan", "rethink", "answer"]
-    assert all("does not match" in e.payload["error"] for e in failed)
+    assert all("no valid" in e.payload["error"] for e in failed)
+    assert all(e.payload["error"].count("no JSON object") for e in failed)
     assert answer.abstained and "not usable" in (answer.abstention_reason or "")
     tools = {e.name for e in events if e.kind == "tool_call" and e.node == "act"}
     assert {"image_info", "find_regions"} <= tools  # the rule-based plan ran
@@ -202,13 +200,13 @@ def test_rethink_crops_ct_regions_with_a_local_window_at_the_models_size(
     settings: Settings, ct_dcm: Path, tmp_path: Path
 ) -> None:
     vlm = ScriptedFakeVLM(
+        profile=ModelProfile(supports_schema=True, preferred_image_side=336),
         think=lambda m, n: __import__("medloupe.schemas", fromlist=["Draft"]).Draft(
             answer="maybe",
             confidence=0.3,
             regions=[{"box_xyxy": [20, 20, 60, 50], "reason": "density"}],
-        )
+        ),
     )
-    vlm.preferred_image_side = 336  # type: ignore[attr-defined]
     _, _, events = run_graph(settings, ct_dcm, vlm, tmp_path)
     crop = next(e for e in events if e.kind == "tool_call" and e.node == "rethink")
     assert crop.payload["arguments"]["window"] == "local"

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from medloupe.mini.answerer import MiniAnswerer, question_options
-from medloupe.mini.attributes import answer_claims, attribute_claims
+from medloupe.mini.attributes import answer_claims
+from medloupe.text import attribute_claims
 
 from .conftest import cli_env
 
@@ -24,7 +25,7 @@ def test_backbone_recognises_grace_hopper_uniform() -> None:
     import torch
     from matplotlib import cbook
 
-    from medloupe.mini.backbone import build_backbone, preprocess
+    from medloupe.knowledge_base.backbone import build_backbone, preprocess
 
     net = build_backbone()
     with cbook.get_sample_data("grace_hopper.jpg") as fh:

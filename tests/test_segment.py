@@ -79,7 +79,7 @@ def file_server() -> Iterator[str]:
 
 
 def test_weight_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    wf = WeightFile(filename="w-order.pth", env_var="MEDLOUPE_TEST_W", how_to_get="ask a friend")
+    wf = WeightFile(filename="w-order.pth", name="test_w", how_to_get="ask a friend")
     monkeypatch.delenv("MEDLOUPE_TEST_W", raising=False)
     with pytest.raises(WeightsMissingError, match=r"MEDLOUPE_TEST_W.*ask a friend"):
         wf.resolve()
@@ -104,16 +104,16 @@ def test_download_verifies_sha256(file_server: str, monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("MEDLOUPE_OFFLINE", raising=False)
     good = hashlib.sha256(_Files.payload).hexdigest()
-    wf = WeightFile("dl-good.pth", "MEDLOUPE_TEST_DL", url=file_server, sha256=good)
+    wf = WeightFile("dl-good.pth", "test_dl", url=file_server, sha256=good)
     path = wf.resolve(download=True)
     assert path.read_bytes() == _Files.payload and path.parent == weights_dir()
-    bad = WeightFile("dl-bad.pth", "MEDLOUPE_TEST_DL", url=file_server, sha256="0" * 64)
+    bad = WeightFile("dl-bad.pth", "test_dl", url=file_server, sha256="0" * 64)
     with pytest.raises(ChecksumError, match="discarded"):
         bad.resolve(download=True)
     assert not (weights_dir() / "dl-bad.pth").exists()
     assert not list(weights_dir().glob(".dl-bad*"))  # no partial file left behind
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    offline = WeightFile("dl-off.pth", "MEDLOUPE_TEST_DL", url=file_server, sha256=good)
+    offline = WeightFile("dl-off.pth", "test_dl", url=file_server, sha256=good)
     with pytest.raises(WeightsMissingError, match="downloads are off"):
         offline.resolve(download=True)
 
@@ -203,7 +203,7 @@ def test_checkpoint_found_through_the_registry_and_env(
     tiny_sam_checkpoint: Path, ct_dcm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = SamModelSpec(
-        "sam_tiny", 32, 2, 2, (1,), WeightFile("sam_tiny.pth", "MEDLOUPE_TEST_SAM_TINY")
+        "sam_tiny", 32, 2, 2, (1,), WeightFile("sam_tiny.pth", "test_sam_tiny")
     )
     tool = SegmentTool({"sam_tiny": spec}, device="cpu")
     assert "classical segmenter only" in tool.available().reason

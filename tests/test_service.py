@@ -16,7 +16,7 @@ import pytest
 
 from medloupe.errors import InputError, UnsupportedImageError
 from medloupe.service import check_binding, is_loopback
-from medloupe.service.app import sniff_upload
+from medloupe.service.uploads import sniff_upload
 from tests.conftest import cli_env
 from tests.service_helpers import Server, blood_smear_png, post_run, sse_events, wait_done
 

@@ -5,9 +5,10 @@ Spec: ``hf:HUB_ID`` or ``hf:/path/to/model`` — any checkpoint that ``AutoProce
 Qwen3-VL, MedGemma, SmolVLM, LLaVA families).
 
 - Weights load lazily, on the first request, never at construction or import.
-- CUDA in bfloat16 when a GPU is present, else CPU in float32 (``MEDLOUPE_HF_DEVICE``
+- CUDA in bfloat16 when a GPU is present, else CPU in float32 (``Settings.hf_device``
   overrides: ``cpu``, ``cuda``, ``cuda:1``).
-- Images are downscaled to the processor's ``max_pixels`` (or ``MEDLOUPE_VLM_MAX_IMAGE_PIXELS``).
+- Images are downscaled to the processor's ``max_pixels`` (or
+  ``Settings.vlm_max_image_pixels``).
 - Generation is serialised per model: every ``generate`` runs on the model's one generation
   thread (requests queue), whichever thread or event loop asked. On CUDA, generating from
   a different thread per request cost 2-4x the time of one thread (tiny model on an H100:
@@ -24,24 +25,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from medloupe.agents.images import DEFAULT_MAX_IMAGE_PIXELS, model_image
-from medloupe.agents.protocol import ChatMessage, ImagePart, Usage
-from medloupe.agents.structured import Completion, StructuredGeneration
+from medloupe.agents.messages import ChatMessage, Completion, ImagePart, Usage
+from medloupe.agents.protocol import ModelProfile, VLMBackend
 from medloupe.artifacts import ArtifactStore
-from medloupe.config import env_number
+from medloupe.config import Settings, hub_offline
+from medloupe.device import torch_device
 from medloupe.errors import BackendError, BackendSpecError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def xgrammar_available() -> bool:
@@ -53,7 +50,7 @@ def xgrammar_available() -> bool:
     return True
 
 
-class TransformersBackend(StructuredGeneration):
+class TransformersBackend(VLMBackend):
     """A transformers vision-language model, loaded on first use.
 
     Args:
@@ -75,7 +72,7 @@ class TransformersBackend(StructuredGeneration):
         if not model:
             raise BackendSpecError("hf backend spec needs a model: hf:HUB_ID or hf:/path")
         self.model_id = model
-        self.device_name = device or os.environ.get("MEDLOUPE_HF_DEVICE") or None
+        self.device_name = device
         self._max_image_pixels = max_image_pixels
         self._constrained = constrained and xgrammar_available()
         self._load_lock = threading.Lock()
@@ -92,8 +89,10 @@ class TransformersBackend(StructuredGeneration):
     def from_spec(cls, rest: str) -> TransformersBackend:
         """Build from the part of a spec after ``hf:``; checks (without loading) that the
         weights can be found: a local folder exists, or offline, the hub id is cached."""
-        cap = env_number("MEDLOUPE_VLM_MAX_IMAGE_PIXELS", 0, int, allow_zero=True)
-        backend = cls(rest, max_image_pixels=int(cap) or None)
+        settings = Settings.from_env()
+        backend = cls(
+            rest, device=settings.hf_device, max_image_pixels=settings.vlm_max_image_pixels
+        )
         backend.check()
         return backend
 
@@ -116,7 +115,7 @@ class TransformersBackend(StructuredGeneration):
                 f"model folder {self.model_id!r} does not exist; pass a folder holding "
                 "config.json, the weights and the processor files, or a hub id"
             )
-        if _offline():
+        if hub_offline():
             from huggingface_hub import try_to_load_from_cache
 
             cached = try_to_load_from_cache(self.model_id, "config.json")
@@ -128,8 +127,13 @@ class TransformersBackend(StructuredGeneration):
         return f"hf:{self.model_id}"
 
     @property
-    def supports_schema(self) -> bool:
-        return self._constrained
+    def profile(self) -> ModelProfile:
+        """Schema-constrained with xgrammar; crops zoomed to the side of a square image at
+        the processor's pixel cap."""
+        return ModelProfile(
+            supports_schema=self._constrained,
+            preferred_image_side=int(self.max_image_pixels**0.5),
+        )
 
     @property
     def loaded(self) -> bool:
@@ -145,10 +149,6 @@ class TransformersBackend(StructuredGeneration):
         )
         return int(cap) if cap else DEFAULT_MAX_IMAGE_PIXELS
 
-    @property
-    def preferred_image_side(self) -> int:
-        return int(self.max_image_pixels**0.5)
-
     # --- loading --------------------------------------------------------------------------
 
     def load(self) -> None:
@@ -162,9 +162,9 @@ class TransformersBackend(StructuredGeneration):
             self.check()
             local = Path(self.model_id).expanduser()
             source = str(local) if local.is_dir() else self.model_id
-            device = self.device_name or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = torch_device(self.device_name)
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-            kwargs: dict[str, Any] = {"local_files_only": _offline() or local.is_dir()}
+            kwargs: dict[str, Any] = {"local_files_only": hub_offline() or local.is_dir()}
             try:
                 processor = AutoProcessor.from_pretrained(source, **kwargs)
                 model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, **kwargs)
@@ -182,7 +182,7 @@ class TransformersBackend(StructuredGeneration):
     def _missing_message(self, exc: object) -> str:
         where = (
             "HF_HUB_OFFLINE=1 is set, so only the local cache is searched"
-            if _offline()
+            if hub_offline()
             else "the hub could not be reached or does not have it"
         )
         return (

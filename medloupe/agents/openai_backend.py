@@ -4,19 +4,21 @@
 Spec: ``openai:BASE_URL#MODEL``, e.g. ``openai:http://127.0.0.1:8000/v1#Qwen/Qwen2.5-VL-7B-Instruct``.
 Without ``#MODEL`` the endpoint's only served model is used (``/v1/models``).
 
-Environment (read when the backend is built):
+Settings (:class:`~medloupe.config.Settings`, read when the backend is built):
 
-``MEDLOUPE_OPENAI_API_KEY`` or ``OPENAI_API_KEY``
+``openai_api_key``
     bearer token, if the endpoint wants one.
-``MEDLOUPE_VLM_TIMEOUT``
+``vlm_timeout_s``
     read timeout in seconds (default 120); the connect timeout is 5 s.
-``MEDLOUPE_VLM_RETRIES``
+``vlm_retries``
     retries on transport errors, 5xx and 429 (default 3), with exponential backoff and
     ``Retry-After`` honoured.
-``MEDLOUPE_VLM_CONCURRENCY``
+``vlm_concurrency``
     requests in flight at most, per event loop (default 4).
-``MEDLOUPE_VLM_MAX_IMAGE_PIXELS``
+``vlm_max_image_pixels``
     images are downscaled to at most this many pixels before sending (default ~1 MP).
+``redact_text``
+    burned-in text is painted over before images go to a non-loopback endpoint.
 
 Structured output is requested with ``response_format`` (JSON schema); a server that refuses
 it (HTTP 400/422 naming the field) is remembered, and from then on the schema is spelled out
@@ -28,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import os
 import random
 import time
 import weakref
@@ -37,10 +38,10 @@ from typing import Any
 import httpx
 
 from medloupe.agents.images import DEFAULT_MAX_IMAGE_PIXELS, artifact_data_uri
-from medloupe.agents.protocol import ChatMessage, ImagePart, Usage
-from medloupe.agents.structured import Completion, StructuredGeneration
+from medloupe.agents.messages import ChatMessage, Completion, ImagePart, Usage
+from medloupe.agents.protocol import ModelProfile, VLMBackend
 from medloupe.artifacts import ArtifactStore
-from medloupe.config import env_number
+from medloupe.config import RedactMode, Settings, env_name
 from medloupe.errors import (
     BackendError,
     BackendSpecError,
@@ -87,13 +88,13 @@ class _LoopState:
         self.semaphore = asyncio.Semaphore(limit)
 
 
-class OpenAIBackend(StructuredGeneration):
+class OpenAIBackend(VLMBackend):
     """Chat completions against an OpenAI-compatible endpoint.
 
     Args:
         base_url: the API root, e.g. ``http://127.0.0.1:8000/v1``.
         model: the served model name; ``None``: the endpoint's only model.
-        api_key: bearer token (default: ``MEDLOUPE_OPENAI_API_KEY`` or ``OPENAI_API_KEY``).
+        api_key: bearer token (:meth:`from_spec`: ``Settings.openai_api_key``).
         connect_timeout_s, read_timeout_s: httpx timeouts.
         max_retries: retries on transport errors, 5xx and 429.
         backoff_s, max_backoff_s: first and largest wait between attempts.
@@ -140,19 +141,19 @@ class OpenAIBackend(StructuredGeneration):
 
     @classmethod
     def from_spec(cls, rest: str) -> OpenAIBackend:
-        """Build from the part of a spec after ``openai:``, with settings from the environment."""
+        """Build from the part of a spec after ``openai:``, with :class:`Settings` from the
+        environment."""
         url, model = parse_spec(rest)
+        settings = Settings.from_env()
         return cls(
             url,
             model,
-            api_key=os.environ.get("MEDLOUPE_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY"),
-            read_timeout_s=env_number("MEDLOUPE_VLM_TIMEOUT", 120.0, float),
-            max_retries=int(env_number("MEDLOUPE_VLM_RETRIES", 3, int, allow_zero=True)),
-            max_concurrency=int(env_number("MEDLOUPE_VLM_CONCURRENCY", 4, int)),
-            max_image_pixels=int(
-                env_number("MEDLOUPE_VLM_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS, int)
-            ),
-            redact_text=redaction_wanted(url),
+            api_key=settings.openai_api_key,
+            read_timeout_s=settings.vlm_timeout_s,
+            max_retries=settings.vlm_retries,
+            max_concurrency=settings.vlm_concurrency,
+            max_image_pixels=settings.vlm_max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS,
+            redact_text=redaction_wanted(url, settings.redact_text),
         )
 
     @property
@@ -160,13 +161,13 @@ class OpenAIBackend(StructuredGeneration):
         return f"openai:{self.base_url}#{self.model or ''}"
 
     @property
-    def supports_schema(self) -> bool:
-        return self._schema_ok
-
-    @property
-    def preferred_image_side(self) -> int:
-        """Side in pixels of a square image at the pixel cap (crops are zoomed to it)."""
-        return int(self.max_image_pixels**0.5)
+    def profile(self) -> ModelProfile:
+        """Schema-constrained until the server refuses it; crops zoomed to the side of a
+        square image at the pixel cap."""
+        return ModelProfile(
+            supports_schema=self._schema_ok,
+            preferred_image_side=int(self.max_image_pixels**0.5),
+        )
 
     def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -209,7 +210,7 @@ class OpenAIBackend(StructuredGeneration):
             except httpx.TimeoutException as exc:
                 last = (
                     f"timed out ({type(exc).__name__}; read timeout "
-                    f"{self.timeout.read:.0f} s, set MEDLOUPE_VLM_TIMEOUT to change it)"
+                    f"{self.timeout.read:.0f} s, set {env_name('vlm_timeout_s')} to change it)"
                 )
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc or 'transport error'}"
@@ -372,7 +373,7 @@ class OpenAIBackend(StructuredGeneration):
             if response.status_code in (401, 403):
                 raise BackendError(
                     f"{self.base_url} refused the request (HTTP {response.status_code}: {text}); "
-                    "set MEDLOUPE_OPENAI_API_KEY or OPENAI_API_KEY"
+                    f"set {env_name('openai_api_key')} or OPENAI_API_KEY"
                 )
             raise BackendError(f"{self.base_url} answered HTTP {response.status_code}: {text}")
         try:
@@ -411,21 +412,16 @@ def _error_text(response: httpx.Response) -> str:
     return str(body)[:500]
 
 
-def redaction_wanted(base_url: str) -> bool:
-    """``MEDLOUPE_REDACT_TEXT``: ``always``/``1``, ``never``/``0``, or ``remote`` (default):
-    redact burned-in text when the endpoint's host is not a loopback address."""
+def redaction_wanted(base_url: str, mode: RedactMode | None = None) -> bool:
+    """Whether to redact burned-in text for this endpoint: ``always``, ``never``, or
+    ``remote``: when the endpoint's host is not a loopback address (default:
+    ``Settings.redact_text``)."""
     import ipaddress
     from urllib.parse import urlsplit
 
-    mode = os.environ.get("MEDLOUPE_REDACT_TEXT", "remote").strip().lower() or "remote"
-    if mode in ("always", "1", "on", "true", "yes"):
-        return True
-    if mode in ("never", "0", "off", "false", "no"):
-        return False
+    mode = mode or Settings.from_env().redact_text
     if mode != "remote":
-        raise ValueError(
-            f"MEDLOUPE_REDACT_TEXT={mode!r}: use always, never or remote (the default)"
-        )
+        return mode == "always"
     host = urlsplit(base_url).hostname or ""
     if host == "localhost":
         return False

@@ -1,79 +1,143 @@
-"""The VLM backend protocol and backend selection by spec string.
+"""The one model contract: :class:`VLMBackend`, its declared :class:`ModelProfile`, and
+backend selection by spec string.
 
-A backend generates from chat messages whose image parts are artifact ids; it resolves them
-to pixels through the :class:`~medloupe.artifacts.ArtifactStore` it is given. With a
-``schema`` it returns a validated object in :attr:`Generation.parsed`.
+A backend implements one abstract primitive, :meth:`VLMBackend.complete` (chat messages whose
+image parts are artifact ids in, a raw :class:`~medloupe.agents.messages.Completion` out,
+optionally constrained by a JSON schema). Everything above it is concrete here:
+
+- :meth:`VLMBackend.generate` asks for JSON matching a pydantic schema (as a decoding
+  constraint when the profile says the backend supports one, else spelled out in the
+  prompt), parses and validates the reply, and sends an invalid reply back with the problem
+  for a bounded number of repair rounds;
+- :meth:`VLMBackend.play` answers one graph role (think, plan, rethink, answer) from its
+  prompt; a task-specific model that plays a role differently (medloupe-mini) overrides it
+  and reads the role's typed :class:`RoleRequest` instead of the prose.
+
+What the graph may expect of a backend is declared in :attr:`VLMBackend.profile`; nothing is
+probed.
 
 Spec strings select a backend: ``SCHEME:REST``, e.g.
 ``openai:http://127.0.0.1:8000/v1#Qwen/Qwen2.5-VL-7B-Instruct`` or ``hf:/path/to/model``.
 Schemes are looked up among the ``medloupe.vlm_backends`` entry points (a factory taking the
-``REST`` string); backends ship with their own issues and plug in there.
+``REST`` string and returning a :class:`VLMBackend`).
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from medloupe.agents.messages import (
+    ChatMessage,
+    Completion,
+    Generation,
+    ImagePart,
+    TextPart,
+    Usage,
+)
+from medloupe.agents.structured import parse_reply, schema_instruction, with_instruction
 from medloupe.artifacts import ArtifactStore
-from medloupe.errors import BackendSpecError
+from medloupe.config import Settings
+from medloupe.errors import BackendSpecError, ModelReplyError, SchemaUnsupportedError
+
+log = logging.getLogger(__name__)
 
 BACKEND_ENTRY_POINT_GROUP = "medloupe.vlm_backends"
+DEFAULT_VLM = "mini:"
+DEFAULT_CROP_SIDE = 512  # crops' longer side for a backend that states no preference
 
 
-class TextPart(BaseModel):
-    type: Literal["text"] = "text"
-    text: str
+@dataclass(frozen=True)
+class ModelProfile:
+    """What a backend can do, declared (the graph reads it; nothing is probed).
+
+    Attributes:
+        writes_plans: the model plans tool calls; ``False``: the graph's rule-based plan.
+        defers_to_instruments: a short-answer model; where an instrument states the answer
+            outright (header facts, counts, grounded boxes) the graph keeps that answer.
+        preferred_image_side: longer side, pixels, of the crops it is shown (second look).
+        supports_schema: replies can be constrained to a JSON schema while decoding.
+        max_images: images it accepts in one request (``None``: no known limit).
+        context_tokens: its context length in tokens (``None``: not known).
+        max_repairs: repair rounds for a reply that does not validate.
+    """
+
+    writes_plans: bool = True
+    defers_to_instruments: bool = False
+    preferred_image_side: int = DEFAULT_CROP_SIDE
+    supports_schema: bool = False
+    max_images: int | None = None
+    context_tokens: int | None = None
+    max_repairs: int = 1
 
 
-class ImagePart(BaseModel):
-    type: Literal["image"] = "image"
-    artifact: str = Field(description="artifact id of a PNG in the run's store")
+Role = Literal["think", "plan", "rethink", "answer"]
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: list[TextPart | ImagePart]
-    hints: dict[str, Any] = Field(
-        default_factory=dict,
-        description=(
-            "structured facts the message's prompt states (agent role, question, current "
-            "answer and confidence, evidence ids). Backends that send text ignore them; small "
-            "task-specific models (medloupe-mini) read them instead of parsing prose."
-        ),
-    )
+class RoleRequest(BaseModel):
+    """A graph role's request as data: what its prompt states in prose.
 
-    @classmethod
-    def text(cls, role: Literal["system", "user", "assistant"], text: str) -> ChatMessage:
-        return cls(role=role, content=[TextPart(text=text)])
+    Attributes:
+        images: artifact ids of the message's images, in order (think: the whole image;
+            rethink: the overview with the regions drawn, then the zoomed crops).
+        answer, confidence: the current answer and its confidence (rethink, answer).
+        evidence_ids: every evidence id the answer may cite; observation_ids: the model's own
+            looks among them.
+    """
 
-
-class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    role: Role
+    question: str
+    images: list[str] = Field(default_factory=list)
+    answer: str | None = None
+    confidence: float = 0.0
+    evidence_ids: list[str] = Field(default_factory=list)
+    observation_ids: list[str] = Field(default_factory=list)
 
 
-class Generation(BaseModel):
-    """A backend's reply: raw text, the validated object when a schema was given, usage."""
-
-    text: str
-    parsed: Any | None = None
-    usage: Usage = Field(default_factory=Usage)
-    latency_ms: float = 0.0
-    model: str = ""
-    attempts: int = Field(default=1, description="requests made (1 + repair rounds)")
-
-
-@runtime_checkable
-class VLMBackend(Protocol):
-    """What the graph needs of a vision-language model."""
+class VLMBackend(ABC):
+    """A vision-language model behind medloupe's graph (see the module docstring)."""
 
     @property
+    def profile(self) -> ModelProfile:
+        """What this backend can do (a subclass sets a ``profile`` class attribute, or a
+        property where it depends on the configuration)."""
+        return ModelProfile()
+
+    @property
+    @abstractmethod
     def spec(self) -> str:
         """The spec string that selects this backend (recorded in traces and provenance)."""
-        ...
+
+    @abstractmethod
+    async def complete(
+        self,
+        messages: list[ChatMessage],
+        *,
+        store: ArtifactStore,
+        json_schema: dict[str, Any] | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+    ) -> Completion:
+        """One raw reply; with ``json_schema`` (only when ``profile.supports_schema``), decoding
+        is constrained to it and the completion says so (``constrained``).
+
+        Raises:
+            SchemaUnsupportedError: the model refused the constraint (then the schema is spelled
+                out in the prompt from here on).
+            medloupe.errors.BackendError: no reply (transport, timeout, refusal).
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to close by default
+        """Release connections held for the current event loop (default: nothing)."""
+
+    def load(self) -> None:  # noqa: B027 - optional hook, nothing to load by default
+        """Load weights now instead of on the first request (default: nothing to load)."""
 
     async def generate(
         self,
@@ -84,36 +148,115 @@ class VLMBackend(Protocol):
         max_tokens: int = 512,
         temperature: float = 0.0,
     ) -> Generation:
-        """Generate a reply. With ``schema``, ``Generation.parsed`` is an instance of it.
+        """A reply; with ``schema``, :attr:`Generation.parsed` is a validated instance of it.
+
+        Usage and latency add up over the repair rounds.
 
         Raises:
-            medloupe.errors.BackendError: the model could not produce a (valid) reply.
+            ModelReplyError: no valid reply after ``profile.max_repairs`` repair rounds.
+            medloupe.errors.BackendError: the backend itself failed (transport, timeout).
         """
-        ...
+        t0 = time.perf_counter()
+        usage = Usage()
+        json_schema = schema.model_json_schema() if schema is not None else None
+        constrained = bool(schema is not None and self.profile.supports_schema)
+        convo = messages
+        if schema is not None and not constrained:
+            convo = with_instruction(messages, schema_instruction(schema))
+        problem = ""
+        max_repairs = self.profile.max_repairs
+        for attempt in range(max_repairs + 1):
+            try:
+                comp = await self.complete(
+                    convo,
+                    store=store,
+                    json_schema=json_schema if constrained else None,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                )
+            except SchemaUnsupportedError as exc:
+                log.warning("%s", exc)
+                assert schema is not None
+                constrained = False
+                convo = with_instruction(messages, schema_instruction(schema))
+                comp = await self.complete(
+                    convo, store=store, max_tokens=max_tokens, temperature=temperature
+                )
+            usage = usage + comp.usage
+            if schema is None:
+                return Generation(
+                    text=comp.text,
+                    usage=usage,
+                    latency_ms=(time.perf_counter() - t0) * 1000.0,
+                    model=comp.model,
+                    attempts=attempt + 1,
+                )
+            try:
+                parsed = parse_reply(comp.text, schema)
+            except ValueError as exc:
+                problem = str(exc)
+                if comp.finish_reason == "length":
+                    problem = f"the reply was cut off at max_tokens={max_tokens} ({problem})"
+                log.info("%s: reply rejected (attempt %d): %s", self.spec, attempt + 1, problem)
+                if constrained and not comp.constrained:
+                    constrained = False  # the server ignored the constraint: spell it out
+                    convo = with_instruction(messages, schema_instruction(schema))
+                    continue
+                convo = [
+                    *convo,
+                    ChatMessage.text("assistant", comp.text[:4000]),
+                    ChatMessage.text(
+                        "user",
+                        f"That reply is not valid: {problem}. Reply again with one JSON object "
+                        f"only, matching the {schema.__name__} schema.",
+                    ),
+                ]
+                continue
+            return Generation(
+                text=comp.text,
+                parsed=parsed,
+                usage=usage,
+                latency_ms=(time.perf_counter() - t0) * 1000.0,
+                model=comp.model,
+                attempts=attempt + 1,
+            )
+        raise ModelReplyError(
+            f"{self.spec}: no valid {schema.__name__ if schema else 'reply'} after "
+            f"{max_repairs + 1} attempt(s): {problem}",
+            usage=usage,
+            latency_ms=(time.perf_counter() - t0) * 1000.0,
+        )
+
+    async def play(
+        self,
+        request: RoleRequest,
+        messages: list[ChatMessage],
+        *,
+        store: ArtifactStore,
+        schema: type[BaseModel],
+    ) -> Generation:
+        """One graph role's reply, an instance of ``schema`` in :attr:`Generation.parsed`.
+
+        Default: :meth:`generate` from the role's prompt ``messages``. A model that plays
+        roles differently overrides this and reads ``request``.
+        """
+        return await self.generate(messages, store=store, schema=schema)
 
 
-DEFAULT_VLM = "mini:"
-VLM_ENV = "MEDLOUPE_VLM"
-
-
-def resolve_vlm(spec: str | None) -> tuple[str | None, bool]:
+def resolve_vlm(spec: str | None, settings: Settings | None = None) -> tuple[str | None, bool]:
     """The VLM spec a run uses and whether it is the default.
 
-    ``spec`` (e.g. from ``--vlm``) wins; else ``$MEDLOUPE_VLM``; ``"none"`` in either means no
-    VLM (the evidence-only path). With neither, the default is medloupe-mini's answerer
-    shipped in the package (:data:`DEFAULT_VLM`) when it is installed, else no VLM.
+    ``spec`` (e.g. from ``--vlm``) wins; else ``settings.vlm``; ``"none"`` in either means no
+    VLM (the evidence-only path). With neither, the default is :data:`DEFAULT_VLM`
+    (medloupe-mini) when a backend of that scheme is installed, else no VLM.
 
     Returns:
         ``(spec or None, True when the default was chosen)``.
     """
-    import os
-
-    chosen = spec if spec else os.environ.get(VLM_ENV) or None
+    chosen = spec or (settings or Settings.from_env()).vlm
     if chosen is not None:
         return (None, False) if chosen.strip().lower() == "none" else (chosen, False)
-    from medloupe.mini import model_folder
-
-    if (model_folder() / "answerer.json").is_file():
+    if DEFAULT_VLM.partition(":")[0] in backend_schemes():
         return DEFAULT_VLM, True
     return None, False
 
@@ -151,5 +294,26 @@ def load_backend(spec: str) -> VLMBackend:
     factory = found[scheme].load()
     backend = factory(rest)
     if not isinstance(backend, VLMBackend):
-        raise BackendSpecError(f"backend {scheme!r} did not build a VLMBackend")
+        raise BackendSpecError(
+            f"backend {scheme!r} built a {type(backend).__name__}, not a "
+            "medloupe.agents.protocol.VLMBackend subclass"
+        )
     return backend
+
+
+__all__ = [
+    "BACKEND_ENTRY_POINT_GROUP",
+    "DEFAULT_VLM",
+    "ChatMessage",
+    "Completion",
+    "Generation",
+    "ImagePart",
+    "ModelProfile",
+    "RoleRequest",
+    "TextPart",
+    "Usage",
+    "VLMBackend",
+    "backend_schemes",
+    "load_backend",
+    "resolve_vlm",
+]

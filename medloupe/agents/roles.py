@@ -1,8 +1,10 @@
 """The VLM-driven agents: thinker, planner, rethinker and answerer.
 
-Each builds messages from a versioned prompt (:mod:`medloupe.agents.prompts`), calls the
-backend with a JSON schema, validates the reply, and returns it with the
-:class:`~medloupe.agents.protocol.Generation` so the caller can record usage and latency.
+Each builds messages from a versioned prompt (:mod:`medloupe.agents.prompts`) and the same
+facts as a typed :class:`~medloupe.agents.protocol.RoleRequest`, asks the backend to play the
+role (:meth:`~medloupe.agents.protocol.VLMBackend.play`) with a JSON schema, validates the
+reply, and returns it with the :class:`~medloupe.agents.messages.Generation` so the caller can
+record usage and latency.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from medloupe.agents import prompts
-from medloupe.agents.protocol import ChatMessage, Generation, ImagePart, TextPart, VLMBackend
+from medloupe.agents.messages import ChatMessage, Generation, ImagePart, TextPart
+from medloupe.agents.protocol import RoleRequest, VLMBackend
 from medloupe.agents.structured import parse_reply
 from medloupe.artifacts import ArtifactStore
 from medloupe.errors import ModelReplyError, ToolArgumentsError, UnknownToolError
@@ -38,16 +41,14 @@ async def _ask(
     text: str,
     images: list[str],
     schema: type[BaseModel],
+    request: RoleRequest,
     history: list[ChatMessage] | None = None,
-    hints: dict[str, Any] | None = None,
 ) -> tuple[Any, Generation, list[ChatMessage]]:
     content: list[TextPart | ImagePart] = [ImagePart(artifact=a) for a in images]
     content.append(TextPart(text=text))
-    messages = [
-        *(history or []),
-        ChatMessage(role="user", content=content, hints=dict(hints or {})),
-    ]
-    gen = await vlm.generate(messages, store=store, schema=schema)
+    messages = [*(history or []), ChatMessage(role="user", content=content)]
+    request = request.model_copy(update={"images": list(images)})
+    gen = await vlm.play(request, messages, store=store, schema=schema)
     parsed = gen.parsed
     if not isinstance(parsed, schema):
         try:
@@ -80,7 +81,7 @@ async def think(
         text,
         [image.display_artifact],
         Draft,
-        hints={"role": "think", "question": question},
+        RoleRequest(role="think", question=question),
     )
     return draft, gen
 
@@ -124,8 +125,9 @@ async def plan(
     images = [image.display_artifact]
     problems: list[str] = []
     result = Plan()
+    request = RoleRequest(role="plan", question=question, answer=draft.answer)
     for attempt in range(max_repairs + 1):
-        result, gen, history = await _ask(vlm, store, text, images, Plan, history)
+        result, gen, history = await _ask(vlm, store, text, images, Plan, request, history)
         gens.append(gen)
         problems = _plan_problems(result, registry, available)
         if not problems:
@@ -171,9 +173,9 @@ async def rethink(
         evidence=evidence_digest(evidence),
         passages=evidence_digest(passages),
     )
-    hints = {"role": "rethink", "question": question, "answer": answer, "confidence": confidence}
+    request = RoleRequest(role="rethink", question=question, answer=answer, confidence=confidence)
     decision, gen, _ = await _ask(
-        vlm, store, text, [overview_artifact, *crops], RethinkDecision, hints=hints
+        vlm, store, text, [overview_artifact, *crops], RethinkDecision, request
     )
     return decision, gen
 
@@ -205,13 +207,13 @@ async def answer(
         confidence=confidence,
         evidence=evidence_digest(evidence),
     )
-    hints = {
-        "role": "answer",
-        "question": question,
-        "answer": current,
-        "confidence": confidence,
-        "evidence_ids": [e.id for e in evidence],
-        "observation_ids": [e.id for e in evidence if e.kind == "observation"],
-    }
-    draft, gen, _ = await _ask(vlm, store, text, [], AnswerDraft, hints=hints)
+    request = RoleRequest(
+        role="answer",
+        question=question,
+        answer=current,
+        confidence=confidence,
+        evidence_ids=[e.id for e in evidence],
+        observation_ids=[e.id for e in evidence if e.kind == "observation"],
+    )
+    draft, gen, _ = await _ask(vlm, store, text, [], AnswerDraft, request)
     return draft, gen

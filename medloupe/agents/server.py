@@ -26,7 +26,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from medloupe.agents.images import store_data_uri
-from medloupe.agents.protocol import ChatMessage, ImagePart, TextPart
+from medloupe.agents.messages import ChatMessage, ImagePart, TextPart
+from medloupe.agents.protocol import VLMBackend
 from medloupe.artifacts import ArtifactStore
 from medloupe.errors import BackendError, InputError
 
@@ -75,9 +76,13 @@ def _error(status: int, message: str, kind: str, code: str | None = None) -> Any
 
 
 def create_app(
-    backend: Any, *, served_name: str, max_tokens_limit: int = 4096, store_dir: Path | None = None
+    backend: VLMBackend,
+    *,
+    served_name: str,
+    max_tokens_limit: int = 4096,
+    store_dir: Path | None = None,
 ) -> Any:
-    """A FastAPI app serving ``backend`` (anything with ``complete`` and ``supports_schema``)
+    """A FastAPI app serving ``backend`` (its :meth:`~VLMBackend.complete`)
     under the model name ``served_name``. Images of requests are kept, content-addressed, in
     ``store_dir`` (default: a temporary folder removed when the app shuts down)."""
     from fastapi import FastAPI, Request
@@ -126,31 +131,10 @@ def create_app(
             )
         if req.stream:
             return _error(400, "stream=true is not supported", "invalid_request_error")
-        json_schema: dict[str, Any] | None = None
-        if req.response_format and req.response_format.get("type") != "text":
-            kind = req.response_format.get("type")
-            if not backend.supports_schema:
-                return _error(
-                    400,
-                    f"response_format {kind!r} is not supported by this server "
-                    "(constrained decoding needs xgrammar)",
-                    "invalid_request_error",
-                    "response_format_unsupported",
-                )
-            if kind == "json_schema":
-                json_schema = (req.response_format.get("json_schema") or {}).get("schema")
-                if not isinstance(json_schema, dict):
-                    return _error(
-                        400,
-                        "response_format.json_schema.schema is missing",
-                        "invalid_request_error",
-                    )
-            elif kind == "json_object":
-                json_schema = {"type": "object"}
-            else:
-                return _error(
-                    400, f"unknown response_format type {kind!r}", "invalid_request_error"
-                )
+        try:
+            json_schema = _requested_schema(req.response_format, backend.profile.supports_schema)
+        except _Refusal as exc:
+            return _error(400, exc.message, "invalid_request_error", exc.code)
         max_tokens = min(req.max_completion_tokens or req.max_tokens or 512, max_tokens_limit)
         try:
             messages = await asyncio.to_thread(_to_messages, req.messages, store)
@@ -187,6 +171,39 @@ def create_app(
         }
 
     return app
+
+
+class _Refusal(Exception):
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def _requested_schema(
+    response_format: dict[str, Any] | None, supported: bool
+) -> dict[str, Any] | None:
+    """The JSON schema a request's ``response_format`` asks for (``None``: plain text).
+
+    Raises:
+        _Refusal: the format is unsupported here, unknown, or its schema is missing.
+    """
+    if not response_format or response_format.get("type") == "text":
+        return None
+    kind = response_format.get("type")
+    if not supported:
+        raise _Refusal(
+            f"response_format {kind!r} is not supported by this server "
+            "(constrained decoding needs xgrammar)",
+            "response_format_unsupported",
+        )
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind != "json_schema":
+        raise _Refusal(f"unknown response_format type {kind!r}")
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise _Refusal("response_format.json_schema.schema is missing")
+    return schema
 
 
 def _to_messages(messages: list[_Message], store: ArtifactStore) -> list[ChatMessage]:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from medloupe.errors import InputError
+from medloupe.text import is_closed
 
 Task = Literal["vqa", "grounding", "classification", "relative_position", "count"]
 AnswerType = Literal["closed", "open", "box"]
@@ -46,12 +47,6 @@ class EvalItem(BaseModel):
     question_type: str | None = None
     boxes_xyxy: list[tuple[float, float, float, float]] | None = None
     points_xy: dict[str, tuple[float, float]] | list[tuple[float, float]] | None = None
-
-
-def is_closed(answer_type: object) -> bool:
-    """Whether a dataset's ``answer_type`` marks a closed question (case and surrounding
-    space ignored: VQA-RAD has ``'CLOSED '``)."""
-    return str(answer_type or "").strip().lower() == "closed"
 
 
 def load_jsonl(path: str | Path) -> list[EvalItem]:

@@ -28,12 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medloupe.agents.protocol import VLMBackend
+from medloupe.artifacts import atomic_write_bytes
 from medloupe.config import Settings
 from medloupe.errors import MedloupeError
 from medloupe.evaluation.data import EvalItem
 from medloupe.evaluation.metrics import compute_metrics
+from medloupe.evaluation.report import write_report
 from medloupe.evaluation.scoring import score
+from medloupe.graphs.context import Resources, ResourceSpec, load_resources, resolve_resources
+from medloupe.io.intake import read_input
+from medloupe.options import RunOptions
+from medloupe.runner import Run, create_run, execute
 from medloupe.schemas import GroundedAnswer
+from medloupe.tools.registry import ToolRegistry
+from medloupe.trace import TraceEvent, TraceRecorder
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +103,8 @@ class Evaluation:
     Args:
         out: the output folder (created).
         vlm: backend spec or a loaded backend (shared by all items), or ``None`` for the
-            evidence-only path.
+            evidence-only path (the settings' VLM is not applied: an evaluation says what it
+            runs).
         kb: knowledge base path or ``"default"``, or ``None``.
         ablation: which stages run.
         workers: items in flight at once.
@@ -105,7 +115,7 @@ class Evaluation:
         self,
         out: str | Path,
         *,
-        vlm: str | Any | None = None,
+        vlm: str | VLMBackend | None = None,
         kb: str | None = None,
         ablation: Ablation = Ablation(),
         workers: int = 1,
@@ -114,13 +124,13 @@ class Evaluation:
     ) -> None:
         self.out = Path(out)
         self.vlm = vlm
-        self.vlm_spec = vlm if isinstance(vlm, str) or vlm is None else str(vlm.spec)
+        self.vlm_spec = vlm if isinstance(vlm, str) or vlm is None else vlm.spec
         self.kb = kb
         self.ablation = ablation
         self.workers = max(1, workers)
         base = settings or Settings.from_env()
         self.settings = dataclasses.replace(base, home=self.out)
-        self.options = dict(options or {})
+        self.options = RunOptions.of(options)
         self.items_path = self.out / "items.jsonl"
 
     async def run(
@@ -133,34 +143,22 @@ class Evaluation:
         self.out.mkdir(parents=True, exist_ok=True)
         done = {r["id"] for r in read_records(self.items_path)}
         todo = [i for i in items if i.id not in done]
-        vlm: Any = None
-        retriever: Any = None
-        if todo and isinstance(self.vlm, str):
-            from medloupe.agents.protocol import load_backend
-
-            vlm = load_backend(self.vlm)
-        elif todo:
-            vlm = self.vlm
-        if todo and self.kb and self.ablation.retrieval:
-            from medloupe.knowledge_base import open_knowledge_base
-
-            retriever = open_knowledge_base(self.kb)
+        resources = self._resources() if todo else None
         sem = asyncio.Semaphore(self.workers)
 
-        async def one(item: EvalItem) -> None:
+        async def one(item: EvalItem, resources: Resources) -> None:
             async with sem:
-                record = await self._run_item(item, vlm, retriever)
+                record = await self._run_item(item, resources)
             _append_record(self.items_path, record)
             if on_item:
                 on_item(record)
 
-        try:
-            await asyncio.gather(*(one(i) for i in todo))
-        finally:
-            if retriever is not None:
-                retriever.close()
-            if isinstance(self.vlm, str) and hasattr(vlm, "aclose"):
-                await vlm.aclose()  # loaded here: closed here
+        if resources is not None:
+            try:
+                await asyncio.gather(*(one(i, resources) for i in todo))
+            finally:
+                # loaded here, closed here (a backend the caller gave is the caller's)
+                await resources.aclose(backend=not isinstance(self.vlm, VLMBackend))
         wanted = {i.id for i in items}
         records = [r for r in read_records(self.items_path) if r["id"] in wanted]
         metrics = compute_metrics(records)
@@ -169,42 +167,27 @@ class Evaluation:
             "kb": self.kb,
             "ablation": self.ablation.name,
             "workers": self.workers,
-            "options": self.options,
+            "options": self.options.model_dump(mode="json", exclude_defaults=True),
         }
-        from medloupe.artifacts import atomic_write_bytes
-        from medloupe.evaluation.report import write_report
-
         atomic_write_bytes(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
         write_report(self.out, records, metrics)
         return metrics
 
-    def _context(self, run: Any, trace: Any, vlm: Any, retriever: Any) -> Any:
-        from medloupe.graphs.state import RunContext
-        from medloupe.knowledge_base.tool import registry_with_retriever
-        from medloupe.tools import ToolRegistry, default_registry
-
-        if self.ablation.tools:
-            registry = registry_with_retriever(default_registry(), retriever)
+    def _resources(self) -> Resources:
+        """The backend, KB and tools every item shares (the ablation decides which)."""
+        kb = self.kb if self.ablation.retrieval else None
+        if isinstance(self.vlm, VLMBackend):
+            spec, backend = ResourceSpec(kb=kb), self.vlm
         else:
-            registry = ToolRegistry()
-        return RunContext(
-            store=run.store,
-            trace=trace,
-            registry=registry,
-            vlm=vlm,
-            retriever=retriever,
-            settings=self.settings,
-        )
+            spec, backend = resolve_resources(self.vlm or "none", kb, self.settings), None
+        # the tools: none (an ablation), or new instances for each item (see _run_item)
+        return load_resources(spec, backend=backend, registry=ToolRegistry(), search_tool=False)
 
-    async def _run_item(self, item: EvalItem, vlm: Any, retriever: Any) -> dict[str, Any]:
-        from medloupe.api import prepare_run
-        from medloupe.runner import execute
-        from medloupe.trace import TraceRecorder
-
+    async def _run_item(self, item: EvalItem, resources: Resources) -> dict[str, Any]:
         run_dir = self.out / "runs" / _safe(item.id)
         if run_dir.exists():  # an interrupted attempt: start the item over, cleanly
             shutil.rmtree(run_dir)
-        options = {**self.options, "rethink": self.ablation.rethink}
+        options = self.options.model_copy(update={"rethink": self.ablation.rethink})
         record: dict[str, Any] = {
             "id": item.id,
             "source": item.source,
@@ -220,32 +203,32 @@ class Evaluation:
         }
         started = time.perf_counter()
         answer: GroundedAnswer | None = None
-        trace = None
+        run: Run | None = None
         try:
-            run = prepare_run(
-                item.image,
+            loaded = await asyncio.to_thread(
+                read_input, item.image, options, self.settings.max_pixels
+            )
+            run = create_run(
+                loaded,
                 item.question,
                 settings=self.settings,
-                out=run_dir,
-                vlm="none",  # the backend is shared; its spec goes into run.json below
-                kb=None,
+                out_dir=run_dir,
                 options=options,
+                resources=resources.spec,
             )
-            run.meta["vlm"], run.meta["kb"] = self.vlm_spec, self.kb
-            trace = TraceRecorder(run.trace_path)
-            context = self._context(run, trace, vlm, retriever)
-            answer = await execute(run, settings=self.settings, context=context)
+            if self.ablation.tools:
+                resources = resources.with_new_tools()
+            answer = await execute(run, settings=self.settings, resources=resources)
         except (MedloupeError, OSError, ValueError, RuntimeError) as exc:
             # the item fails alone, recorded with its reason; the evaluation goes on
             record["error"] = f"{type(exc).__name__}: {exc}"
             log.warning("item %s failed: %s", item.id, record["error"], exc_info=True)
         finally:
-            if trace is not None:
-                calls = trace.events({"tool_call"})
+            if run is not None:
+                calls = tool_calls(run.trace_path)
                 record["tool_calls"] = len(calls)
                 record["tool_failures"] = sum(1 for e in calls if e.status != "ok")
                 record["tools"] = sorted({str(e.name) for e in calls})
-                trace.close()
         record["latency_s"] = time.perf_counter() - started
         s = score(item, answer)
         record.update(s.model_dump(mode="json"))
@@ -259,6 +242,15 @@ class Evaluation:
             ]
             record["timings_ms"] = answer.timings_ms
         return record
+
+
+def tool_calls(trace_path: Path) -> list[TraceEvent]:
+    """The tool calls a run's trace recorded."""
+    trace = TraceRecorder(trace_path)
+    try:
+        return trace.events({"tool_call"})
+    finally:
+        trace.close()
 
 
 def _safe(item_id: str) -> str:

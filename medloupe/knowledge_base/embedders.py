@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from medloupe.device import torch_device
 from medloupe.errors import KnowledgeBaseError
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,10 @@ class TextEmbedder:
     def _load(self) -> Any:
         with self._lock:
             if self._model is None:
-                import torch
                 from sentence_transformers import SentenceTransformer
 
                 source = default_text_model_path() if self.id == DEFAULT_TEXT_MODEL else self.id
-                device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                device = torch_device(self.device)
                 try:
                     self._model = SentenceTransformer(source, device=device)
                 except OSError as exc:

@@ -22,14 +22,16 @@ vectors are L2-normalised ``float32``.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from medloupe.config import Settings, hub_offline
+from medloupe.device import torch_device
 from medloupe.errors import KnowledgeBaseError
+from medloupe.knowledge_base.backbone import FEATURE_DIM, build_backbone, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,6 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 PIXELS_ID = "pixels-v1"
 BACKBONE_ID = "efficientnet-lite0-imagenet-v1"
 BACKBONE_SPECS = ("efficientnet-lite0", BACKBONE_ID)
-OFFLINE_VALUES = ("1", "true", "yes", "on")
 
 
 @runtime_checkable
@@ -157,12 +158,11 @@ class ClipImageEmbedder:
     def _load(self) -> tuple[Any, Any]:
         with self._lock:
             if self._model is None:
-                import torch
                 from transformers import AutoImageProcessor, AutoModel
 
-                device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                device = torch_device(self.device)
                 # read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import
-                offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in OFFLINE_VALUES
+                offline = hub_offline()
                 try:
                     processor = AutoImageProcessor.from_pretrained(
                         self.id, local_files_only=offline
@@ -241,31 +241,23 @@ class BackboneImageEmbedder:
 
     @property
     def dim(self) -> int:
-        from medloupe.mini.backbone import FEATURE_DIM
-
         return FEATURE_DIM
 
     def _load(self) -> Any:
         with self._lock:
             if self._net is None:
-                import torch
-
-                from medloupe.mini.backbone import build_backbone
-
                 try:
                     net = build_backbone()
                 except ImportError as exc:
                     raise KnowledgeBaseError(
                         f"image embedder {self.id!r}: {exc}; or use --image-embedder pixels"
                     ) from None
-                device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                device = torch_device(self.device)
                 self._net = net.to(device)
             return self._net
 
     def encode_images(self, images: list[np.ndarray]) -> np.ndarray:
         import torch
-
-        from medloupe.mini.backbone import preprocess
 
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -307,10 +299,10 @@ def backbone_available() -> bool:
 def image_embedder_from_spec(spec: str | None = None) -> ImageEmbedder | None:
     """``"none"`` → no image embeddings; ``"pixels"`` → :class:`PixelEmbedder`;
     ``"efficientnet-lite0"`` → :class:`BackboneImageEmbedder`; ``"auto"`` (default, or
-    ``$MEDLOUPE_IMAGE_EMBEDDER``) → :data:`DEFAULT_CLIP_MODEL` if cached, else the
+    ``Settings.image_embedder``) → :data:`DEFAULT_CLIP_MODEL` if cached, else the
     EfficientNet-Lite0 backbone, else pixels; anything else → :class:`ClipImageEmbedder` of
     that hub id or folder."""
-    spec = (spec or os.environ.get("MEDLOUPE_IMAGE_EMBEDDER") or "auto").strip()
+    spec = (spec or Settings.from_env().image_embedder or "auto").strip()
     if spec == "none":
         return None
     if spec in ("pixels", PIXELS_ID):

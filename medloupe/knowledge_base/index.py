@@ -560,14 +560,7 @@ def build_kb(
             stats.documents += 1
         if on_progress:
             on_progress("load", i + 1, len(sources))
-    seen: set[str] = set()
-    unique = []
-    for p in items:
-        if p.id in seen:
-            report.warn(f"{p.source}: duplicate passage id {p.id}; the later one is skipped")
-            continue
-        seen.add(p.id)
-        unique.append(p)
+    unique = _unique(items, report)
     if not unique:
         raise KnowledgeBaseError(
             "no passages to index: "
@@ -613,6 +606,19 @@ def build_kb(
     stats.figures = sum(1 for f in figure_names if f)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _unique(items: list[SourcePassage], report: LoadReport) -> list[SourcePassage]:
+    """The passages with their first id (a later duplicate is reported and skipped)."""
+    seen: set[str] = set()
+    unique = []
+    for p in items:
+        if p.id in seen:
+            report.warn(f"{p.source}: duplicate passage id {p.id}; the later one is skipped")
+            continue
+        seen.add(p.id)
+        unique.append(p)
+    return unique
 
 
 def _counter(

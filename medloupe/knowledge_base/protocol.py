@@ -40,3 +40,7 @@ class Retriever(Protocol):
     ) -> list[Passage]:
         """Top ``k`` passages for ``query`` (and the ``(H, W, 3)`` uint8 ``image`` crop, if any)."""
         ...
+
+    def close(self) -> None:
+        """Release the index and its files."""
+        ...

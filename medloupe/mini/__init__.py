@@ -12,15 +12,15 @@ target encoder: the bundled all-MiniLM-L6-v2. The trained heads ship in ``weight
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-MINI_ENV = "MEDLOUPE_MINI"
+from medloupe.config import Settings
+
 BUNDLED = Path(__file__).resolve().parent / "weights"
 
 
 def model_folder(folder: str | Path | None = None) -> Path:
-    """The medloupe-mini folder to use: ``folder``, else ``$MEDLOUPE_MINI``, else the copy
+    """The medloupe-mini folder to use: ``folder``, else ``Settings.mini``, else the copy
     shipped in the package (which may lack a part if the install dropped it)."""
-    chosen = folder or os.environ.get(MINI_ENV) or BUNDLED
+    chosen = folder or Settings.from_env().mini or BUNDLED
     return Path(chosen).expanduser()

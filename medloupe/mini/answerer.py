@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from medloupe.evaluation.scoring import canonical, normalise
-from medloupe.mini.attributes import PROBES, answer_claims, attribute_claims
+from medloupe.mini.attributes import PROBES, answer_claims
 from medloupe.mini.yesno import YesNo
+from medloupe.text import attribute_claims, canonical, normalise
 
 FORMAT = "medloupe-mini-answerer/2"
 
@@ -166,8 +166,8 @@ class MiniAnswerer:
             if self._loaded is None:
                 import torch
 
+                from medloupe.knowledge_base.backbone import build_backbone
                 from medloupe.knowledge_base.embedders import TextEmbedder
-                from medloupe.mini.backbone import build_backbone
 
                 meta = json.loads((self.folder / "answerer.json").read_text(encoding="utf-8"))
                 if meta.get("format") != FORMAT:
@@ -198,7 +198,7 @@ class MiniAnswerer:
         """Answer ``question`` about ``rgb`` (``(H, W, 3)`` uint8)."""
         import torch
 
-        from medloupe.mini.backbone import preprocess
+        from medloupe.knowledge_base.backbone import preprocess
 
         m = self._load()
         with torch.inference_mode():

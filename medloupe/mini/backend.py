@@ -1,10 +1,11 @@
 """medloupe-mini as a VLM backend: spec ``mini:`` (the answerer shipped in the package, or
-``$MEDLOUPE_MINI``) or ``mini:/path/to/folder``.
+``Settings.mini``) or ``mini:/path/to/folder``.
 
-It answers short questions; it does not write plans (``plans = False``: the graph uses its
-rule-based plan) or prose, and where the instruments answer the question outright (header
-facts, counts, grounded boxes) the graph keeps their answer (``defers_to_instruments``).
-Per role (read from the message's ``hints``):
+It answers short questions; it does not write plans (its profile's ``writes_plans`` is
+false: the graph uses its rule-based plan) or prose, and where the instruments answer the
+question outright (header facts, counts, grounded boxes) the graph keeps their answer
+(``defers_to_instruments``). Per role (:meth:`MiniBackend.play` reads the typed
+:class:`~medloupe.agents.protocol.RoleRequest`):
 
 - think: the answerer on the whole image -> a :class:`~medloupe.schemas.Draft`;
 - rethink: the answerer on each zoomed crop; its answers are reported in the decision's note
@@ -32,20 +33,26 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from medloupe.agents.protocol import ChatMessage, Generation, ImagePart, Usage
-from medloupe.agents.structured import Completion
+from medloupe.agents.messages import ChatMessage, Completion, Generation, ImagePart, Usage
+from medloupe.agents.protocol import ModelProfile, RoleRequest, VLMBackend
+from medloupe.agents.roles import AnswerDraft
 from medloupe.artifacts import ArtifactStore
+from medloupe.config import env_name
 from medloupe.errors import BackendError, BackendSpecError, InputError
-from medloupe.mini import BUNDLED, MINI_ENV, model_folder
+from medloupe.mini import BUNDLED, model_folder
 from medloupe.mini.answerer import MiniAnswerer, Prediction
+from medloupe.schemas import Claim, Draft, RethinkDecision
 
 
-class MiniBackend:
-    """The answerer of ``folder`` behind the VLM backend protocol."""
+class MiniBackend(VLMBackend):
+    """The answerer of ``folder`` behind the VLM backend contract."""
 
-    plans = False
-    defers_to_instruments = True
-    supports_schema = True  # served: {"answer", "confidence"} objects
+    profile = ModelProfile(
+        writes_plans=False,
+        defers_to_instruments=True,
+        preferred_image_side=224,
+        supports_schema=True,  # served: {"answer", "confidence"} objects
+    )
 
     def __init__(self, folder: str | Path | None = None) -> None:
         self.folder = model_folder(folder or None)
@@ -53,7 +60,7 @@ class MiniBackend:
             raise BackendSpecError(
                 f"no medloupe-mini answerer in {self.folder} (answerer.json missing); train one "
                 f"with `medloupe train mini --data ../shared/datasets --out DIR` and use "
-                f"mini:DIR (or set {MINI_ENV}=DIR)"
+                f"mini:DIR (or set {env_name('mini')}=DIR)"
             )
         self.answerer = MiniAnswerer(self.folder)
         self._lock = threading.Lock()  # one prediction at a time (CPU model)
@@ -67,10 +74,6 @@ class MiniBackend:
         if self.folder == BUNDLED:
             return "mini:"
         return f"mini:{self.folder}"
-
-    @property
-    def preferred_image_side(self) -> int:
-        return 224
 
     def _predict(self, store: ArtifactStore, artifact: str, question: str) -> Prediction:
         rgb = store.load(artifact)
@@ -102,79 +105,28 @@ class MiniBackend:
             constrained=json_schema is not None,
         )
 
-    async def generate(
+    async def play(
         self,
+        request: RoleRequest,
         messages: list[ChatMessage],
         *,
         store: ArtifactStore,
-        schema: type[BaseModel] | None = None,
-        max_tokens: int = 512,
-        temperature: float = 0.0,
+        schema: type[BaseModel],
     ) -> Generation:
-        from medloupe.agents.roles import AnswerDraft
-        from medloupe.schemas import Claim, Draft, RethinkDecision
-
+        """Play a graph role from its typed request (the prompt's prose is not read)."""
         started = time.perf_counter()
-        last = messages[-1]
-        hints = last.hints
-        role = hints.get("role")
-        question = str(hints.get("question") or "")
-        images = [p.artifact for p in last.content if isinstance(p, ImagePart)]
         reply: BaseModel
-        if role == "think" and schema is Draft and images:
-            p = await asyncio.to_thread(self._predict, store, images[0], question)
+        if request.role == "think" and schema is Draft and request.images:
+            p = await asyncio.to_thread(self._predict, store, request.images[0], request.question)
             reply = Draft(answer=p.answer, confidence=p.confidence, note=p.basis)
-        elif role == "rethink" and schema is RethinkDecision and images:
-            # images: the overview with the regions drawn, then the zoomed crops
-            looks = []
-            for crop in images[1:]:
-                p = await asyncio.to_thread(self._predict, store, crop, question)
-                looks.append((p.answer, p.confidence))
-            current = hints.get("answer")
-            said = "; ".join(f"crop {i + 1}: {a!r} ({c:.2f})" for i, (a, c) in enumerate(looks))
-            kept: str | None
-            if current is None and looks:  # no first look to keep: the most confident crop
-                kept, kept_conf = max(looks, key=lambda t: t[1])
-            else:
-                # The answerer learnt from whole images; on held-out training images its crop
-                # answers (by maximum or mean confidence) were less accurate than the whole
-                # image's (0.605-0.619 against 0.633), so the crops are reported, not voted.
-                kept = None if current is None else str(current)
-                kept_conf = float(hints.get("confidence") or 0.0)
-            reply = RethinkDecision(
-                answer=kept,
-                confidence=kept_conf,
-                note=(f"medloupe-mini on the crops: {said}" if said else "no crops")[:500],
-            )
-        elif role == "answer" and schema is AnswerDraft:
-            current = hints.get("answer")
-            conf = float(hints.get("confidence") or 0.0)
-            cited = list(hints.get("observation_ids") or [])
-            if current is None or not cited:
-                reply = AnswerDraft(
-                    confidence=0.0,
-                    abstained=True,
-                    abstention_reason="medloupe-mini gave no answer it could cite",
-                )
-            else:
-                reply = AnswerDraft(
-                    short_answer=str(current),
-                    explanation=(
-                        "medloupe-mini (a small model trained on VQA-RAD and SLAKE train splits) "
-                        "answered from the whole image and the zoomed regions it examined."
-                    ),
-                    confidence=conf,
-                    claims=[
-                        Claim(
-                            text=f"medloupe-mini answers {current!r} (confidence {conf:.2f}).",
-                            evidence_ids=cited[-2:],
-                        )
-                    ],
-                )
+        elif request.role == "rethink" and schema is RethinkDecision and request.images:
+            reply = await self._rethink(request, store)
+        elif request.role == "answer" and schema is AnswerDraft:
+            reply = _answer(request)
         else:
             raise BackendError(
-                f"{self.spec} answers think/rethink/answer requests only (got role {role!r}, "
-                f"schema {getattr(schema, '__name__', None)})"
+                f"{self.spec} answers think/rethink/answer requests only (got role "
+                f"{request.role!r}, schema {schema.__name__})"
             )
         return Generation(
             text=reply.model_dump_json(),
@@ -183,6 +135,53 @@ class MiniBackend:
             latency_ms=(time.perf_counter() - started) * 1000.0,
             model="medloupe-mini",
         )
+
+    async def _rethink(self, request: RoleRequest, store: ArtifactStore) -> RethinkDecision:
+        # images: the overview with the regions drawn, then the zoomed crops
+        looks = []
+        for crop in request.images[1:]:
+            p = await asyncio.to_thread(self._predict, store, crop, request.question)
+            looks.append((p.answer, p.confidence))
+        said = "; ".join(f"crop {i + 1}: {a!r} ({c:.2f})" for i, (a, c) in enumerate(looks))
+        kept: str | None
+        if request.answer is None and looks:  # no first look to keep: the most confident crop
+            kept, kept_conf = max(looks, key=lambda t: t[1])
+        else:
+            # The answerer learnt from whole images; on held-out training images its crop
+            # answers (by maximum or mean confidence) were less accurate than the whole
+            # image's (0.605-0.619 against 0.633), so the crops are reported, not voted.
+            kept, kept_conf = request.answer, request.confidence
+        return RethinkDecision(
+            answer=kept,
+            confidence=kept_conf,
+            note=(f"medloupe-mini on the crops: {said}" if said else "no crops")[:500],
+        )
+
+
+def _answer(request: RoleRequest) -> AnswerDraft:
+    """The final answer: the current answer, its claim citing the model's own looks."""
+    current, conf = request.answer, request.confidence
+    cited = request.observation_ids
+    if current is None or not cited:
+        return AnswerDraft(
+            confidence=0.0,
+            abstained=True,
+            abstention_reason="medloupe-mini gave no answer it could cite",
+        )
+    return AnswerDraft(
+        short_answer=current,
+        explanation=(
+            "medloupe-mini (a small model trained on VQA-RAD and SLAKE train splits) "
+            "answered from the whole image and the zoomed regions it examined."
+        ),
+        confidence=conf,
+        claims=[
+            Claim(
+                text=f"medloupe-mini answers {current!r} (confidence {conf:.2f}).",
+                evidence_ids=cited[-2:],
+            )
+        ],
+    )
 
 
 _QUESTION_LINE = re.compile(r"^\s*question\s*:\s*(.+)$", re.I | re.M)
@@ -236,6 +235,6 @@ def fill_schema(schema: dict[str, Any], answer: str, confidence: float) -> dict[
 
 
 def from_spec(rest: str) -> MiniBackend:
-    """``mini:FOLDER``; ``mini:`` uses ``$MEDLOUPE_MINI`` or the answerer shipped in the
+    """``mini:FOLDER``; ``mini:`` uses ``Settings.mini`` or the answerer shipped in the
     package."""
     return MiniBackend(rest or None)

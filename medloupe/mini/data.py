@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from medloupe.evaluation.data import is_closed
-from medloupe.evaluation.scoring import canonical
+from medloupe.text import canonical, is_closed
 
 
 @dataclass(frozen=True)

@@ -224,8 +224,8 @@ class MiniGrounder:
             if self._loaded is None:
                 import torch
 
+                from medloupe.knowledge_base.backbone import build_backbone
                 from medloupe.knowledge_base.embedders import TextEmbedder
-                from medloupe.mini.backbone import build_backbone
 
                 meta = self.meta
                 head = build_head(meta["in_ch"], meta["cond_dim"], meta["hidden"])
@@ -267,7 +267,7 @@ class MiniGrounder:
         :data:`MODALITIES` or ``None`` (unknown). Boxes are XYXY pixels of ``rgb``."""
         import torch
 
-        from medloupe.mini.backbone import preprocess
+        from medloupe.knowledge_base.backbone import preprocess
 
         label = self.match(target)
         backbone, head, text, priors = self._load()

@@ -9,11 +9,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from medloupe.config import env_name
 from medloupe.io.records import ImageRecord
-from medloupe.mini import MINI_ENV, model_folder
-from medloupe.mini.grounder import MiniGrounder, UnknownTarget, modality_key
-from medloupe.schemas import Box, Region
-from medloupe.tools.base import Availability, Requirements, Tool, ToolContext, ToolResult
+from medloupe.mini import model_folder
+from medloupe.mini.grounder import MiniGrounder, UnknownTarget, modality_key, normalise_target
+from medloupe.schemas import Box, Claim, Evidence, Region
+from medloupe.tools.base import (
+    Availability,
+    Requirements,
+    Statement,
+    Tool,
+    ToolContext,
+    ToolResult,
+    box_text,
+    successful,
+)
 
 _TARGET_PATTERNS = (
     # "This chest X-ray shows pneumonia. Locate it ..."
@@ -114,7 +124,7 @@ class GroundTool(Tool):
 
     Args:
         folder: a trained medloupe-mini folder with ``grounder.json`` / ``grounder.pt``
-            (default: ``$MEDLOUPE_MINI``, else the copy shipped in the package).
+            (default: ``Settings.mini``, else the copy shipped in the package).
     """
 
     name = "ground"
@@ -141,7 +151,7 @@ class GroundTool(Tool):
                 False,
                 f"no medloupe-mini grounder in {self.folder} (grounder.json missing): train one "
                 f"with `medloupe train mini --data ../shared/datasets --out DIR` and set "
-                f"{MINI_ENV}=DIR",
+                f"{env_name('mini')}=DIR",
             )
         return Availability(True, f"ready: {len(self.grounder.labels)} targets")
 
@@ -154,6 +164,39 @@ class GroundTool(Tool):
         if modality:
             args["modality"] = modality
         return args
+
+    def states(self, question: str, evidence: list[Evidence]) -> Statement | None:
+        """The box of what a "locate the X" question asks a box for ("where is the spleen,
+        right or lower right?" asks for words: the box stays evidence, not the answer)."""
+        target = target_from_question(question)
+        if target is None or not asks_for_box(question):
+            return None
+        want = normalise_target(target)
+        for e in successful(evidence, self.name):
+            out = e.output or {}
+            names = {
+                normalise_target(str(out.get("target", ""))),
+                str(out.get("label", "")).lower(),
+            }
+            if want not in names or not e.regions:
+                continue
+            box = box_text(e.regions[0].box_xyxy)
+            confidence = float(out.get("confidence", 0.0))
+            claim = Claim(
+                text=(
+                    f"medloupe-mini's grounder boxed the {str(out.get('label')).lower()} at "
+                    f"{box} (XYXY pixels); calibrated chance that the box overlaps the truth "
+                    f"with IoU >= 0.5: {confidence:.2f}."
+                ),
+                evidence_ids=[e.id],
+            )
+            return Statement(
+                parts=(f"{out.get('label')}: {box}",),
+                claims=(claim,),
+                regions=tuple(e.regions),
+                confidence=confidence,
+            )
+        return None
 
     def run(self, args: BaseModel, ctx: ToolContext) -> GroundResult:
         a: Any = args

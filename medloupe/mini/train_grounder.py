@@ -20,6 +20,7 @@ import numpy as np
 
 from medloupe.evaluation.scoring import iou
 from medloupe.mini.data import BoxExample, every_kth, grounding_examples, held_out
+from medloupe.mini.features import Progress, image_features
 from medloupe.mini.grounder import (
     GRID,
     MODALITIES,
@@ -28,7 +29,6 @@ from medloupe.mini.grounder import (
     condition,
     decode,
 )
-from medloupe.mini.train import Progress, image_features
 
 log = logging.getLogger(__name__)
 HELD_OUT_FRACTION = 0.15

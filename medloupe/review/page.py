@@ -20,10 +20,12 @@ the page runs no code from the run's data.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
-from collections.abc import Iterable
+import string
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +98,7 @@ def _citation_item(c: dict[str, Any], art: _Artifacts, *, with_score: bool = Fal
     """One cited or retrieved passage as a list item tied to its passage evidence id."""
     ev_id = "ev-passage-" + str(c.get("id", "")).removeprefix("cit-")
     score = f" (score {float(c.get('score') or 0):.2f})" if with_score else ""
-    figure = (
-        _img(art.uri(c.get("figure_artifact")), "figure") if c.get("figure_artifact") else ""
-    )
+    figure = _img(art.uri(c.get("figure_artifact")), "figure") if c.get("figure_artifact") else ""
     return (
         f'<li class="citation" data-evidence="{_esc(ev_id)}">'
         f"<b>{_esc(c.get('document'))}</b> {_esc(c.get('section') or '')} "
@@ -107,7 +107,10 @@ def _citation_item(c: dict[str, Any], art: _Artifacts, *, with_score: bool = Fal
     )
 
 
-def _evidence_map(doc: TraceDocument) -> dict[str, dict[str, Any]]:
+_Evidence = dict[str, dict[str, Any]]
+
+
+def _evidence_map(doc: TraceDocument) -> _Evidence:
     """Evidence id -> evidence dict, from the stored evidence and, for a run cut short, the
     tool-call and retrieval events."""
     out: dict[str, dict[str, Any]] = {}
@@ -155,172 +158,178 @@ def _regions(doc: TraceDocument, evidence: dict[str, dict[str, Any]]) -> list[di
     return list(seen.values())
 
 
-def _event_row(e: TraceEvent, art: _Artifacts, evidence: dict[str, dict[str, Any]]) -> str | None:
+def _plan_row(e: TraceEvent, head: str, art: _Artifacts, evidence: _Evidence) -> str:
     p = e.payload
+    plan = p.get("plan", {}) or {}
+    calls = "".join(
+        f"<li><code>{_esc(c.get('tool'))}</code> "
+        f"<code class='args'>{_esc(json.dumps(c.get('arguments', {})))}</code>"
+        f" — {_esc(c.get('reason'))}</li>"
+        for c in plan.get("calls", [])
+    )
+    problems = p.get("problems") or []
+    extra = (
+        "<p class='warn'>Repaired plan; problems: " + _esc("; ".join(map(str, problems))) + "</p>"
+        if problems
+        else ""
+    )
+    return (
+        f'<li class="ev ev-plan"><h4>Plan (step {_esc(p.get("step"))}) {head}</h4>'
+        f"<p>{_esc(plan.get('rationale'))}</p><ol>{calls}</ol>{extra}</li>"
+    )
+
+
+def _tool_row(e: TraceEvent, head: str, art: _Artifacts, evidence: _Evidence) -> str:
+    p = e.payload
+    ev_id = p.get("evidence_id")
+    ev = evidence.get(ev_id or "", {})
+    arts = "".join(
+        _img(art.uri(a), a)
+        for a in (p.get("artifacts") or ev.get("artifacts") or [])[:6]
+        if not a.startswith("mask-")
+    )
+    err = f"<p class='err'>{_esc(p.get('error'))}</p>" if p.get("error") else ""
+    output = (
+        f"<details><summary>output</summary>{_json_block(ev.get('output'))}</details>"
+        if ev.get("output")
+        else ""
+    )
+    return (
+        f'<li class="ev ev-tool" data-evidence="{_esc(ev_id)}">'
+        f"<h4>Tool <code>{_esc(e.name)}</code> ({_esc(e.node)}) {head}</h4>"
+        f"<p class='eid'>evidence <code>{_esc(ev_id)}</code></p>"
+        f"<details><summary>arguments</summary>{_json_block(p.get('arguments', {}))}</details>"
+        f"<p>{_esc(p.get('summary'))}</p>{err}{output}<div class='arts'>{arts}</div></li>"
+    )
+
+
+def _model_result(result: dict[str, Any]) -> str:
+    """What a model call's validated reply said: answer, findings, regions, note."""
+    body = ""
+    if "answer" in result or "short_answer" in result:
+        ans = result.get("answer", result.get("short_answer"))
+        conf = result.get("confidence")
+        body += f"<p>answer: <b>{_esc(ans)}</b>"
+        body += f", confidence {float(conf):.2f}</p>" if conf is not None else "</p>"
+    if result.get("findings"):
+        body += "<ul>" + "".join(f"<li>{_esc(f)}</li>" for f in result["findings"]) + "</ul>"
+    if result.get("regions"):
+        looks = "; ".join(
+            f"{_fmt_box(r['box_xyxy'])} {_esc(r.get('reason'))}" for r in result["regions"]
+        )
+        body += f"<p>regions to look at: {looks}</p>"
+    if result.get("note"):
+        body += f"<p class='note'>{_esc(result['note'])}</p>"
+    return body
+
+
+def _model_row(e: TraceEvent, head: str, art: _Artifacts, evidence: _Evidence) -> str:
+    p = e.payload
+    result = p.get("result")
+    title = {"first look": "First look (whole image)", "second look": "Model: second look"}.get(
+        str(p.get("purpose")), f"Model call: {p.get('purpose')}"
+    )
+    body = _model_result(result) if isinstance(result, dict) else ""
+    if p.get("error"):
+        body += f"<p class='err'>{_esc(p['error'])}</p>"
+    tokens = f"{p.get('prompt_tokens', 0)}+{p.get('completion_tokens', 0)} tokens"
+    return (
+        f'<li class="ev ev-model"><h4>{_esc(title)} {head}</h4>'
+        f"<p class='meta'>{_esc(e.name)} · {_esc(p.get('model'))} · {tokens} · "
+        f"{_esc(p.get('attempts'))} attempt(s)</p>{body}</li>"
+    )
+
+
+def _rethink_row(e: TraceEvent, head: str, art: _Artifacts, evidence: _Evidence) -> str:
+    p = e.payload
+    crops = "".join(
+        "<figure>" + _img(art.uri(c), c, "crop") + f"<figcaption>{_fmt_box(b)}</figcaption>"
+        "</figure>"
+        for c, b in zip(p.get("crops", []), p.get("boxes", []), strict=False)
+    )
+    before, after = p.get("answer_before"), p.get("answer_after")
+    changed = "changed" if before != after else "unchanged"
+    note = f"<p class='note'>{_esc(p.get('note'))}</p>" if p.get("note") else ""
+    more = (
+        f"<p class='note'>asks for more: {_esc(p.get('request'))}</p>"
+        if p.get("needs_more_evidence")
+        else ""
+    )
+    return (
+        f'<li class="ev ev-rethink"><h4>Rethink round {_esc(p.get("round"))} {head}</h4>'
+        f"<div class='crops'>{crops}</div>"
+        f"<p class='delta {changed}'>answer: <b>{_esc(before)}</b> "
+        f"({float(p.get('confidence_before') or 0):.2f}) → <b>{_esc(after)}</b> "
+        f"({float(p.get('confidence_after') or 0):.2f}) — {changed}</p>{note}{more}</li>"
+    )
+
+
+def _retrieval_row(e: TraceEvent, head: str, art: _Artifacts, evidence: _Evidence) -> str:
+    p = e.payload
+    if e.status == "skipped":
+        return (
+            f'<li class="ev ev-retrieval"><h4>Retrieval {head}</h4>'
+            f"<p>{_esc(p.get('reason'))}</p></li>"
+        )
+    items = "".join(_citation_item(c, art, with_score=True) for c in p.get("passages", []))
+    return (
+        f'<li class="ev ev-retrieval"><h4>Retrieval ({_esc(e.name)}) {head}</h4>'
+        f"<p>query: <i>{_esc(p.get('query'))}</i></p><ol>{items}</ol></li>"
+    )
+
+
+def _review_row(e: TraceEvent, head: str, art: _Artifacts, evidence: _Evidence) -> str:
+    return (
+        f'<li class="ev ev-review"><h4>Plan review: {_esc(e.status)} {head}</h4>'
+        f"{_json_block(e.payload.get('plan'))}</li>"
+    )
+
+
+def _error_row(e: TraceEvent, head: str, art: _Artifacts, evidence: _Evidence) -> str:
+    msg = e.payload.get("error") or e.payload.get("message")
+    return (
+        f'<li class="ev ev-error"><h4>{_esc(e.kind)} {_esc(e.node or "")} {head}</h4>'
+        f"<p class='err'>{_esc(msg)}</p></li>"
+    )
+
+
+def _node_row(e: TraceEvent, head: str, art: _Artifacts, evidence: _Evidence) -> str:
+    name = e.node if e.kind == "node_end" else e.kind
+    return f'<li class="ev ev-node"><span class="node">{_esc(name)}</span> {head}</li>'
+
+
+_ROWS: dict[str, Callable[[TraceEvent, str, _Artifacts, _Evidence], str]] = {
+    "plan": _plan_row,
+    "tool_call": _tool_row,
+    "model_call": _model_row,
+    "rethink_round": _rethink_row,
+    "retrieval": _retrieval_row,
+    "review": _review_row,
+    "node_error": _error_row,
+    "run_error": _error_row,
+    "node_end": _node_row,
+    "run_start": _node_row,
+    "resume": _node_row,
+    "run_end": _node_row,
+}
+
+
+def _event_row(e: TraceEvent, art: _Artifacts, evidence: _Evidence) -> str | None:
+    """One timeline entry, or ``None`` for an event the timeline leaves out."""
     dur = f'<span class="dur">{e.duration_ms:.0f} ms</span>' if e.duration_ms is not None else ""
     status = f'<span class="st st-{_esc(e.status)}">{_esc(e.status)}</span>' if e.status else ""
     head = f'<span class="seq">#{e.seq}</span> {status} {dur}'
-    if e.kind == "plan":
-        plan = p.get("plan", {}) or {}
-        calls = "".join(
-            f"<li><code>{_esc(c.get('tool'))}</code> "
-            f"<code class='args'>{_esc(json.dumps(c.get('arguments', {})))}</code>"
-            f" — {_esc(c.get('reason'))}</li>"
-            for c in plan.get("calls", [])
-        )
-        problems = p.get("problems") or []
-        extra = (
-            "<p class='warn'>Repaired plan; problems: "
-            + _esc("; ".join(map(str, problems)))
-            + "</p>"
-            if problems
-            else ""
-        )
-        return (
-            f'<li class="ev ev-plan"><h4>Plan (step {_esc(p.get("step"))}) {head}</h4>'
-            f"<p>{_esc(plan.get('rationale'))}</p><ol>{calls}</ol>{extra}</li>"
-        )
-    if e.kind == "tool_call":
-        ev_id = p.get("evidence_id")
-        ev = evidence.get(ev_id or "", {})
-        arts = "".join(
-            _img(art.uri(a), a)
-            for a in (p.get("artifacts") or ev.get("artifacts") or [])[:6]
-            if not a.startswith("mask-")
-        )
-        err = f"<p class='err'>{_esc(p.get('error'))}</p>" if p.get("error") else ""
-        return (
-            f'<li class="ev ev-tool" data-evidence="{_esc(ev_id)}">'
-            f"<h4>Tool <code>{_esc(e.name)}</code> ({_esc(e.node)}) {head}</h4>"
-            f"<p class='eid'>evidence <code>{_esc(ev_id)}</code></p>"
-            f"<details><summary>arguments</summary>{_json_block(p.get('arguments', {}))}</details>"
-            f"<p>{_esc(p.get('summary'))}</p>{err}"
-            + (
-                f"<details><summary>output</summary>{_json_block(ev.get('output'))}</details>"
-                if ev.get("output")
-                else ""
-            )
-            + f"<div class='arts'>{arts}</div></li>"
-        )
-    if e.kind == "model_call":
-        result = p.get("result")
-        title = {"first look": "First look (whole image)", "second look": "Model: second look"}.get(
-            str(p.get("purpose")), f"Model call: {p.get('purpose')}"
-        )
-        body = ""
-        if isinstance(result, dict):
-            if "answer" in result or "short_answer" in result:
-                ans = result.get("answer", result.get("short_answer"))
-                conf = result.get("confidence")
-                body += f"<p>answer: <b>{_esc(ans)}</b>"
-                body += f", confidence {float(conf):.2f}</p>" if conf is not None else "</p>"
-            if result.get("findings"):
-                body += (
-                    "<ul>" + "".join(f"<li>{_esc(f)}</li>" for f in result["findings"]) + "</ul>"
-                )
-            if result.get("regions"):
-                body += (
-                    "<p>regions to look at: "
-                    + "; ".join(
-                        f"{_fmt_box(r['box_xyxy'])} {_esc(r.get('reason'))}"
-                        for r in result["regions"]
-                    )
-                    + "</p>"
-                )
-            if result.get("note"):
-                body += f"<p class='note'>{_esc(result['note'])}</p>"
-        if p.get("error"):
-            body += f"<p class='err'>{_esc(p['error'])}</p>"
-        tokens = f"{p.get('prompt_tokens', 0)}+{p.get('completion_tokens', 0)} tokens"
-        return (
-            f'<li class="ev ev-model"><h4>{_esc(title)} {head}</h4>'
-            f"<p class='meta'>{_esc(e.name)} · {_esc(p.get('model'))} · {tokens} · "
-            f"{_esc(p.get('attempts'))} attempt(s)</p>{body}</li>"
-        )
-    if e.kind == "rethink_round":
-        crops = "".join(
-            "<figure>" + _img(art.uri(c), c, "crop") + f"<figcaption>{_fmt_box(b)}</figcaption>"
-            "</figure>"
-            for c, b in zip(p.get("crops", []), p.get("boxes", []), strict=False)
-        )
-        before, after = p.get("answer_before"), p.get("answer_after")
-        changed = "changed" if before != after else "unchanged"
-        return (
-            f'<li class="ev ev-rethink"><h4>Rethink round {_esc(p.get("round"))} {head}</h4>'
-            f"<div class='crops'>{crops}</div>"
-            f"<p class='delta {changed}'>answer: <b>{_esc(before)}</b> "
-            f"({float(p.get('confidence_before') or 0):.2f}) → <b>{_esc(after)}</b> "
-            f"({float(p.get('confidence_after') or 0):.2f}) — {changed}</p>"
-            + (f"<p class='note'>{_esc(p.get('note'))}</p>" if p.get("note") else "")
-            + (
-                f"<p class='note'>asks for more: {_esc(p.get('request'))}</p>"
-                if p.get("needs_more_evidence")
-                else ""
-            )
-            + "</li>"
-        )
-    if e.kind == "retrieval":
-        if e.status == "skipped":
-            return (
-                f'<li class="ev ev-retrieval"><h4>Retrieval {head}</h4>'
-                f"<p>{_esc(p.get('reason'))}</p></li>"
-            )
-        items = "".join(
-            _citation_item(c, art, with_score=True) for c in p.get("passages", [])
-        )
-        return (
-            f'<li class="ev ev-retrieval"><h4>Retrieval ({_esc(e.name)}) {head}</h4>'
-            f"<p>query: <i>{_esc(p.get('query'))}</i></p><ol>{items}</ol></li>"
-        )
-    if e.kind == "review":
-        return (
-            f'<li class="ev ev-review"><h4>Plan review: {_esc(e.status)} {head}</h4>'
-            f"{_json_block(p.get('plan'))}</li>"
-        )
-    if e.kind in ("node_error", "run_error") or (e.kind == "note" and e.status == "error"):
-        msg = p.get("error") or p.get("message")
-        return (
-            f'<li class="ev ev-error"><h4>{_esc(e.kind)} {_esc(e.node or "")} {head}</h4>'
-            f"<p class='err'>{_esc(msg)}</p></li>"
-        )
-    if e.kind == "node_end":
-        return f'<li class="ev ev-node"><span class="node">{_esc(e.node)}</span> {head}</li>'
-    if e.kind in ("run_start", "resume", "run_end"):
-        return f'<li class="ev ev-node"><span class="node">{_esc(e.kind)}</span> {head}</li>'
-    return None
+    row = _error_row if e.kind == "note" and e.status == "error" else _ROWS.get(e.kind)
+    return row(e, head, art, evidence) if row else None
 
 
-def render_review_page(
-    doc: TraceDocument,
-    run_dir: str | Path,
-    *,
-    status: str | None = None,
-    error: str | None = None,
-    review_url: str | None = None,
-) -> str:
-    """The review page of one run as a self-contained HTML string.
-
-    Args:
-        doc: the run's trace document (:func:`medloupe.trace.read_trace`).
-        run_dir: the run directory (for artifacts).
-        status: run status to show (``done``, ``running``, ``failed``...).
-        error: the failure reason of a failed run.
-        review_url: where the review form posts JSON (``{"verdict", "comment",
-            "reviewer"}``); ``None`` (an exported file) shows reviews read-only.
-    """
-    store = ArtifactStore(Path(run_dir))
-    art = _Artifacts(store)
-    meta = doc.meta
-    image = meta.get("image") or {}
+def _viewer(doc: TraceDocument, art: _Artifacts, evidence: _Evidence) -> str:
+    """The image with its overlays: SVG in image pixels (XYXY maps straight to the viewBox)."""
+    image = doc.meta.get("image") or {}
     width, height = int(image.get("width") or 1), int(image.get("height") or 1)
-    answer = doc.answer or {}
-    evidence = _evidence_map(doc)
-    regions = _regions(doc, evidence)
-
-    # -- the image and its overlays (SVG in image pixels: XYXY maps straight to the viewBox)
     shapes: list[str] = []
     masks: list[str] = []
-    for r in regions:
+    for r in _regions(doc, evidence):
         x0, y0, x1, y1 = (float(v) for v in r["box_xyxy"])
         cls = "box" + (" in-answer" if r.get("in_answer") else "")
         shapes.append(
@@ -335,18 +344,16 @@ def render_review_page(
                 f'<image class="mask" data-evidence="{_esc(r.get("evidence_id"))}" href="{uri}" '
                 f'x="0" y="0" width="{width}" height="{height}" preserveAspectRatio="none"/>'
             )
-    crops: list[str] = []
-    for e in doc.events:
-        if e.kind == "rethink_round":
-            for b in e.payload.get("boxes", []):
-                x0, y0, x1, y1 = (float(v) for v in b)
-                crops.append(
-                    f'<rect class="crop" data-round="{_esc(e.payload.get("round"))}" '
-                    f'x="{x0:.1f}" y="{y0:.1f}" width="{x1 - x0:.1f}" height="{y1 - y0:.1f}">'
-                    f"<title>rethink round {_esc(e.payload.get('round'))} crop</title></rect>"
-                )
+    crops = [
+        f'<rect class="crop" data-round="{_esc(e.payload.get("round"))}" '
+        f'x="{x0:.1f}" y="{y0:.1f}" width="{x1 - x0:.1f}" height="{y1 - y0:.1f}">'
+        f"<title>rethink round {_esc(e.payload.get('round'))} crop</title></rect>"
+        for e in doc.events
+        if e.kind == "rethink_round"
+        for x0, y0, x1, y1 in ((float(v) for v in b) for b in e.payload.get("boxes", []))
+    ]
     image_uri = art.uri(image.get("display_artifact"))
-    viewer = (
+    return (
         f'<div class="viewer" id="viewer" style="aspect-ratio:{width}/{height}">'
         + (_img(image_uri, "the run's image", "base") if image_uri else "")
         + f'<svg id="overlay" viewBox="0 0 {width} {height}" preserveAspectRatio="none">'
@@ -360,211 +367,131 @@ def render_review_page(
         + "</div>"
     )
 
-    # -- the answer
+
+def _answer_html(
+    answer: dict[str, Any], art: _Artifacts, status: str | None, error: str | None
+) -> str:
+    """The answer: short answer or abstention, claims as buttons, citations, provenance."""
     if not answer:
-        answer_html = (
+        return (
             f"<p class='err'>No answer: the run {_esc(status or 'did not finish')}"
             + (f" — {_esc(error)}" if error else "")
             + ".</p>"
         )
+    if answer.get("abstained"):
+        head = f"<p class='abstain'>Abstained: {_esc(answer.get('abstention_reason'))}</p>"
     else:
-        if answer.get("abstained"):
-            head = f"<p class='abstain'>Abstained: {_esc(answer.get('abstention_reason'))}</p>"
-        else:
-            head = (
-                f"<p class='short'>{_esc(answer.get('short_answer'))}</p>"
-                f"<p>confidence <b>{float(answer.get('confidence') or 0):.2f}</b></p>"
-            )
-        claims = "".join(
-            f'<li><button type="button" class="claim" data-claim="{i}" '
-            f'data-evidence="{_esc(" ".join(c.get("evidence_ids", [])))}">{_esc(c.get("text"))}'
-            f"</button> <span class='cites'>"
-            + ", ".join(f"<code>{_esc(x)}</code>" for x in c.get("evidence_ids", []))
-            + "</span></li>"
-            for i, c in enumerate(answer.get("claims", []))
+        head = (
+            f"<p class='short'>{_esc(answer.get('short_answer'))}</p>"
+            f"<p>confidence <b>{float(answer.get('confidence') or 0):.2f}</b></p>"
         )
-        cits = "".join(_citation_item(c, art) for c in answer.get("citations", []))
-        prov = answer.get("provenance") or {}
-        answer_html = (
-            head
-            + f"<p>{_esc(answer.get('explanation'))}</p>"
-            + (f"<h3>Claims</h3><ol class='claims'>{claims}</ol>" if claims else "")
-            + (f"<h3>Citations</h3><ol class='citations'>{cits}</ol>" if cits else "")
-            + f"<p class='meta'>answered by {_esc(prov.get('answer_source'))}"
-            + f" · VLM {_esc(prov.get('vlm') or 'none')}"
-            + f" · tools {_esc(', '.join(prov.get('tools', [])) or 'none')}"
-            + f" · retriever {_esc(prov.get('retriever') or 'none')}"
-            + f" · medloupe {_esc(prov.get('medloupe_version'))}</p>"
-        )
-    disclaimer = answer.get("disclaimer") or ("medloupe is a research tool, not a medical device.")
+    claims = "".join(
+        f'<li><button type="button" class="claim" data-claim="{i}" '
+        f'data-evidence="{_esc(" ".join(c.get("evidence_ids", [])))}">{_esc(c.get("text"))}'
+        f"</button> <span class='cites'>"
+        + ", ".join(f"<code>{_esc(x)}</code>" for x in c.get("evidence_ids", []))
+        + "</span></li>"
+        for i, c in enumerate(answer.get("claims", []))
+    )
+    cits = "".join(_citation_item(c, art) for c in answer.get("citations", []))
+    prov = answer.get("provenance") or {}
+    return (
+        head
+        + f"<p>{_esc(answer.get('explanation'))}</p>"
+        + (f"<h3>Claims</h3><ol class='claims'>{claims}</ol>" if claims else "")
+        + (f"<h3>Citations</h3><ol class='citations'>{cits}</ol>" if cits else "")
+        + f"<p class='meta'>answered by {_esc(prov.get('answer_source'))}"
+        + f" · VLM {_esc(prov.get('vlm') or 'none')}"
+        + f" · tools {_esc(', '.join(prov.get('tools', [])) or 'none')}"
+        + f" · retriever {_esc(prov.get('retriever') or 'none')}"
+        + f" · medloupe {_esc(prov.get('medloupe_version'))}</p>"
+    )
 
-    # -- the timeline
-    rows = [r for r in (_event_row(e, art, evidence) for e in doc.events) if r]
-    timeline = f"<ol class='timeline'>{''.join(rows)}</ol>"
 
-    # -- reviews
-    reviews = "".join(
+_REVIEW_FORM = (
+    '<form id="review-form"><fieldset><legend>Your review of the answer</legend>'
+    '<label><input type="radio" name="verdict" value="agree" required> agree</label> '
+    '<label><input type="radio" name="verdict" value="disagree"> disagree</label><br>'
+    '<textarea name="comment" rows="3" cols="60" maxlength="4000" '
+    'placeholder="comment"></textarea><br>'
+    '<input name="reviewer" maxlength="100" placeholder="reviewer (optional)"> '
+    '<button type="submit" id="review-submit">submit review</button> '
+    '<span id="review-status" role="status"></span></fieldset></form>'
+)
+_EXPORTED_NOTE = (
+    "<p class='meta'>Exported page: reviews are shown as stored; add one on the "
+    "served page (<code>medloupe serve</code>, <code>/runs/RUN_ID</code>).</p>"
+)
+
+
+def _reviews_html(doc: TraceDocument) -> str:
+    items = "".join(
         f'<li class="review verdict-{_esc(r.get("verdict"))}"><b>{_esc(r.get("verdict"))}</b>'
         f" — {_esc(r.get('comment'))} <span class='meta'>{_esc(r.get('reviewer') or '')} "
         f"{_esc(r.get('created'))}</span></li>"
         for r in doc.reviews
     )
-    if review_url:
-        form = (
-            '<form id="review-form"><fieldset><legend>Your review of the answer</legend>'
-            '<label><input type="radio" name="verdict" value="agree" required> agree</label> '
-            '<label><input type="radio" name="verdict" value="disagree"> disagree</label><br>'
-            '<textarea name="comment" rows="3" cols="60" maxlength="4000" '
-            'placeholder="comment"></textarea><br>'
-            '<input name="reviewer" maxlength="100" placeholder="reviewer (optional)"> '
-            '<button type="submit" id="review-submit">submit review</button> '
-            '<span id="review-status" role="status"></span></fieldset></form>'
-        )
-    else:
-        form = (
-            "<p class='meta'>Exported page: reviews are shown as stored; add one on the "
-            "served page (<code>medloupe serve</code>, <code>/runs/RUN_ID</code>).</p>"
-        )
+    return items or "<li class='none'>no review yet</li>"
 
-    question = meta.get("question") or answer.get("question") or ""
+
+def render_review_page(
+    doc: TraceDocument,
+    run_dir: str | Path,
+    *,
+    status: str | None = None,
+    error: str | None = None,
+    review_url: str | None = None,
+) -> str:
+    """The review page of one run as a self-contained HTML string (``page.html`` filled in).
+
+    Args:
+        doc: the run's trace document (:func:`medloupe.trace.read_trace`).
+        run_dir: the run directory (for artifacts).
+        status: run status to show (``done``, ``running``, ``failed``...).
+        error: the failure reason of a failed run.
+        review_url: where the review form posts JSON (``{"verdict", "comment",
+            "reviewer"}``); ``None`` (an exported file) shows reviews read-only.
+    """
+    art = _Artifacts(ArtifactStore(Path(run_dir)))
+    meta = doc.meta
+    image = meta.get("image") or {}
+    answer = doc.answer or {}
+    evidence = _evidence_map(doc)
+    rows = [r for r in (_event_row(e, art, evidence) for e in doc.events) if r]
     header_bits = [
         f"run <code>{_esc(doc.run_id)}</code>",
         f"status <b id='run-status'>{_esc(status or ('done' if answer else 'unknown'))}</b>",
-        f"{_esc(image.get('modality'))} {width}x{height} px",
+        f"{_esc(image.get('modality'))} {int(image.get('width') or 1)}x"
+        f"{int(image.get('height') or 1)} px",
         f"VLM {_esc(meta.get('vlm') or 'none')}",
         f"KB {_esc(meta.get('kb') or 'none')}",
     ]
-    # raw text inside <script>: JSON with "<" escaped cannot close the element
-    config = json.dumps({"reviewUrl": review_url}).replace("<", "\\u003c")
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>medloupe review — {_esc(doc.run_id)}</title>
-<style>{_CSS}</style></head>
-<body>
-<header><h1>{_esc(question)}</h1><p class="meta">{" · ".join(header_bits)}</p>
-<p class="disclaimer" id="disclaimer">{_esc(disclaimer)}</p></header>
-<main>
-<section class="left"><h2>Image</h2>{viewer}</section>
-<section class="right"><h2>Answer</h2><div id="answer">{answer_html}</div>
-<h2>Reviews</h2><ul id="reviews">{reviews or "<li class='none'>no review yet</li>"}</ul>{form}
-</section>
-</main>
-<section class="trace"><h2>Timeline</h2>{timeline}</section>
-<script type="application/json" id="config">{config}</script>
-<script>{_JS}</script>
-</body></html>
-"""
+    disclaimer = answer.get("disclaimer") or "medloupe is a research tool, not a medical device."
+    return _asset("page.html").substitute(
+        run_id=_esc(doc.run_id),
+        css=_asset_text("page.css"),
+        js=_asset_text("page.js"),
+        question=_esc(meta.get("question") or answer.get("question") or ""),
+        header=" · ".join(header_bits),
+        disclaimer=_esc(disclaimer),
+        viewer=_viewer(doc, art, evidence),
+        answer=_answer_html(answer, art, status, error),
+        reviews=_reviews_html(doc),
+        form=_REVIEW_FORM if review_url else _EXPORTED_NOTE,
+        timeline=f"<ol class='timeline'>{''.join(rows)}</ol>",
+        # raw text inside <script>: JSON with "<" escaped cannot close the element
+        config=json.dumps({"reviewUrl": review_url}).replace("<", "\\u003c"),
+    )
 
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:0 1.5rem 2rem;color:#1d2330;background:#fafbfc}
-header h1{font-size:1.35rem;margin:.8rem 0 .2rem}
-.meta{color:#5a6372;font-size:.85rem}
-.disclaimer{background:#fff4d6;border:1px solid #e5c66b;padding:.4rem .6rem;font-size:.85rem}
-main{display:flex;gap:1.5rem;flex-wrap:wrap}
-.left{flex:1 1 420px;max-width:640px}.right{flex:1 1 380px}
-.viewer{position:relative;width:100%;background:#000}
-.viewer img.base{position:absolute;inset:0;width:100%;height:100%;image-rendering:auto}
-.viewer svg{position:absolute;inset:0;width:100%;height:100%}
-rect.box{fill:none;stroke:#00d0ff;stroke-width:2;vector-effect:non-scaling-stroke}
-rect.box.in-answer{stroke:#ffd000}
-rect.crop{fill:none;stroke:#7cff6b;stroke-width:1.5;stroke-dasharray:6 4;
- vector-effect:non-scaling-stroke}
-rect.box.hl{stroke:#ff2d55;stroke-width:4}
-image.mask{opacity:.9}.hidden{display:none}
-.toggles label{margin-right:1rem}
-.short{font-size:1.3rem;font-weight:600;margin:.3rem 0}
-.abstain{font-weight:600;color:#8a4b00}
-button.claim{text-align:left;border:1px solid #c6cdd8;background:#fff;border-radius:4px;
- padding:.3rem .5rem;cursor:pointer;font:inherit}
-button.claim.selected{border-color:#ff2d55;background:#ffe9ee}
-.citation.hl,.ev.hl,li.hl{outline:3px solid #ff2d55;background:#fff0f3}
-.timeline{list-style:none;padding:0}
-.ev{border-left:3px solid #c6cdd8;margin:.4rem 0;padding:.2rem .7rem;background:#fff}
-.ev h4{margin:.2rem 0;font-size:.95rem}
-.ev-node{border-left-color:#e3e7ee;font-size:.8rem;color:#5a6372;background:none}
-.ev-tool{border-left-color:#00a0d0}.ev-model{border-left-color:#8a5cf6}
-.ev-rethink{border-left-color:#3caf50}.ev-retrieval{border-left-color:#d08a00}
-.ev-plan{border-left-color:#1d2330}.ev-error{border-left-color:#d0002d}
-.seq{color:#8a93a3;font-weight:400}.dur{color:#5a6372;font-weight:400;font-size:.8rem}
-.st{font-size:.75rem;padding:0 .3rem;border-radius:3px;background:#e3e7ee}
-.st-error,.st-failed{background:#ffd6dd}.st-ok{background:#d8f5dd}
-.err{color:#b00020}.warn{color:#8a4b00}.note{color:#5a6372;font-style:italic}
-img.thumb{max-width:160px;max-height:160px;margin:.2rem;border:1px solid #ddd}
-img.crop{max-width:200px;border:2px solid #7cff6b}
-.crops{display:flex;gap:.5rem;flex-wrap:wrap}figure{margin:0}
-figcaption{font-size:.75rem;color:#5a6372}
-pre{background:#f3f5f8;padding:.4rem;overflow:auto;max-height:20rem;font-size:.8rem}
-blockquote{margin:.2rem 0 .4rem 1rem;color:#39414f;font-size:.9rem}
-.delta.changed{color:#0b6b1d}
-.review.verdict-disagree b{color:#b00020}.review.verdict-agree b{color:#0b6b1d}
-"""
+@functools.cache
+def _asset_text(name: str) -> str:
+    """A file of the page shipped beside this module (``page.html``, ``.css``, ``.js``)."""
+    return (Path(__file__).parent / name).read_text(encoding="utf-8")
 
-_JS = """
-(function () {
-  "use strict";
-  var config = JSON.parse(document.getElementById("config").textContent);
-  function toggle(id, layer) {
-    var box = document.getElementById(id), g = document.getElementById(layer);
-    if (!box || !g) return;
-    box.addEventListener("change", function () { g.classList.toggle("hidden", !box.checked); });
-  }
-  toggle("toggle-boxes", "layer-boxes");
-  toggle("toggle-masks", "layer-masks");
-  toggle("toggle-crops", "layer-crops");
-  var claims = document.querySelectorAll("button.claim");
-  claims.forEach(function (btn) {
-    btn.addEventListener("click", function () {
-      var ids = btn.getAttribute("data-evidence").split(" ").filter(Boolean);
-      document.querySelectorAll(".hl").forEach(function (el) { el.classList.remove("hl"); });
-      claims.forEach(function (b) {
-        b.classList.remove("selected");
-        b.setAttribute("aria-pressed", "false");
-      });
-      btn.classList.add("selected");
-      btn.setAttribute("aria-pressed", "true");
-      document.querySelectorAll("[data-evidence]").forEach(function (el) {
-        if (el.tagName === "BUTTON") return;
-        if (ids.indexOf(el.getAttribute("data-evidence")) >= 0) el.classList.add("hl");
-      });
-      var first = document.querySelector("rect.hl");
-      if (first) document.getElementById("viewer").scrollIntoView({block: "nearest"});
-    });
-  });
-  var form = document.getElementById("review-form");
-  if (form && config.reviewUrl) {
-    form.addEventListener("submit", function (ev) {
-      ev.preventDefault();
-      var data = new FormData(form), status = document.getElementById("review-status");
-      var body = {verdict: data.get("verdict"), comment: data.get("comment") || ""};
-      if (data.get("reviewer")) body.reviewer = data.get("reviewer");
-      var headers = {"Content-Type": "application/json"};
-      var token = new URLSearchParams(location.search).get("access_token");
-      if (token) headers["Authorization"] = "Bearer " + token;
-      status.textContent = "saving…";
-      fetch(config.reviewUrl, {method: "POST", headers: headers, body: JSON.stringify(body)})
-        .then(function (r) {
-          if (!r.ok) return r.text().then(function (t) { throw new Error(r.status + " " + t); });
-          return r.json();
-        })
-        .then(function (saved) {
-          var list = document.getElementById("reviews"), none = list.querySelector(".none");
-          if (none) none.remove();
-          var li = document.createElement("li");
-          li.className = "review verdict-" + saved.verdict;
-          var b = document.createElement("b"); b.textContent = saved.verdict;
-          li.appendChild(b);
-          li.appendChild(document.createTextNode(" — " + saved.comment + " "));
-          list.appendChild(li);
-          status.textContent = "saved";
-          form.reset();
-        })
-        .catch(function (err) { status.textContent = "not saved: " + err.message; });
-    });
-  }
-})();
-"""
+
+def _asset(name: str) -> string.Template:
+    return string.Template(_asset_text(name))
 
 
 def export_review_html(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -2,7 +2,7 @@
 
 Runs execute on one background event loop (its own thread, so the HTTP loop never waits on
 a graph), at most ``workers`` at a time; at most ``queue_size`` more wait. Every accepted
-run is a row of ``$MEDLOUPE_HOME/service.sqlite`` before the client hears its id, and its
+run is a row of ``<Settings.home>/service.sqlite`` before the client hears its id, and its
 status moves ``queued -> running -> done | failed``. A server that stops (crash, kill,
 restart) leaves rows ``queued`` or ``running``; the next start resumes each from its last
 LangGraph checkpoint (the run id is the thread id), or marks it failed with the reason —
@@ -24,7 +24,8 @@ from typing import Any
 
 from medloupe.config import Settings
 from medloupe.errors import InputError, MedloupeError
-from medloupe.runner import Run, SqliteTable, find_run
+from medloupe.graphs.context import Resources, ResourceSpec, shared_resources
+from medloupe.runner import Run, SqliteTable, execute, find_run
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,11 @@ class RunManager:
         workers: runs executing at once.
         queue_size: accepted runs that may wait for a worker; beyond it :meth:`submit`
             raises :class:`QueueFullError`.
-        vlm: backend spec for every run (``None``: the evidence-only path).
-        vlm_default: ``vlm`` is the default one (none was configured): said in provenance.
-        kb: knowledge base (``"default"`` or a folder), or ``None``.
+        resources: the backend and knowledge base of every run, by name.
 
     The registry, backend and knowledge base come from
-    :func:`medloupe.graphs.defaults.shared_resources`: built once per (VLM, KB) in the
-    process and shared by the runs.
+    :func:`medloupe.graphs.context.shared_resources`: built once per process and shared by
+    the runs.
     """
 
     def __init__(
@@ -126,25 +125,21 @@ class RunManager:
         *,
         workers: int = 2,
         queue_size: int = 16,
-        vlm: str | None = None,
-        vlm_default: bool = False,
-        kb: str | None = None,
+        resources: ResourceSpec = ResourceSpec(),
     ) -> None:
         if workers < 1 or queue_size < 0:
             raise InputError("workers must be >= 1 and queue_size >= 0")
         self.settings = settings
         self.workers = workers
         self.queue_size = queue_size
-        self.vlm_spec = vlm
-        self.vlm_default = vlm_default
-        self.kb = kb
+        self.resources = resources
         self.db = ServiceDB(settings.home / "service.sqlite")
         self._lock = threading.Lock()
         self._pending = 0  # queued + running, counted here so admission is race-free
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._sem: asyncio.Semaphore | None = None
-        self._shared: tuple[Any, Any, Any] | None = None
+        self._shared: Resources | None = None
         self._shared_lock: asyncio.Lock | None = None
         self._stopping = False
 
@@ -247,42 +242,23 @@ class RunManager:
 
     # -- execution ------------------------------------------------------------------------
 
-    async def _shared_resources(self) -> tuple[Any, Any, Any]:
-        """(registry, VLM or None, retriever or None); the first run loads them (off the
-        loop: opening a KB reads its index), the others wait for that."""
-        from medloupe.graphs.defaults import shared_resources
-
+    async def _shared_resources(self) -> Resources:
+        """The runs' resources; the first run loads them (off the loop: opening a KB reads
+        its index), the others wait for that."""
         assert self._shared_lock is not None
         async with self._shared_lock:
             if self._shared is None:
-                self._shared = await asyncio.to_thread(shared_resources, self.vlm_spec, self.kb)
+                self._shared = await asyncio.to_thread(shared_resources, self.resources)
             return self._shared
 
     async def _execute(self, run_id: str, run_dir: str, resume: bool) -> None:
-        from medloupe.graphs.state import RunContext
-        from medloupe.runner import execute
-        from medloupe.trace import TraceRecorder
-
         assert self._sem is not None
         try:
             async with self._sem:
                 self.db.set(run_id, "running")
                 run = find_run(run_dir, self.settings)
-                registry, vlm, retriever = await self._shared_resources()
-                trace = TraceRecorder(run.trace_path)
-                try:
-                    ctx = RunContext(
-                        store=run.store,
-                        trace=trace,
-                        registry=registry,
-                        vlm=vlm,
-                        vlm_default=bool(run.meta.get("vlm_default")),
-                        retriever=retriever,
-                        settings=self.settings,
-                    )
-                    await execute(run, settings=self.settings, resume=resume, context=ctx)
-                finally:
-                    trace.close()
+                resources = await self._shared_resources()
+                await execute(run, settings=self.settings, resources=resources, resume=resume)
                 self.db.set(run_id, "done")
         except asyncio.CancelledError:
             # the server is stopping: the row stays 'running'/'queued' and is resumed later

@@ -21,11 +21,10 @@ from medloupe.tools.registry import ENTRY_POINT_GROUP, PluginProblem, ToolRegist
 
 def expert_tools() -> list[Tool]:
     """New instances of medloupe's expert tools: ``segment`` (SAM / MedSAM / classical),
-    ``zoom``, ``contrast``, ``overlay``, ``count_cells``, ``ground`` (medloupe-mini's grounder),
-    ``read_text`` (OCR), ``detect``
+    ``zoom``, ``contrast``, ``overlay``, ``count_cells``, ``read_text`` (OCR), ``detect``
     (zero-shot detector, when configured) and ``classify`` (DenseNet121, when configured).
-    Each instance owns its lazily loaded weights and caches."""
-    from medloupe.mini.tool import GroundTool
+    Each instance owns its lazily loaded weights and caches. (``ground``, medloupe-mini's
+    grounder, arrives through the ``medloupe.tools`` entry points like any plugin.)"""
     from medloupe.tools.cells import count_cells
     from medloupe.tools.classify import ClassifyTool
     from medloupe.tools.detect import DetectTool
@@ -37,7 +36,6 @@ def expert_tools() -> list[Tool]:
         SegmentTool(),
         *image_op_tools(),
         count_cells,
-        GroundTool(),
         ReadTextTool(),
         DetectTool(),
         ClassifyTool(),

@@ -42,7 +42,7 @@ from pydantic import BaseModel, Field
 
 from medloupe.artifacts import ArtifactStore
 from medloupe.io.records import ImageRecord
-from medloupe.schemas import Region
+from medloupe.schemas import Box, Claim, Evidence, Region
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,63}$")
 
@@ -85,6 +85,40 @@ class Availability:
 
     ok: bool
     reason: str
+
+
+@dataclass(frozen=True)
+class Statement:
+    """What a tool's evidence states outright about a question (the evidence composer keeps
+    it over a guess).
+
+    Attributes:
+        parts: the answer's parts (joined by ``"; "`` with other tools' parts).
+        claims: each citing the evidence that states it.
+        regions: the boxes that answer a "locate" question (they lead the answer's regions;
+            one located answer per question, the first tool's).
+        confidence: how sure the statement is (the answer takes the lowest).
+    """
+
+    parts: tuple[str, ...]
+    claims: tuple[Claim, ...]
+    regions: tuple[Region, ...] = ()
+    confidence: float = 0.95
+
+
+def successful(evidence: list[Evidence], tool_name: str) -> list[Evidence]:
+    """The evidence of ``tool_name``'s calls that succeeded, in order."""
+    return [e for e in evidence if e.tool == tool_name and e.status == "ok"]
+
+
+def box_text(box: Box) -> str:
+    """``[x0, y0, x1, y1]`` in whole pixels, as answers and claims print boxes."""
+    return "[" + ", ".join(f"{v:.0f}" for v in box) + "]"
+
+
+StatesFn = Callable[[str, list[Evidence]], Statement | None]
+SuggestFn = Callable[[str, ImageRecord], dict[str, Any] | None]
+FollowUpFn = Callable[[Box, str], dict[str, Any] | None]
 
 
 @dataclass
@@ -154,6 +188,17 @@ class Tool(ABC):
         Must be cheap and must not look at pixels."""
         return None
 
+    def follow_up(self, box: Box, reason: str) -> dict[str, Any] | None:
+        """Arguments for a call that examines ``box`` (XYXY pixels), a region the first look
+        picked for ``reason``; the rule-based planner asks every tool (default: ``None``)."""
+        return None
+
+    def states(self, question: str, evidence: list[Evidence]) -> Statement | None:
+        """What this tool's successful evidence among ``evidence`` states outright about
+        ``question`` (the answer, claims citing the evidence), or ``None`` (the default: its
+        output is evidence for a model to weigh, not an answer)."""
+        return None
+
     @abstractmethod
     def run(self, args: BaseModel, ctx: ToolContext) -> BaseModel | Awaitable[BaseModel]:
         """Run on validated ``args``. May be a coroutine function (then it must not block)."""
@@ -188,10 +233,14 @@ class FunctionTool(Tool):
         requires: Requirements | None = None,
         timeout_s: float | None = None,
         available: Callable[[], Availability] | None = None,
-        suggest: Callable[[str, ImageRecord], dict[str, Any] | None] | None = None,
+        suggest: SuggestFn | None = None,
+        follow_up: FollowUpFn | None = None,
+        states: StatesFn | None = None,
     ) -> None:
         self.fn = fn
         self._suggest = suggest
+        self._follow_up = follow_up
+        self._states = states
         self.name = name or fn.__name__
         if not _NAME_RE.match(self.name):
             raise ValueError(
@@ -228,6 +277,12 @@ class FunctionTool(Tool):
     def suggest(self, question: str, image: ImageRecord) -> dict[str, Any] | None:
         return self._suggest(question, image) if self._suggest is not None else None
 
+    def follow_up(self, box: Box, reason: str) -> dict[str, Any] | None:
+        return self._follow_up(box, reason) if self._follow_up is not None else None
+
+    def states(self, question: str, evidence: list[Evidence]) -> Statement | None:
+        return self._states(question, evidence) if self._states is not None else None
+
     @property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.fn)
@@ -248,12 +303,17 @@ def tool(
     requires: Requirements | None = None,
     timeout_s: float | None = None,
     available: Callable[[], Availability] | None = None,
-    suggest: Callable[[str, ImageRecord], dict[str, Any] | None] | None = None,
+    suggest: SuggestFn | None = None,
+    follow_up: FollowUpFn | None = None,
+    states: StatesFn | None = None,
 ) -> Any:
     """Make a :class:`Tool` from a typed function; usable bare (``@tool``) or with options.
 
     ``suggest(question, image_record)`` returns arguments when the rule-based planner (no VLM)
     should call the tool for a question, else ``None``; a VLM planner sees every tool's schema.
+    ``follow_up(box, reason)`` returns arguments to examine a region the first look picked.
+    ``states(question, evidence)`` returns the :class:`Statement` the tool's evidence makes
+    outright about a question (the evidence composer answers with it), else ``None``.
 
     The input and output models are read from the annotations; the description defaults to
     the docstring's first paragraph. The decorated name becomes the tool object (register it
@@ -271,6 +331,8 @@ def tool(
             timeout_s=timeout_s,
             available=available,
             suggest=suggest,
+            follow_up=follow_up,
+            states=states,
         )
 
     return wrap(fn) if fn is not None else wrap

@@ -7,13 +7,16 @@ the image's pixel spacing is known, otherwise in pixels with a warning.
 from __future__ import annotations
 
 import math
-from typing import Literal
+import re
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from medloupe.schemas import Box, Region
-from medloupe.tools.base import Tool, ToolContext, ToolResult, tool
+from medloupe.io.records import ImageRecord
+from medloupe.schemas import Box, Claim, Evidence, Region
+from medloupe.text import attribute_claims
+from medloupe.tools.base import Statement, Tool, ToolContext, ToolResult, successful, tool
 
 MODALITY_NAMES = {
     "CR": "computed radiography (X-ray)",
@@ -84,7 +87,91 @@ class ImageInfo(ToolResult):
         return f"{self.modality} - {self.modality_name}{part}; {size}"
 
 
-@tool(name="image_info")
+# questions about the modality itself; a question that merely names one ("Locate the liver
+# in this CT image") is not one of them
+_MODALITY_Q = re.compile(
+    r"\b(modality|imaging (technique|method|type)|what (kind|type) of (image|scan|imaging)|"
+    r"how was (this|the) image (taken|acquired)|"
+    r"(is|was) (this|the image) (an? )?(x-?ray|ct|mri|ultrasound|radiograph)"
+    # ... but not "is this radiograph under-exposed?": the modality must end the question
+    r"(?=\s*(\?|$|\.|or\b|(image|scan|study|film)\b)))",
+    re.I,
+)
+_BODY_Q = re.compile(
+    r"\b(body part|which organ system|what part of the body|region of the body|anatomy)\b", re.I
+)
+_SIZE_Q = re.compile(
+    r"\b(size|dimensions?|field of view|pixel spacing|resolution|how large|how big)\b", re.I
+)
+# DICOM modality codes -> the modality values yes/no questions claim (medloupe.text)
+_CLAIMED_MODALITY = {
+    "CT": "CT",
+    "MR": "MRI",
+    **dict.fromkeys(("CR", "DX", "DR", "RG", "MG", "RF", "XA", "PX", "IO"), "X-ray"),
+}
+
+
+def _header_statement(question: str, evidence: list[Evidence]) -> Statement | None:
+    """What the header states: the modality (a yes/no "Is this a CT scan?" or its name, with
+    the body part), and the size and field of view when the question asks."""
+    info = successful(evidence, "image_info")
+    if not info:
+        return None
+    ev, out = info[0], info[0].output or {}
+    modality = out.get("modality")
+    claims: list[Claim] = []
+    parts: list[str] = []
+    if modality not in (None, "OT"):  # OT: the file does not say
+        name = out.get("modality_name", modality)
+        asserted = attribute_claims(question)
+        if asserted is not None and set(asserted) == {"modality"}:
+            claimed = asserted["modality"]
+            same = _CLAIMED_MODALITY.get(str(modality)) == claimed
+            text = (
+                f"The image header gives modality {modality} ({name}), so it is "
+                f"{'' if same else 'not '}{claimed}."
+            )
+            claims.append(Claim(text=text, evidence_ids=[ev.id]))
+            parts.append("yes" if same else "no")
+        elif _MODALITY_Q.search(question) or _BODY_Q.search(question):
+            body = out.get("body_part")
+            claims.append(
+                Claim(
+                    text=f"The image header gives modality {modality} ({name}).",
+                    evidence_ids=[ev.id],
+                )
+            )
+            if body:
+                claims.append(
+                    Claim(
+                        text=f"The header gives the body part examined as {body}.",
+                        evidence_ids=[ev.id],
+                    )
+                )
+            parts.append(f"{name}" + (f" of the {str(body).lower()}" if body else ""))
+    if _SIZE_Q.search(question):
+        w, h, fov = out.get("width_px"), out.get("height_px"), out.get("field_of_view_mm")
+        text = f"{w}x{h} pixels"
+        if fov:
+            text += f", {fov[0]:.0f}x{fov[1]:.0f} mm"
+            claims.append(
+                Claim(
+                    text=f"The field of view is {fov[0]:.0f}x{fov[1]:.0f} mm.",
+                    evidence_ids=[ev.id],
+                )
+            )
+        else:
+            text += " (pixel spacing unknown, so no size in mm)"
+        claims.append(Claim(text=f"The image is {w}x{h} pixels.", evidence_ids=[ev.id]))
+        parts.append(text)
+    return Statement(parts=tuple(parts), claims=tuple(claims)) if parts else None
+
+
+def _always(question: str, image: ImageRecord) -> dict[str, Any]:
+    return {}
+
+
+@tool(name="image_info", suggest=_always, states=_header_statement)
 def image_info(args: NoArgs, ctx: ToolContext) -> ImageInfo:
     """Technical facts of the image: modality, body part, size, pixel spacing, intensities."""
     rec = ctx.image
@@ -166,7 +253,12 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float(np.argmax(between))
 
 
-@tool(name="find_regions")
+def _dark_regions(question: str, image: ImageRecord) -> dict[str, Any] | None:
+    """Grayscale images: candidate regions to look at more closely."""
+    return {"polarity": "dark"} if image.channels == 1 else None
+
+
+@tool(name="find_regions", suggest=_dark_regions)
 def find_regions(args: FindRegionsArgs, ctx: ToolContext) -> FindRegionsResult:
     """Candidate regions by intensity (Otsu threshold + connected components), largest first.
 
@@ -405,7 +497,11 @@ class MeasureResult(ToolResult):
         return ", ".join(parts) + (f" ({self.warning})" if self.warning else "")
 
 
-@tool(name="measure")
+def _measure_region(box: Box, reason: str) -> dict[str, Any]:
+    return {"box_xyxy": list(box)}
+
+
+@tool(name="measure", follow_up=_measure_region)
 def measure(args: MeasureArgs, ctx: ToolContext) -> MeasureResult:
     """Distance between two points; a box's width, height, diagonal and area; or a mask's area,
     perimeter and largest diameter. mm when the pixel spacing is known, pixels with a warning

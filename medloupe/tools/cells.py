@@ -15,13 +15,23 @@ Both are thresholding + morphology (+ watershed), not a trained model; the outpu
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from medloupe.schemas import Box, Region
-from medloupe.tools.base import ToolContext, ToolResult, tool
+from medloupe.io.records import ImageRecord
+from medloupe.schemas import Box, Claim, Evidence, Region
+from medloupe.tools.base import Statement, ToolContext, ToolResult, box_text, successful, tool
+
+_COUNT_WBC_Q = re.compile(r"\bhow many\b.*\b(white (blood )?cells?|leu[ck]ocytes?|wbcs?)\b", re.I)
+_LOCATE_WBC_Q = re.compile(
+    r"\b(locate|where|find|bounding box)\b.*\b(white (blood )?cells?|leu[ck]ocytes?|wbcs?)\b",
+    re.I,
+)
+# exact-match rate of count_cells(wbc) on the BCCD validation split (BENCHMARKS.md)
+WBC_COUNT_CONFIDENCE = 0.9
 
 WBC_HUE = (100, 165)
 WBC_MIN_SATURATION = 70
@@ -167,7 +177,49 @@ def detect_rbc(rgb: np.ndarray, min_area_fraction: float = 0.001) -> list[CellBo
     return cells
 
 
-@tool(name="count_cells", timeout_s=60.0)
+def _wbc_question(question: str, image: ImageRecord) -> dict[str, Any] | None:
+    """Colour images asked to count or locate white blood cells."""
+    asks = _COUNT_WBC_Q.search(question) or _LOCATE_WBC_Q.search(question)
+    return {"cell_type": "wbc"} if image.channels == 3 and asks else None
+
+
+def _cells_statement(question: str, evidence: list[Evidence]) -> Statement | None:
+    """The white-cell count ("how many ...") and boxes ("locate ...") the counter found."""
+    counts = [
+        e for e in successful(evidence, "count_cells") if (e.output or {}).get("cell_type") == "wbc"
+    ]
+    if not counts:
+        return None
+    ev, out = counts[0], counts[0].output or {}
+    parts: list[str] = []
+    claims: list[Claim] = []
+    regions: tuple[Region, ...] = ()
+    if _COUNT_WBC_Q.search(question):
+        n = int(out.get("count", 0))
+        text = (
+            f"A classical stain-threshold counter ({out.get('method')}) found {n} white "
+            f"blood cell{'s' if n != 1 else ''}."
+        )
+        claims.append(Claim(text=text, evidence_ids=[ev.id]))
+        parts.append(str(n))
+    if _LOCATE_WBC_Q.search(question) and ev.regions:
+        cells = ev.regions  # largest first
+        boxes = "; ".join(box_text(r.box_xyxy) for r in cells)
+        text = (
+            f"A classical stain-threshold detector boxed {len(cells)} white blood "
+            f"cell{'s' if len(cells) != 1 else ''} (XYXY pixels): {boxes}."
+        )
+        claims.append(Claim(text=text, evidence_ids=[ev.id]))
+        parts.append(boxes)
+        regions = tuple(cells)  # the located cells lead the answer's regions
+    if not parts:
+        return None
+    return Statement(
+        parts=tuple(parts), claims=tuple(claims), regions=regions, confidence=WBC_COUNT_CONFIDENCE
+    )
+
+
+@tool(name="count_cells", timeout_s=60.0, suggest=_wbc_question, states=_cells_statement)
 def count_cells(args: CountCellsArgs, ctx: ToolContext) -> CountCellsResult:
     """Count and box white (wbc) or red (rbc) blood cells on a stained smear with classical
     thresholding, morphology and watershed (no trained model)."""

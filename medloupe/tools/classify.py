@@ -1,7 +1,7 @@
 """``classify``: a 2D MONAI DenseNet121 multi-label classifier loading a user checkpoint.
 
 A classifier is described by a :class:`ClassifierSpec` (JSON): the checkpoint, its key layout,
-the labels, input channels and preprocessing. Point ``MEDLOUPE_CLASSIFIER`` at the JSON file (or
+the labels, input channels and preprocessing. Point the ``classifier`` setting at the JSON file (or
 at a checkpoint with a ``.json`` sidecar of the same stem).
 
 Layouts:
@@ -32,12 +32,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
+from medloupe.config import Settings, env_name
+from medloupe.device import torch_device
 from medloupe.errors import WeightsMissingError
 from medloupe.tools.base import Availability, Tool, ToolContext, ToolResult
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_ENV = "MEDLOUPE_CLASSIFIER"
+CLASSIFIER_ENV = env_name("classifier")
 XRV_PATHOLOGIES = [
     "Atelectasis",
     "Consolidation",
@@ -226,7 +228,6 @@ class DenseNetClassifier:
     def load(self) -> Any:
         with self._lock:
             if self._model is None:
-                import torch
                 from monai.networks.nets import DenseNet121
 
                 state = load_state(self.spec.checkpoint)
@@ -260,7 +261,7 @@ class DenseNetClassifier:
                         f"missing {result.missing_keys[:3]}, "
                         f"unexpected {result.unexpected_keys[:3]}"
                     )
-                device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                device = torch_device(self.device)
                 self._model = model.to(device).eval()
                 log.info("loaded classifier %s on %s", self.spec.checkpoint, device)
             return self._model
@@ -309,7 +310,7 @@ class ClassifyTool(Tool):
     """Multi-label image classification with a user's DenseNet121 checkpoint.
 
     Args:
-        spec: the classifier (default: from ``$MEDLOUPE_CLASSIFIER``).
+        spec: the classifier (default: from ``Settings.classifier``).
         device: torch device (default CUDA when present).
     """
 
@@ -324,9 +325,10 @@ class ClassifyTool(Tool):
 
     def __init__(self, spec: ClassifierSpec | None = None, *, device: str | None = None) -> None:
         self._problem: str | None = None
-        if spec is None and os.environ.get(CLASSIFIER_ENV):
+        configured = Settings.from_env().classifier
+        if spec is None and configured:
             try:
-                spec = ClassifierSpec.from_path(os.environ[CLASSIFIER_ENV])
+                spec = ClassifierSpec.from_path(configured)
             except (WeightsMissingError, ValueError) as exc:
                 self._problem = f"{CLASSIFIER_ENV}: {exc}"
         self.spec = spec

@@ -1,7 +1,7 @@
 """``detect``: text-prompted, open-vocabulary detection through transformers.
 
 Any checkpoint that ``AutoModelForZeroShotObjectDetection`` loads (OWLv2, OWL-ViT, Grounding
-DINO, ...) from a hub id or a local folder. Configure it with ``MEDLOUPE_DETECTOR`` (e.g.
+DINO, ...) from a hub id or a local folder. Configure it with the ``detector`` setting (e.g.
 ``google/owlv2-base-patch16-ensemble`` or ``IDEA-Research/grounding-dino-tiny``) or the tool's
 ``model`` argument. Weights load on first use; with ``HF_HUB_OFFLINE=1`` only the local cache
 is read, and missing weights raise an error naming ``hf download MODEL``.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import re
 import threading
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
+from medloupe.config import Settings, env_name
+from medloupe.device import torch_device
 from medloupe.errors import WeightsMissingError
 from medloupe.schemas import Box, Region
 from medloupe.tools.base import Availability, Requirements, Tool, ToolContext, ToolResult
@@ -27,7 +28,7 @@ from medloupe.tools.weights import offline
 
 log = logging.getLogger(__name__)
 
-DETECTOR_ENV = "MEDLOUPE_DETECTOR"
+DETECTOR_ENV = env_name("detector")
 
 
 def hub_weights_cached(model_id: str) -> bool:
@@ -107,7 +108,7 @@ class DetectTool(Tool):
     """Open-vocabulary detection with a transformers zero-shot detector.
 
     Args:
-        model: hub id or local folder (default ``$MEDLOUPE_DETECTOR``).
+        model: hub id or local folder (default ``Settings.detector``).
         device: torch device (default CUDA when present).
     """
 
@@ -121,7 +122,7 @@ class DetectTool(Tool):
     timeout_s = 300.0
 
     def __init__(self, model: str | None = None, *, device: str | None = None) -> None:
-        self.model_id = model or os.environ.get(DETECTOR_ENV) or None
+        self.model_id = model or Settings.from_env().detector
         self.device = device
         self.requires = Requirements(weights=(self.model_id,) if self.model_id else ())
         self._model: Any = None
@@ -155,7 +156,6 @@ class DetectTool(Tool):
             if self._model is None:
                 if not self.model_id:
                     raise WeightsMissingError(self.available().reason)
-                import torch
                 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
                 local = Path(self.model_id).expanduser()
@@ -171,7 +171,7 @@ class DetectTool(Tool):
                         f"{self.model_id}` on a machine with network and copy the HF cache, or "
                         f"point {DETECTOR_ENV} at a local folder"
                     ) from None
-                device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                device = torch_device(self.device)
                 self._model, self._processor = model.to(device).eval(), processor
                 log.info("loaded detector %s on %s", self.model_id, device)
             return self._model, self._processor

@@ -7,7 +7,7 @@ Burned-in text on medical images often carries identifiers (name, ID, birth date
 
 - :func:`redact_burned_in_text` paints over every detected text box; the OpenAI-compatible
   backend applies it before an image leaves the machine when redaction is on
-  (``MEDLOUPE_REDACT_TEXT``, default ``remote``: for endpoints that are not loopback).
+  (``Settings.redact_text``, default ``remote``: for endpoints that are not loopback).
 - the ``read_text`` tool reports lines that look like identifiers (a name/ID/birth-date
   label, long digit runs, dates) as ``[redacted]`` unless asked not to, so they do not reach
   prompts, traces or logs.

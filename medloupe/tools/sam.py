@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from medloupe.device import torch_device
 from medloupe.tools.weights import WeightFile
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def _meta_sam(
         *arch,
         weights=WeightFile(
             filename=filename,
-            env_var=f"MEDLOUPE_{name.upper()}",
+            name=name,
             url=_SAM_URL + filename,
             sha256=sha256,
         ),
@@ -106,7 +107,7 @@ SAM_MODELS: dict[str, SamModelSpec] = {
         *_VIT_B,
         weights=WeightFile(
             filename="medsam_vit_b.pth",
-            env_var="MEDLOUPE_MEDSAM_VIT_B",
+            name="medsam_vit_b",
             how_to_get=(
                 "download medsam_vit_b.pth from the MedSAM project "
                 "(https://github.com/bowang-lab/MedSAM#model-checkpoints)"
@@ -319,14 +320,12 @@ class SamEngine:
         """
         with self._load_lock:
             if self._model is None:
-                import torch
-
                 path = (
                     self.spec.weights.resolve(self.checkpoint, download=self.download)
                     if self.spec.weights is not None
                     else self.checkpoint
                 )
-                device = self.device_name or ("cuda" if torch.cuda.is_available() else "cpu")
+                device = torch_device(self.device_name)
                 model = build_sam_model(self.spec, path).to(device)
                 log.info("loaded %s from %s on %s", self.spec.name, path or "random init", device)
                 self._model = model

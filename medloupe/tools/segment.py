@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, create_model, model_validator
 
+from medloupe.config import Settings
 from medloupe.errors import WeightsMissingError
 from medloupe.schemas import Box, Region
 from medloupe.tools.base import Availability, Tool, ToolContext, ToolResult
@@ -133,8 +134,7 @@ class SegmentTool(Tool):
         device: torch device for SAM models (default CUDA when present).
         cache_items: images whose embeddings are kept (LRU, per tool instance).
         download: let an explicitly named model download its published checkpoint (verified
-            SHA-256; never when ``HF_HUB_OFFLINE`` / ``MEDLOUPE_OFFLINE`` is set). Default:
-            ``MEDLOUPE_DOWNLOAD_WEIGHTS`` is ``1``.
+            SHA-256; never when offline). Default: ``Settings.download_weights``.
     """
 
     name = "segment"
@@ -161,11 +161,7 @@ class SegmentTool(Tool):
         self.checkpoints = dict(checkpoints or {})
         self.device = device
         self.cache = EmbeddingCache(cache_items)
-        self.download = (
-            os.environ.get("MEDLOUPE_DOWNLOAD_WEIGHTS", "").strip() == "1"
-            if download is None
-            else download
-        )
+        self.download = Settings.from_env().download_weights if download is None else download
         self.input_model = segment_args_model(list(self.models))
         self.classical = ClassicalSegmenter()
         self._engines: dict[str, SamEngine] = {}

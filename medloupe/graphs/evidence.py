@@ -1,0 +1,165 @@
+"""Evidence helpers of the diagnose graph's nodes: reading state, recording model and tool
+calls in the trace, and turning looks, tool results and passages into citable evidence."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+from medloupe.agents.messages import Generation, Usage
+from medloupe.errors import ModelReplyError
+from medloupe.graphs.context import RunContext
+from medloupe.graphs.state import State
+from medloupe.io.records import ImageRecord
+from medloupe.options import RunOptions
+from medloupe.schemas import Citation, Draft, Evidence, Region
+from medloupe.tools.base import ToolContext
+
+log = logging.getLogger(__name__)
+
+MAX_RETHINK_REGIONS = 3
+
+
+def options(state: State) -> RunOptions:
+    """The run's options (validated; defaults filled in)."""
+    return RunOptions.of(state.get("options"))
+
+
+def image_of(state: State) -> ImageRecord:
+    return ImageRecord.model_validate(state["image"])
+
+
+def evidence_of(state: State, key: str = "evidence") -> list[Evidence]:
+    return [Evidence.model_validate(e) for e in state.get(key, [])]  # type: ignore[attr-defined]
+
+
+def record_model_call(
+    ctx: RunContext, node: str, purpose: str, gen: Generation, result: Any = None
+) -> None:
+    """Trace one model call; ``result`` is the validated reply (a pydantic model), so a
+    reviewer sees what the model said at each step."""
+    ctx.trace.record(
+        "model_call",
+        node=node,
+        name=ctx.vlm.spec if ctx.vlm else None,
+        status="ok",
+        duration_ms=gen.latency_ms,
+        purpose=purpose,
+        model=gen.model,
+        prompt_tokens=gen.usage.prompt_tokens,
+        completion_tokens=gen.usage.completion_tokens,
+        attempts=gen.attempts,
+        result=result.model_dump(mode="json") if result is not None else None,
+    )
+
+
+def record_bad_reply(ctx: RunContext, node: str, purpose: str, exc: ModelReplyError) -> str:
+    """Record a model call whose reply stayed invalid; returns the note for the run."""
+    usage = exc.usage if exc.usage is not None else Usage()
+    ctx.trace.record(
+        "model_call",
+        node=node,
+        name=ctx.vlm.spec if ctx.vlm else None,
+        status="error",
+        duration_ms=exc.latency_ms,
+        purpose=purpose,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        error=str(exc),
+    )
+    note = f"{node}: the model's reply was unusable ({exc})"
+    log.warning("%s", note)
+    return note
+
+
+def observation(
+    state: State,
+    role: str,
+    step: int,
+    summary: str,
+    regions: list[tuple[tuple[float, float, float, float], str]],
+    artifacts: list[str],
+) -> Evidence:
+    """The model's own look (first look or a rethink round) as citable evidence, with a
+    stable id (image, question, role, round) so a resumed run gives the same id."""
+    key = f"{image_of(state).content_hash}|{state['question']}|{role}|{step}"
+    ev_id = f"obs-{role}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return Evidence(
+        id=ev_id,
+        kind="observation",
+        step=step,
+        summary=summary[:500],
+        regions=[
+            Region(id=f"{ev_id}-r{i}", box_xyxy=box, label=label[:80], evidence_id=ev_id)
+            for i, (box, label) in enumerate(regions)
+        ],
+        artifacts=artifacts,
+    )
+
+
+async def call_tool(
+    ctx: RunContext, node: str, name: str, arguments: dict[str, Any], tctx: ToolContext, step: int
+) -> Evidence:
+    """Run one tool call; trace its start (``tool_start``, the arguments as planned) and its
+    result (``tool_call``) as each happens."""
+    ctx.trace.record("tool_start", node=node, name=name, status="started", arguments=arguments)
+    ev = await ctx.registry.call(
+        name, arguments, tctx, default_timeout_s=ctx.settings.tool_timeout_s, step=step
+    )
+    ctx.trace.record(
+        "tool_call",
+        node=node,
+        name=ev.tool,
+        status=ev.status,
+        duration_ms=ev.duration_ms,
+        evidence_id=ev.id,
+        arguments=ev.arguments,
+        summary=ev.summary,
+        error=ev.error,
+        regions=[r.model_dump(mode="json") for r in ev.regions],
+        artifacts=ev.artifacts,
+    )
+    return ev
+
+
+def passage_evidence(
+    step: int,
+    pid: str,
+    document: str,
+    section: str | None,
+    page: str | None,
+    text: str,
+    score: float | None,
+    figure: str | None,
+) -> Evidence:
+    cit = Citation(
+        id=f"cit-{pid}",
+        document=document,
+        section=section,
+        page=page,
+        snippet=text[:500],
+        score=score,
+        figure_artifact=figure,
+    )
+    return Evidence(
+        id=f"ev-passage-{pid}",
+        kind="passage",
+        step=step,
+        citation=cit,
+        artifacts=[figure] if figure else [],
+        summary=f"{document}{' - ' + section if section else ''}: {text[:200]}",
+    )
+
+
+def regions_to_examine(state: State, draft: Draft) -> list[tuple[float, float, float, float]]:
+    boxes: list[tuple[float, float, float, float]] = [r.box_xyxy for r in draft.regions]
+    step = state.get("step", 0)
+    for ev in evidence_of(state):
+        if ev.status == "ok" and ev.step == step - 1:
+            boxes.extend(r.box_xyxy for r in ev.regions if r.label != "crop")
+    seen: list[tuple[float, float, float, float]] = []
+    for b in boxes:
+        if b not in seen:
+            seen.append(b)
+    return seen[:MAX_RETHINK_REGIONS]
