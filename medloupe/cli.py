@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from medloupe.options import MAX_STEPS, MAX_TIME_BUDGET_S
+
 if TYPE_CHECKING:
     from medloupe.config import Settings
     from medloupe.graphs.context import Resources
@@ -197,10 +199,13 @@ def ask(
         typer.Option(help="knowledge base to cite: a KB folder or 'default' (HPO + ICD-10-CM)"),
     ] = None,
     max_steps: Annotated[
-        int, typer.Option(min=1, max=20, help="plan-act-rethink rounds at most")
+        int, typer.Option(min=1, max=MAX_STEPS, help="plan-act-rethink rounds at most")
     ] = 2,
     time_budget: Annotated[
-        float, typer.Option(min=1.0, help="seconds before no further round starts")
+        float,
+        typer.Option(
+            min=1.0, max=MAX_TIME_BUDGET_S, help="seconds before no further round starts"
+        ),
     ] = 300.0,
     review_plan: Annotated[
         bool, typer.Option("--review-plan", help="pause after planning for approval")
@@ -427,24 +432,46 @@ def tiny_vlm(
 
 
 @tools_app.command("list")
-def tools_list() -> None:
-    """Every registered tool with its availability and reason."""
+def tools_list(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="every field (and the descriptions) as JSON")
+    ] = False,
+) -> None:
+    """Every registered tool: ready or not and why, the modalities it is for, where it
+    comes from (``medloupe tools describe NAME`` for its description and schemas)."""
+    from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     from medloupe.tools import default_registry
 
     registry = default_registry()
-    table = Table("tool", "available", "modalities", "from", "description")
+    rows: list[dict[str, Any]] = []
     for t in registry:
         a = t.available()
-        table.add_row(
-            t.name,
-            ("[green]yes[/green] " if a.ok else "[red]no[/red] ") + a.reason,
-            ", ".join(sorted(t.modalities)) if t.modalities else "any",
-            registry.origin(t.name),
-            t.description,
+        rows.append(
+            {
+                "name": t.name,
+                "available": a.ok,
+                "reason": a.reason,
+                "modalities": sorted(t.modalities) if t.modalities else None,
+                "origin": registry.origin(t.name),
+                "description": t.description,
+            }
         )
-    out_console.print(table)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        table = Table("tool", "ready", "for", "why", box=box.SIMPLE_HEAD, pad_edge=False)
+        for r in rows:
+            why = r["reason"] if r["origin"] == "medloupe" else f"{r['reason']} ({r['origin']})"
+            table.add_row(
+                r["name"],
+                "[green]yes[/green]" if r["available"] else "[red]no[/red]",
+                ", ".join(r["modalities"]) if r["modalities"] else "any",
+                escape(why),
+            )
+        out_console.print(table)
     for p in registry.problems:
         err_console.print(
             f"[red]plugin failed to load:[/red] {p.entry_point} ({p.distribution}): {p.error}"
@@ -887,7 +914,13 @@ def kb_info(kb: Annotated[str, typer.Argument(help="a KB folder or 'default'")])
 
 def main() -> None:
     """Console-script entry point."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from medloupe.config import Settings
+
+    try:
+        level = Settings.from_env().log_level
+    except ValueError:
+        level = "WARNING"  # the command reports the bad setting itself
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     app()
 
 

@@ -47,6 +47,7 @@ ENV_VARS: dict[str, str] = {
     "MEDLOUPE_CLASSIFIER": "classifier",
     "MEDLOUPE_API_TOKEN": "api_token",
     "MEDLOUPE_MAX_UPLOAD_MB": "max_upload_mb",
+    "MEDLOUPE_LOG_LEVEL": "log_level",
 }
 #: variables read by medloupe that belong to other software
 FOREIGN_VARS = ("OPENAI_API_KEY", "HF_HUB_OFFLINE")
@@ -115,6 +116,14 @@ def _redact_mode(env: Mapping[str, str]) -> RedactMode:
     return "remote"
 
 
+def _log_level(env: Mapping[str, str]) -> str:
+    name = env_name("log_level")
+    level = (env.get(name) or "WARNING").strip().upper() or "WARNING"
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"{name}={level!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
 def hub_offline(env: Mapping[str, str] | None = None) -> bool:
     """Whether the Hugging Face hub is switched off (``HF_HUB_OFFLINE``)."""
     return _flag(os.environ if env is None else env, "HF_HUB_OFFLINE")
@@ -143,6 +152,7 @@ class Settings:
         detector, classifier: the ``detect`` / ``classify`` tools' models.
         api_token: bearer token of ``medloupe serve``.
         max_upload_mb: largest request body ``medloupe serve`` accepts, MB.
+        log_level: the command line's logging level (``DEBUG`` ... ``CRITICAL``).
     """
 
     home: Path = field(default_factory=lambda: Path.home() / ".medloupe")
@@ -166,6 +176,7 @@ class Settings:
     classifier: str | None = None
     api_token: str | None = None
     max_upload_mb: float = 64.0
+    log_level: str = "WARNING"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -199,6 +210,7 @@ class Settings:
             classifier=_text(e, env_name("classifier")),
             api_token=e.get(env_name("api_token")) or None,
             max_upload_mb=_number(e, env_name("max_upload_mb"), 64.0, float),
+            log_level=_log_level(e),
         )
 
     @property

@@ -1,23 +1,33 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from medloupe.config import Settings
+from tests.plugin_dist import install_plugin
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def medloupe_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache per test session (the default KB builds once), never the user's own.
+def medloupe_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One cache per test session (the default KB builds once), never the user's own; the
+    environment is restored when the session ends.
 
     Set ``MEDLOUPE_TEST_CACHE`` to reuse a cache across sessions while developing."""
     path = Path(os.environ.get("MEDLOUPE_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
-    os.environ["MEDLOUPE_CACHE"] = str(path)
-    return path
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDLOUPE_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder where the test plugin distribution (tests/plugin_dist.py) is installed."""
+    return install_plugin(tmp_path_factory.mktemp("plugin"))
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import pytest
 
 from medloupe.io.dicom import PHI_KEYWORDS
 from tests.conftest import cli_env
-from tests.plugin_dist import install_plugin
+
+pytestmark = pytest.mark.slow  # real subprocesses of the CLI
 
 
 def medloupe(
@@ -27,10 +28,6 @@ def medloupe(
         assert proc.returncode == 0, proc.stderr
     return proc
 
-
-@pytest.fixture(scope="module")
-def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return install_plugin(tmp_path_factory.mktemp("plugin"))
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
@@ -186,7 +183,6 @@ def _events(run_dir: Path) -> list[tuple[str, str | None]]:
         return []
 
 
-@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_answer(
     tmp_path: Path, chest_dcm: Path, plugin_site: Path
 ) -> None:
@@ -245,3 +241,16 @@ def test_resume_after_sigkill_gives_the_same_answer(
     assert ("resume", None) in after and ("run_end", None) in after
     nodes_after_resume = [n for k, n in after[len(before) :] if k == "node_start"]
     assert nodes_after_resume[0] == "act"  # continued from the checkpoint, not from scratch
+
+
+def test_tools_list_fits_80_columns_and_has_json(tmp_path: Path) -> None:
+    env = cli_env(tmp_path / "home") | {"COLUMNS": "80"}
+    table = medloupe("tools", "list", env=env).stdout
+    assert max(len(line) for line in table.splitlines()) <= 80
+    header = next(line for line in table.splitlines() if line.strip().startswith("tool"))
+    assert header.split() == ["tool", "ready", "for", "why"]
+    rows = json.loads(medloupe("tools", "list", "--json", env=env).stdout)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["crop"]["available"] and by_name["crop"]["origin"] == "medloupe"
+    assert by_name["ground"]["origin"].startswith("entry point 'ground'")
+    assert not by_name["classify"]["available"] and "classifier" in by_name["classify"]["reason"]

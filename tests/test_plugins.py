@@ -8,12 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import cli_env
-from tests.plugin_dist import install_plugin
 
+pytestmark = pytest.mark.slow  # real subprocesses of the CLI
 
-@pytest.fixture(scope="module")
-def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return install_plugin(tmp_path_factory.mktemp("plugin"))
 
 
 def test_installed_plugin_tool_is_listed_by_the_cli(plugin_site: Path, tmp_path: Path) -> None:

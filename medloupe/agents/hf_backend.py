@@ -37,6 +37,7 @@ from medloupe.artifacts import ArtifactStore
 from medloupe.config import Settings, hub_offline
 from medloupe.device import torch_device
 from medloupe.errors import BackendError, BackendSpecError, ModelNotFoundError
+from medloupe.progress import silence_hub_progress
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ class TransformersBackend(VLMBackend):
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
             self.check()
+            silence_hub_progress()
             local = Path(self.model_id).expanduser()
             source = str(local) if local.is_dir() else self.model_id
             device = torch_device(self.device_name)

@@ -17,6 +17,7 @@ import numpy as np
 
 from medloupe.device import torch_device
 from medloupe.errors import KnowledgeBaseError
+from medloupe.progress import silence_hub_progress
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class TextEmbedder:
             if self._model is None:
                 from sentence_transformers import SentenceTransformer
 
+                silence_hub_progress()
                 source = default_text_model_path() if self.id == DEFAULT_TEXT_MODEL else self.id
                 device = torch_device(self.device)
                 try:

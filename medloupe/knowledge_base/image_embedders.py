@@ -32,6 +32,7 @@ from medloupe.config import Settings, hub_offline
 from medloupe.device import torch_device
 from medloupe.errors import KnowledgeBaseError
 from medloupe.knowledge_base.backbone import FEATURE_DIM, build_backbone, preprocess
+from medloupe.progress import silence_hub_progress
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ class ClipImageEmbedder:
                 device = torch_device(self.device)
                 # read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import
                 offline = hub_offline()
+                silence_hub_progress()
                 try:
                     processor = AutoImageProcessor.from_pretrained(
                         self.id, local_files_only=offline

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, field_validator
 from medloupe.config import Settings, env_name
 from medloupe.device import torch_device
 from medloupe.errors import WeightsMissingError
+from medloupe.progress import silence_hub_progress
 from medloupe.schemas import Box, Region
 from medloupe.tools.base import Availability, Requirements, Tool, ToolContext, ToolResult
 from medloupe.tools.weights import offline
@@ -161,6 +162,7 @@ class DetectTool(Tool):
                 local = Path(self.model_id).expanduser()
                 source = str(local) if local.is_dir() else self.model_id
                 kwargs = {"local_files_only": offline() or local.is_dir()}
+                silence_hub_progress()
                 try:
                     processor = AutoProcessor.from_pretrained(source, **kwargs)
                     model = AutoModelForZeroShotObjectDetection.from_pretrained(source, **kwargs)

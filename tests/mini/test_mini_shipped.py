@@ -21,9 +21,8 @@ from PIL import Image
 from medloupe.agents.protocol import ChatMessage, ImagePart, TextPart, resolve_vlm
 from medloupe.mini import BUNDLED
 from medloupe.mini.tool import GroundTool, target_from_question
-
-from .conftest import cli_env
-from .service_helpers import free_port
+from tests.conftest import cli_env
+from tests.service_helpers import free_port
 
 
 def test_the_checkpoints_ship_in_the_package_within_budget() -> None:

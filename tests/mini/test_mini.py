@@ -15,8 +15,7 @@ from PIL import Image
 from medloupe.mini.answerer import MiniAnswerer, question_options
 from medloupe.mini.attributes import answer_claims
 from medloupe.text import attribute_claims
-
-from .conftest import cli_env
+from tests.conftest import cli_env
 
 
 def test_backbone_recognises_grace_hopper_uniform() -> None:
@@ -157,6 +156,7 @@ def test_grounding_data_leaves_out_test_splits_and_dev_images(shared_datasets: P
             assert 0 <= x0 < x1 <= e.width + 1 and 0 <= y0 < y1 <= e.height + 1
 
 
+@pytest.mark.slow
 def test_quick_training_run_is_seeded_and_loads(shared_datasets: Path, tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "medloupe", "train", "mini", "--data", str(shared_datasets),
@@ -219,6 +219,7 @@ def test_yes_no_gate_trusts_each_expert_where_it_was_right() -> None:
     assert accuracy > 0.9 and either_alone < 0.8
 
 
+@pytest.mark.slow
 def test_an_answerer_of_an_older_format_is_refused_with_the_fix(
     small_mini: Path, tmp_path: Path
 ) -> None:

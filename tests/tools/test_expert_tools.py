@@ -106,6 +106,7 @@ def text_image(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_read_text_hides_identifiers(tmp_path: Path) -> None:
     reg = default_registry(plugins=False)
     ctx = make_ctx(text_image(tmp_path), tmp_path)
@@ -123,6 +124,7 @@ def test_read_text_hides_identifiers(tmp_path: Path) -> None:
     assert "kVp" in line["text"] and line["box_xyxy"][1] >= 240  # boxes in image pixels
 
 
+@pytest.mark.slow
 def test_redaction_before_a_remote_vlm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from medloupe.agents.openai_backend import OpenAIBackend, redaction_wanted
     from medloupe.tools.ocr import OcrEngine

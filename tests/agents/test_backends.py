@@ -97,6 +97,7 @@ def test_backend_specs() -> None:
 # --- the transformers backend, in process ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_transformers_backend_loads_lazily_and_constrains_json(
     tiny_vlm_dir: Path, store: ArtifactStore
 ) -> None:
@@ -148,6 +149,7 @@ def test_generation_runs_on_one_thread_whoever_asks(
     assert seen[0].startswith("medloupe-generate") and seen[0] != threading.current_thread().name
 
 
+@pytest.mark.slow
 def test_images_above_the_models_pixel_cap_are_downscaled(
     tiny_backend: TransformersBackend, store: ArtifactStore
 ) -> None:
@@ -361,6 +363,7 @@ def test_unparseable_replies_end_in_a_model_reply_error(store: ArtifactStore) ->
     assert len(fake.requests) == 2  # one repair round, then give up
 
 
+@pytest.mark.slow
 def test_persistent_5xx_and_timeouts_fail_after_the_retries(store: ArtifactStore) -> None:
     fake = FakeEndpoint([lambda b: (500, {"error": {"message": "CUDA out of memory"}}, {})])
     with (
@@ -387,6 +390,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_endpoint_down_fails_the_run_and_keeps_its_trace(chest_dcm: Path, tmp_path: Path) -> None:
     env = cli_env(tmp_path / "home")
     env["MEDLOUPE_VLM_RETRIES"] = "1"
@@ -420,6 +424,7 @@ def test_endpoint_down_fails_the_run_and_keeps_its_trace(chest_dcm: Path, tmp_pa
 # --- the full graph and the CLI server --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_full_graph_through_the_served_tiny_model(
     served: str, chest_dcm: Path, tmp_path: Path
 ) -> None:

@@ -23,11 +23,11 @@ from medloupe.evaluation import (
     load_dataset,
     score,
 )
+from medloupe.evaluation.harness import read_records
 from medloupe.evaluation.metrics import calibration
 from medloupe.evaluation.scoring import canonical, closed_match, first_number, normalise
 from medloupe.schemas import GroundedAnswer, Region
-
-from .conftest import cli_env
+from tests.conftest import cli_env
 
 # --- scoring ---------------------------------------------------------------------------------
 
@@ -255,6 +255,7 @@ def dev_slice(shared: Path) -> list[EvalItem]:
     return out
 
 
+@pytest.mark.slow
 def test_harness_on_a_dev_slice(shared_datasets: Path, tmp_path: Path, settings: object) -> None:
     items = dev_slice(shared_datasets)
     out = tmp_path / "eval"
@@ -312,6 +313,7 @@ def test_failures_are_recorded_and_ablations_change_the_graph(
     assert "crop" not in rec["tools"]
 
 
+@pytest.mark.slow
 def test_eval_cli_ablation_grid(shared_datasets: Path, tmp_path: Path) -> None:
     item = next(i for i in dev_slice(shared_datasets) if i.task == "count")
     dataset = tmp_path / "one.jsonl"
@@ -393,3 +395,8 @@ def test_answered_items_are_scored_and_calibrated_with_a_fake_vlm(
     assert metrics["calibration"]["ece"] == pytest.approx(abs(0.8 - truth_yes / len(closed)))
     assert metrics["config"]["vlm"] == "fake:scripted"
     assert sum(1 for role, _ in fake.calls if role == "answer") == len(closed)
+    for record in read_records(tmp_path / "e" / "items.jsonl"):
+        run_json = json.loads((tmp_path / "e" / record["run_dir"] / "run.json").read_text())
+        assert run_json["vlm"] == "fake:scripted"  # the backend that ran, as the trace says
+        trace = json.loads((tmp_path / "e" / record["run_dir"] / "trace.json").read_text())
+        assert trace["meta"]["vlm"] == "fake:scripted"

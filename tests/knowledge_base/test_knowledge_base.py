@@ -133,6 +133,7 @@ def test_unsupported_and_absent_sources_are_reported(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not OPENSTAX.is_dir(), reason=f"the shared textbook is absent ({OPENSTAX})")
+@pytest.mark.slow
 def test_openstax_book_in_collection_order_with_figures_and_missing_ones_reported(
     tmp_path: Path,
 ) -> None:
@@ -327,6 +328,7 @@ def test_missing_clip_weights_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> N
 # --- the default KB ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_default_kb_from_packaged_reference_text_cites_terms_and_codes() -> None:
     kb = open_knowledge_base("default")
     assert kb.manifest["count"] > 1000 and kb.manifest["attribution"]
@@ -398,6 +400,7 @@ def test_citations_reach_the_answer_and_the_trace(
     assert all(c.document and c.snippet for c in answer.citations)
 
 
+@pytest.mark.slow
 def test_kb_cli_build_search_info(docs: Path, tmp_path: Path) -> None:
     env = cli_env(tmp_path / "home")
     out = tmp_path / "cli-kb"
