@@ -36,7 +36,7 @@ def traced(
     async def node(state: State, runtime: Runtime[RunContext]) -> dict[str, Any]:
         if isinstance(runtime.context, RunContext):
             return await run(state, runtime.context)
-        if runtime.context:  # None or {} (LangGraph's server): the default context
+        if runtime.context is not None:
             raise TypeError(
                 "the diagnose graph's runtime context must be a medloupe RunContext, not "
                 f"{type(runtime.context).__name__}; pass none to use the default context "
