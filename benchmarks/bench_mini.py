@@ -49,6 +49,14 @@ def rate(flags: list[bool]) -> str:
     return f"{sum(flags) / len(flags):.2f} ({sum(flags)}/{len(flags)})" if flags else "-"
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it (no machine paths in reports)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return Path(path).name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=None)
@@ -164,11 +172,3 @@ def write_card_metrics(card: Path, rows: list[tuple[str, str, str]]) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def shown_path(path: Path) -> str:
-    """``path`` relative to the repository when inside it (no machine paths in reports)."""
-    try:
-        return str(Path(path).resolve().relative_to(ROOT))
-    except ValueError:
-        return Path(path).name

