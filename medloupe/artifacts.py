@@ -11,16 +11,36 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import math
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 ArtifactKind = Literal["image", "raw", "crop", "mask", "overlay", "figure", "other"]
 _ID_RE = re.compile(r"^(image|raw|crop|mask|overlay|figure|other)-[0-9a-f]{16}\.(png|npy)$")
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-Inf) replaced by ``None``, recursively
+    through dicts, lists and tuples: what strict JSON can hold."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that never writes ``NaN`` or ``Infinity`` (invalid JSON): non-finite
+    floats become ``null``; objects JSON does not know are written as their ``str``."""
+    return json.dumps(finite(value), allow_nan=False, default=str, **kwargs)
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from medloupe.options import MAX_STEPS, MAX_TIME_BUDGET_S
 
@@ -54,13 +56,25 @@ VlmOption = Annotated[
 ]
 
 
+# control characters (C0, C1, DEL) and bidirectional overrides: never sent to a terminal raw
+_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(value: object) -> str:
+    """Text from a run, a file, a model or a plugin, safe to print: control characters shown
+    as ``\\xNN`` escapes (no screen clears or fake colours) and rich markup escaped (a
+    ``[/x]`` in a question prints as such instead of ending a style)."""
+    text = _UNSAFE.sub(lambda m: ascii(m.group())[1:-1], str(value))
+    return escape(text)
+
+
 def _settings() -> Settings:
     from medloupe.config import Settings
 
     try:
         return Settings.from_env()
     except ValueError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {shown(exc)}")
         raise typer.Exit(2) from None
 
 
@@ -68,24 +82,24 @@ def _fail(exc: BaseException) -> typer.Exit:
     from medloupe.errors import InputError
 
     code = 2 if isinstance(exc, InputError) else 1
-    err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+    err_console.print(f"[red]error:[/red] {shown(exc)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
 def _progress(event: TraceEvent) -> None:
     if event.kind == "node_start":
-        err_console.print(f"[dim]>[/dim] {event.node}", highlight=False)
+        err_console.print(f"[dim]>[/dim] {shown(event.node)}", highlight=False)
     elif event.kind == "tool_call":
         mark = "[green]ok[/green]" if event.status == "ok" else "[red]error[/red]"
         detail = event.payload.get("summary") or event.payload.get("error") or ""
         err_console.print(
-            f"    tool {event.name} {mark} {event.duration_ms or 0:.0f} ms  "
-            f"[dim]{detail[:110]}[/dim]",
+            f"    tool {shown(event.name)} {mark} {event.duration_ms or 0:.0f} ms  "
+            f"[dim]{shown(detail[:110])}[/dim]",
             highlight=False,
         )
     elif event.kind == "model_call":
         err_console.print(
-            f"    model {event.name} {event.duration_ms or 0:.0f} ms", highlight=False
+            f"    model {shown(event.name)} {event.duration_ms or 0:.0f} ms", highlight=False
         )
     elif event.kind == "rethink_round":
         p = event.payload
@@ -96,7 +110,8 @@ def _progress(event: TraceEvent) -> None:
         )
     elif event.kind == "node_error":
         err_console.print(
-            f"[red]  {event.node} failed: {event.payload.get('error')}[/red]", highlight=False
+            f"[red]  {shown(event.node)} failed: {shown(event.payload.get('error'))}[/red]",
+            highlight=False,
         )
 
 
@@ -104,7 +119,7 @@ def _review_in_terminal(payload: dict[str, Any]) -> dict[str, Any]:
     err_console.print("[bold]Plan for review[/bold]")
     if payload.get("problem"):
         err_console.print(
-            f"[red]previous edit rejected:[/red] {payload['problem']}", highlight=False
+            f"[red]previous edit rejected:[/red] {shown(payload['problem'])}", highlight=False
         )
     err_console.print_json(json.dumps(payload["plan"]))
     choice = (
@@ -125,26 +140,27 @@ def _print_answer(answer: GroundedAnswer, run: Run) -> None:
     from rich.panel import Panel
 
     if answer.abstained:
-        body = f"[yellow]Abstained:[/yellow] {answer.abstention_reason}"
+        body = f"[yellow]Abstained:[/yellow] {shown(answer.abstention_reason)}"
     else:
-        body = f"[bold]{answer.short_answer}[/bold]\n{answer.explanation}"
+        body = f"[bold]{shown(answer.short_answer)}[/bold]\n{shown(answer.explanation)}"
     body += f"\nconfidence {answer.confidence:.2f}"
     for claim in answer.claims:
-        body += f"\n  - {claim.text} [dim]({', '.join(claim.evidence_ids)})[/dim]"
+        body += f"\n  - {shown(claim.text)} [dim]({shown(', '.join(claim.evidence_ids))})[/dim]"
     for i, region in enumerate(answer.regions, 1):
         box = ", ".join(f"{v:.0f}" for v in region.box_xyxy)
         source = region.tool or "the model's own look"
-        body += f"\n  region {i}: {region.label} [{box}] from {source}"
+        body += f"\n  region {i}: {shown(region.label)} \\[{box}] from {shown(source)}"
     for c in answer.citations:
-        body += f"\n  cites {c.document}{' - ' + c.section if c.section else ''}"
+        body += f"\n  cites {shown(c.document)}{' - ' + shown(c.section) if c.section else ''}"
     prov = answer.provenance
-    model = prov.vlm or "none (evidence only)"
+    model = shown(prov.vlm or "none (evidence only)")
     if prov.vlm_default:
         model += " - medloupe-mini, the default (no VLM configured; --vlm to choose one)"
-    body += f"\n[dim]model: {model}; answer from {prov.answer_source}[/dim]"
-    body += f"\n[dim]{answer.disclaimer}[/dim]"
+    body += f"\n[dim]model: {model}; answer from {shown(prov.answer_source)}[/dim]"
+    body += f"\n[dim]{shown(answer.disclaimer)}[/dim]"
     out_console.print(
-        Panel(body, title=f"medloupe - {run.run_id}", subtitle=str(run.dir)), highlight=False
+        Panel(body, title=f"medloupe - {shown(run.run_id)}", subtitle=shown(run.dir)),
+        highlight=False,
     )
 
 
@@ -171,8 +187,14 @@ def _run_and_report(
             )
         )
     except MedloupeError as exc:
-        err_console.print(f"[dim]trace kept in {run.dir / 'trace.json'}[/dim]")
+        err_console.print(f"[dim]trace kept in {shown(run.dir / 'trace.json')}[/dim]")
         raise _fail(exc) from None
+    except KeyboardInterrupt:
+        err_console.print(
+            f"[yellow]interrupted[/yellow]; continue from the last checkpoint with "
+            f"`medloupe resume {shown(run.run_id)}` (trace in {shown(run.dir / 'trace.json')})"
+        )
+        raise typer.Exit(130) from None
     if as_json:
         sys.stdout.write(
             json.dumps(
@@ -203,9 +225,7 @@ def ask(
     ] = 2,
     time_budget: Annotated[
         float,
-        typer.Option(
-            min=1.0, max=MAX_TIME_BUDGET_S, help="seconds before no further round starts"
-        ),
+        typer.Option(min=1.0, max=MAX_TIME_BUDGET_S, help="seconds before no further round starts"),
     ] = 300.0,
     review_plan: Annotated[
         bool, typer.Option("--review-plan", help="pause after planning for approval")
@@ -413,8 +433,8 @@ def serve_vlm(
     target = spec.partition(":")[2]
     name = served_name or (default_served_name(target) if target else "medloupe-mini")
     err_console.print(
-        f"serving {spec} as [bold]{name}[/bold] at http://{host}:{port}/v1 "
-        f"(use --vlm openai:http://{host}:{port}/v1#{name})"
+        f"serving {shown(spec)} as [bold]{shown(name)}[/bold] at http://{shown(host)}:{port}/v1 "
+        f"(use --vlm openai:http://{shown(host)}:{port}/v1#{shown(name)})"
     )
     serve(backend, host=host, port=port, served_name=name)
 
@@ -428,7 +448,7 @@ def tiny_vlm(
     from medloupe.testing.tiny_model import build_tiny_qwen2_5_vl
 
     out = build_tiny_qwen2_5_vl(path, seed=seed)
-    err_console.print(f"tiny Qwen2.5-VL (random weights) written to {out}")
+    err_console.print(f"tiny Qwen2.5-VL (random weights) written to {shown(out)}")
 
 
 @tools_app.command("list")
@@ -440,7 +460,6 @@ def tools_list(
     """Every registered tool: ready or not and why, the modalities it is for, where it
     comes from (``medloupe tools describe NAME`` for its description and schemas)."""
     from rich import box
-    from rich.markup import escape
     from rich.table import Table
 
     from medloupe.tools import default_registry
@@ -466,15 +485,16 @@ def tools_list(
         for r in rows:
             why = r["reason"] if r["origin"] == "medloupe" else f"{r['reason']} ({r['origin']})"
             table.add_row(
-                r["name"],
+                shown(r["name"]),
                 "[green]yes[/green]" if r["available"] else "[red]no[/red]",
-                ", ".join(r["modalities"]) if r["modalities"] else "any",
-                escape(why),
+                shown(", ".join(r["modalities"]) if r["modalities"] else "any"),
+                shown(why),
             )
         out_console.print(table)
     for p in registry.problems:
         err_console.print(
-            f"[red]plugin failed to load:[/red] {p.entry_point} ({p.distribution}): {p.error}"
+            f"[red]plugin failed to load:[/red] {shown(p.entry_point)} ({shown(p.distribution)}): "
+            f"{shown(p.error)}"
         )
 
 
@@ -547,7 +567,7 @@ def eval_(
         err_console.print("[red]error:[/red] no items left after the filters")
         raise typer.Exit(2)
     if kb and kb != "default" and not Path(kb).is_dir():
-        err_console.print(f"[red]error:[/red] knowledge base {kb} not found")
+        err_console.print(f"[red]error:[/red] knowledge base {shown(kb)} not found")
         raise typer.Exit(2)
     from medloupe.agents.protocol import resolve_vlm
 
@@ -555,7 +575,7 @@ def eval_(
     if ablate:
         results = asyncio.run(run_ablations(items, out, **common))  # type: ignore[arg-type]
         out_console.print(comparison_table(results))
-        out_console.print(f"comparison written to {out / 'comparison.md'}")
+        out_console.print(f"comparison written to {shown(out / 'comparison.md')}")
         return
     ablation = Ablation(tools=not no_tools, retrieval=not no_retrieval, rethink=not no_rethink)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -579,7 +599,7 @@ def eval_(
     out_console.print(
         f"{o['items']} items: accuracy {_num(o['accuracy'])}, answered {o['answered']} "
         f"(accuracy {_num(o['accuracy_answered'])}), abstained {_num(o['abstention_rate'])}; "
-        f"{out / 'metrics.json'}, {out / 'report.html'}"
+        f"{shown(out / 'metrics.json')}, {shown(out / 'report.html')}"
     )
 
 
@@ -616,7 +636,7 @@ def train_mini(
                 data, out, seed=seed, max_examples=max_examples, on_progress=progress
             )
         except FileNotFoundError as exc:
-            err_console.print(f"[red]error:[/red] {exc}")
+            err_console.print(f"[red]error:[/red] {shown(exc)}")
             raise typer.Exit(2) from None
     held = meta["held_out"]
     out_console.print(
@@ -649,7 +669,8 @@ def schema(
     }
     if which not in models:
         err_console.print(
-            f"[red]error:[/red] unknown schema {which!r}; choose from {', '.join(models)}"
+            f"[red]error:[/red] unknown schema {shown(repr(which))}; "
+            f"choose from {', '.join(models)}"
         )
         raise typer.Exit(2)
     sys.stdout.write(json.dumps(models[which].model_json_schema(), indent=2) + "\n")
@@ -664,12 +685,16 @@ def runs_list(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
 
     settings = _settings()
     if not settings.index_path.exists():
-        err_console.print(f"no runs yet under {settings.home}")
+        err_console.print(f"no runs yet under {shown(settings.home)}")
         return
     table = Table("run", "status", "question", "answer", "dir")
     for r in RunIndex(settings.index_path).list(limit):
         table.add_row(
-            r["run_id"], r["status"], r["question"] or "", r["answer"] or r["error"] or "", r["dir"]
+            shown(r["run_id"]),
+            shown(r["status"]),
+            shown(r["question"] or ""),
+            shown(r["answer"] or r["error"] or ""),
+            shown(r["dir"]),
         )
     out_console.print(table)
 
@@ -702,7 +727,7 @@ def trace_show(run_id: Annotated[str, typer.Argument(help="run id or run directo
         "status",
         "ms",
         "detail",
-        title=f"{run.run_id}: {run.spec.question}",
+        title=f"{shown(run.run_id)}: {shown(run.spec.question)}",
     )
     for e in events:
         detail = e.payload.get("summary") or e.payload.get("error") or e.payload.get("note") or ""
@@ -712,12 +737,12 @@ def trace_show(run_id: Annotated[str, typer.Argument(help="run id or run directo
             detail = f"{e.payload.get('answer_before')!r} -> {e.payload.get('answer_after')!r}"
         table.add_row(
             f"{e.ts - t0:.2f}",
-            e.kind,
-            e.node or "",
-            e.name or "",
-            e.status or "",
+            shown(e.kind),
+            shown(e.node or ""),
+            shown(e.name or ""),
+            shown(e.status or ""),
             f"{e.duration_ms:.0f}" if e.duration_ms is not None else "",
-            str(detail)[:80],
+            shown(str(detail)[:80]),
         )
     out_console.print(table)
 
@@ -745,7 +770,7 @@ def trace_export(
         run = find_run(run_id, settings)
         if html:
             path = export_review_html(run.dir, out)
-            out_console.print(f"review page: {path}", highlight=False)
+            out_console.print(f"review page: {shown(path)}", highlight=False)
             return
         text = read_trace(run.dir, run.run_id).model_dump_json(indent=2)
     except (MedloupeError, OSError) as exc:
@@ -756,7 +781,7 @@ def trace_export(
         from medloupe.artifacts import atomic_write_bytes
 
         atomic_write_bytes(out, (text + "\n").encode())
-        out_console.print(f"trace: {out}", highlight=False)
+        out_console.print(f"trace: {shown(out)}", highlight=False)
 
 
 # --- knowledge bases -----------------------------------------------------------------------
@@ -764,15 +789,15 @@ def trace_export(
 
 def _report_build(stats: Any, out: Path) -> None:
     for problem in stats.report.problems[:20]:
-        err_console.print(f"[yellow]warning:[/yellow] {problem}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] {shown(problem)}", highlight=False)
     if len(stats.report.problems) > 20:
         err_console.print(
             f"[yellow]... {len(stats.report.problems) - 20} more warnings in the manifest[/yellow]"
         )
     for failed in stats.report.failed_documents:
-        err_console.print(f"[red]failed:[/red] {failed}", highlight=False)
+        err_console.print(f"[red]failed:[/red] {shown(failed)}", highlight=False)
     out_console.print(
-        f"{out}: {stats.passages} passage(s), {stats.figures} figure(s) from "
+        f"{shown(out)}: {stats.passages} passage(s), {stats.figures} figure(s) from "
         f"{stats.documents} document(s) in {stats.seconds:.1f} s",
         highlight=False,
     )
@@ -887,12 +912,14 @@ def kb_search(
         return
     from rich.table import Table
 
-    table = Table("score", "document", "section / page", "kind", "text", title=base.name)
+    table = Table("score", "document", "section / page", "kind", "text", title=shown(base.name))
     for h in hits:
         where = h.section or ""
         if h.page:
             where += f" p. {h.page}"
-        table.add_row(f"{h.score:.3f}", h.document, where, h.kind, h.text[:160])
+        table.add_row(
+            f"{h.score:.3f}", shown(h.document), shown(where), h.kind, shown(h.text[:160])
+        )
     out_console.print(table)
 
 

@@ -9,7 +9,6 @@ A run directory holds ``run.json`` (question, options, image record, backend spe
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import sqlite3
@@ -25,7 +24,7 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.types import Command
 from pydantic import BaseModel, Field
 
-from medloupe.artifacts import ArtifactStore, atomic_write_bytes
+from medloupe.artifacts import ArtifactStore, atomic_write_bytes, strict_json
 from medloupe.config import Settings
 from medloupe.errors import InputError, MedloupeError, RunNotFoundError
 from medloupe.graphs.context import (
@@ -53,7 +52,7 @@ def new_run_id() -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(path, (strict_json(data, indent=2) + "\n").encode())
 
 
 def connect_wal(path: Path, *, rows_as_dicts: bool = False) -> sqlite3.Connection:

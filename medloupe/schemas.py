@@ -157,7 +157,7 @@ class Provenance(BaseModel):
         description="true when no VLM was configured and the default (medloupe-mini, shipped "
         "in the package) was used",
     )
-    answer_source: Literal["vlm", "evidence-composer"] = "evidence-composer"
+    answer_source: Literal["vlm", "evidence-composer", "quality-gate"] = "evidence-composer"
     tools: list[str] = Field(default_factory=list)
     retriever: str | None = None
     medloupe_version: str = ""

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from medloupe.artifacts import strict_json
 from medloupe.reviews import load_reviews
 
 EventKind = Literal[
@@ -161,7 +162,7 @@ class TraceRecorder:
                 self._conn.execute(
                     "INSERT INTO meta(key, value) VALUES(?, ?) "
                     "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                    (key, json.dumps(value, default=str)),
+                    (key, strict_json(value)),
                 )
 
     def meta(self) -> dict[str, Any]:
@@ -181,7 +182,7 @@ class TraceRecorder:
     ) -> TraceEvent:
         """Append one event (committed before returning)."""
         ts = time.time()
-        body = json.dumps(payload, default=str)
+        body = strict_json(payload)
         with self._lock:
             cur = self._conn.execute(
                 "INSERT INTO events(ts, kind, node, name, status, duration_ms, payload) "

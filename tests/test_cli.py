@@ -254,3 +254,17 @@ def test_tools_list_fits_80_columns_and_has_json(tmp_path: Path) -> None:
     assert by_name["crop"]["available"] and by_name["crop"]["origin"] == "medloupe"
     assert by_name["ground"]["origin"].startswith("entry point 'ground'")
     assert not by_name["classify"]["available"] and "classifier" in by_name["classify"]["reason"]
+
+
+def test_questions_with_escapes_and_markup_print_safely(tmp_path: Path, chest_dcm: Path) -> None:
+    """A question is anyone's text (an API client's too): the operator's terminal gets it
+    escaped, never a screen clear or a fake coloured line, and markup does not crash it."""
+    env = cli_env(tmp_path / "home")
+    question = "Is there\x1b[2J\x1b[31m a mass [/x] [red]FAKE[/red]?"
+    answer = json.loads(
+        medloupe("ask", str(chest_dcm), question, "--vlm", "none", "--json", env=env).stdout
+    )
+    for args in (("runs", "list"), ("trace", "show", answer["run_id"])):
+        out = medloupe(*args, env=env).stdout
+        assert "\x1b" not in out
+        assert "\\x1b[2J" in out and "[/x]" in out and "[red]FAKE[/red]" in out

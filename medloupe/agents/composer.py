@@ -11,7 +11,16 @@ on everything else.
 from __future__ import annotations
 
 from medloupe.io.records import ImageRecord
-from medloupe.schemas import Claim, Draft, Evidence, GroundedAnswer, Plan, PlannedCall, Region
+from medloupe.schemas import (
+    Claim,
+    Draft,
+    Evidence,
+    GroundedAnswer,
+    Plan,
+    PlannedCall,
+    Provenance,
+    Region,
+)
 from medloupe.tools.base import Statement
 from medloupe.tools.registry import ToolRegistry
 
@@ -106,6 +115,23 @@ def compose_answer(
             regions=regions,
         )
     return _abstention(question, evidence, regions, vlm_answer, vlm_problem)
+
+
+def uninformative_image(question: str, image: ImageRecord) -> GroundedAnswer | None:
+    """The abstention for an image that cannot inform an answer (its record's ``quality``
+    problems), or ``None`` for a usable image."""
+    if not image.quality:
+        return None
+    return GroundedAnswer(
+        question=question,
+        short_answer=None,
+        abstained=True,
+        abstention_reason="The image cannot inform an answer: " + "; ".join(image.quality) + ".",
+        explanation="Intake checked the image before any model looked: it carries too little "
+        "to answer from. Give the original image (full resolution, valid pixel values).",
+        confidence=0.0,
+        provenance=Provenance(answer_source="quality-gate"),
+    )
 
 
 def _abstention(

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from medloupe.agents.protocol import VLMBackend
-from medloupe.artifacts import atomic_write_bytes
+from medloupe.artifacts import atomic_write_bytes, strict_json
 from medloupe.config import Settings
 from medloupe.errors import MedloupeError
 from medloupe.evaluation.data import EvalItem
@@ -92,7 +92,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def _append_record(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(strict_json(record) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -169,7 +169,7 @@ class Evaluation:
             "workers": self.workers,
             "options": self.options.model_dump(mode="json", exclude_defaults=True),
         }
-        atomic_write_bytes(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        atomic_write_bytes(self.out / "metrics.json", strict_json(metrics, indent=2).encode())
         write_report(self.out, records, metrics)
         return metrics
 

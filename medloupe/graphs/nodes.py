@@ -12,7 +12,12 @@ from typing import Any
 from langgraph.types import interrupt
 
 from medloupe.agents import roles
-from medloupe.agents.composer import NO_VLM_NOTE, compose_answer, heuristic_plan
+from medloupe.agents.composer import (
+    NO_VLM_NOTE,
+    compose_answer,
+    heuristic_plan,
+    uninformative_image,
+)
 from medloupe.agents.protocol import DEFAULT_CROP_SIDE
 from medloupe.errors import ModelReplyError, ToolArgumentsError, UnknownToolError
 from medloupe.graphs.context import RunContext
@@ -351,10 +356,12 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
     image = image_of(state)
     evidence = evidence_of(state) + evidence_of(state, "passages")
     by_id = {e.id: e for e in evidence}
-    result: GroundedAnswer | None = None
+    # an image that cannot inform an answer (too small, blank, not numbers): no confident
+    # answer, whatever a model said of it
+    result: GroundedAnswer | None = uninformative_image(state["question"], image)
     notes: list[str] = []
     draft: roles.AnswerDraft | None = None
-    if ctx.vlm is not None and ctx.vlm.profile.defers_to_instruments:
+    if result is None and ctx.vlm is not None and ctx.vlm.profile.defers_to_instruments:
         # a short-answer model (medloupe-mini) keeps what the instruments state outright
         composed = compose_answer(
             state["question"], image, evidence, ctx.registry, deferring_model=ctx.vlm.spec

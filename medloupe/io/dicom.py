@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import struct
 import warnings
 from collections.abc import Iterator
@@ -112,9 +113,10 @@ def _first_float(value: Any) -> float | None:
             if not isinstance(value, str | bytes) and hasattr(value, "__iter__")
             else [value]
         )
-        return float(seq[0]) if seq else None
+        number = float(seq[0]) if seq else None
     except (TypeError, ValueError):
         return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _spacing(ds: Any, notes: list[str]) -> tuple[tuple[float, float] | None, str | None]:

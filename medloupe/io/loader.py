@@ -9,6 +9,7 @@ from typing import Literal
 from medloupe.config import DEFAULT_MAX_PIXELS
 from medloupe.errors import EmptyImageError, ImageIntakeError, UnsupportedImageError
 from medloupe.io.records import LoadedImage
+from medloupe.io.render import quality_problems
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,11 @@ def load_image(
     if kind == "dicom":
         from medloupe.io.dicom import read_dicom
 
-        return read_dicom(p, frame=frame, max_pixels=max_pixels, modality_override=modality)
-    if kind == "nifti":
+        loaded = read_dicom(p, frame=frame, max_pixels=max_pixels, modality_override=modality)
+    elif kind == "nifti":
         from medloupe.io.nifti import read_nifti
 
-        return read_nifti(
+        loaded = read_nifti(
             p,
             axis=axis,
             slice_index=slice_index,
@@ -97,6 +98,11 @@ def load_image(
             max_pixels=max_pixels,
             modality=modality,
         )
-    from medloupe.io.raster import read_raster
+    else:
+        from medloupe.io.raster import read_raster
 
-    return read_raster(p, max_pixels=max_pixels, modality=modality, frame=frame)
+        loaded = read_raster(p, max_pixels=max_pixels, modality=modality, frame=frame)
+    quality = quality_problems(loaded.display, loaded.raw)
+    if quality:
+        loaded.record = loaded.record.model_copy(update={"quality": quality})
+    return loaded

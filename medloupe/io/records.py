@@ -53,6 +53,11 @@ class ImageRecord(BaseModel):
         description="artifact id of the float32 .npy of modality values (HU for CT), if any",
     )
     notes: list[str] = Field(default_factory=list, description="intake warnings")
+    quality: list[str] = Field(
+        default_factory=list,
+        description="why the image cannot inform an answer (too small, blank, not numbers); "
+        "a run on such an image abstains with these reasons",
+    )
 
     @property
     def size(self) -> tuple[int, int]:

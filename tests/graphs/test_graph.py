@@ -324,3 +324,33 @@ def test_compiled_graph_runs_without_a_context_like_langgraph_server(
                 context={"store": "nope"},  # type: ignore[arg-type]
             )
         )
+
+
+def test_an_uninformative_image_gets_no_confident_answer(
+    settings: Settings, ct_dcm: Path, tmp_path: Path
+) -> None:
+    """A NaN rescale slope leaves no number in the image: the run abstains with the reason
+    (even though the header could name the modality), and every JSON output is strict."""
+    import pydicom
+
+    from medloupe import ask
+
+    ds = pydicom.dcmread(ct_dcm)
+    ds.RescaleSlope = "NaN"
+    ds.save_as(tmp_path / "nan-slope.dcm")
+    answer = ask(
+        tmp_path / "nan-slope.dcm",
+        "What imaging modality is this?",
+        out=tmp_path / "r",
+        vlm="none",
+        settings=settings,
+    )
+    assert answer.abstained and answer.confidence == 0.0
+    assert "not numbers" in (answer.abstention_reason or "")
+    assert answer.provenance.answer_source == "quality-gate"
+
+    def strict(text: str) -> object:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+    for name in ("run.json", "answer.json", "trace.json"):
+        strict((tmp_path / "r" / name).read_text())

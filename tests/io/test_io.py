@@ -218,3 +218,33 @@ def test_detect_format_sniffs_content(ct_dcm: Path, tmp_path: Path) -> None:
     renamed = tmp_path / "scan.bin"
     renamed.write_bytes(ct_dcm.read_bytes())
     assert detect_format(renamed) == "dicom"
+
+
+def test_non_finite_values_render_and_are_flagged(ct_dcm: Path, tmp_path: Path) -> None:
+    """One NaN/Inf pixel renders black with a finite window; a NaN rescale slope (every value
+    NaN) is flagged, never rendered as garbage with a NaN window."""
+    import nibabel as nib
+
+    vol = np.linspace(-1000, 1000, 32 * 32 * 3, dtype=np.float32).reshape(32, 32, 3)
+    vol[5, 5, 1], vol[6, 6, 1] = np.nan, np.inf
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "nan.nii")
+    one = load_image(tmp_path / "nan.nii", modality="CT")
+    assert one.record.window is not None and all(np.isfinite(one.record.window))
+    assert one.record.quality == []
+    ds = pydicom.dcmread(ct_dcm)
+    ds.RescaleSlope = "NaN"
+    ds.save_as(tmp_path / "nan-slope.dcm")
+    bad = load_image(tmp_path / "nan-slope.dcm")
+    assert bad.record.window is None or all(np.isfinite(bad.record.window))
+    assert any("not numbers" in q for q in bad.record.quality)
+
+
+def test_tiny_and_blank_images_are_flagged(tmp_path: Path) -> None:
+    Image.fromarray(np.full((1, 1), 200, np.uint8)).save(tmp_path / "dot.png")
+    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(tmp_path / "blank.png")
+    Image.fromarray((np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)).save(
+        tmp_path / "ok.png"
+    )
+    assert any("below 16" in q for q in load_image(tmp_path / "dot.png").record.quality)
+    assert any("blank" in q for q in load_image(tmp_path / "blank.png").record.quality)
+    assert load_image(tmp_path / "ok.png").record.quality == []
