@@ -711,9 +711,9 @@ def trace_show(run_id: Annotated[str, typer.Argument(help="run id or run directo
     settings = _settings()
     try:
         run = find_run(run_id, settings)
+        rec = TraceRecorder(run.trace_path)
     except MedloupeError as exc:
         raise _fail(exc) from None
-    rec = TraceRecorder(run.trace_path)
     try:
         events = rec.events()
     finally:

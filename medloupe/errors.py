@@ -117,6 +117,10 @@ class RunNotFoundError(InputError):
     """No run with that id (or directory) is known."""
 
 
+class RunStateError(InputError):
+    """A run's files (``run.json``, ``trace.sqlite``, ``checkpoints.sqlite``) are unreadable."""
+
+
 class BackendError(MedloupeError):
     """A VLM backend failed (endpoint down after retries, unparseable output, ...)."""
 

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from medloupe.artifacts import ArtifactStore, atomic_write_bytes, strict_json
 from medloupe.config import Settings
-from medloupe.errors import InputError, MedloupeError, RunNotFoundError
+from medloupe.errors import InputError, MedloupeError, RunNotFoundError, RunStateError
 from medloupe.graphs.context import (
     Resources,
     ResourceSpec,
@@ -186,9 +186,20 @@ def create_run(
         raise InputError("the question is empty")
     run_id = new_run_id()
     run_dir = out_dir if out_dir is not None else settings.runs_dir / run_id
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"output directory {run_dir} is a file; choose a new --out")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise InputError(f"output directory {run_dir} is not empty; choose a new --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".writable"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(
+            f"cannot write the run directory {run_dir} ({exc.strerror or type(exc).__name__}); "
+            "choose a --out where you can write"
+        ) from None
     spec = RunSpec(
         run_id=run_id,
         question=question,
@@ -213,7 +224,14 @@ def find_run(ref: str, settings: Settings) -> Run:
         raise RunNotFoundError(
             f"no run {ref!r}: not in the index at {settings.index_path} and not a run directory"
         )
-    return Run(dir=run_dir, spec=RunSpec.model_validate_json(meta_path.read_bytes()))
+    try:
+        spec = RunSpec.model_validate_json(meta_path.read_bytes())
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise RunStateError(
+            f"{meta_path} is unreadable or not a medloupe run.json ({type(exc).__name__}); "
+            "the run cannot be resumed or shown; start a new one"
+        ) from None
+    return Run(dir=run_dir, spec=spec)
 
 
 async def execute(
@@ -286,6 +304,18 @@ async def _drive(
     run: Run, context: RunContext, *, resume: bool, review: ReviewCallback | None
 ) -> dict[str, Any]:
     """Invoke (or resume) the checkpointed graph until it ends; the final state values."""
+    try:
+        return await _drive_graph(run, context, resume=resume, review=review)
+    except sqlite3.DatabaseError as exc:
+        raise RunStateError(
+            f"the checkpoints {run.checkpoint_path} are unreadable ({exc}); "
+            "the run cannot go on from them; start a new one"
+        ) from None
+
+
+async def _drive_graph(
+    run: Run, context: RunContext, *, resume: bool, review: ReviewCallback | None
+) -> dict[str, Any]:
     config: RunnableConfig = {"configurable": {"thread_id": run.run_id}, "recursion_limit": 100}
     async with AsyncSqliteSaver.from_conn_string(str(run.checkpoint_path)) as saver:
         app = builder.compile(checkpointer=saver)

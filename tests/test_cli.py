@@ -268,3 +268,14 @@ def test_questions_with_escapes_and_markup_print_safely(tmp_path: Path, chest_dc
         out = medloupe(*args, env=env).stdout
         assert "\x1b" not in out
         assert "\\x1b[2J" in out and "[/x]" in out and "[red]FAKE[/red]" in out
+
+
+def test_damaged_run_files_exit_2_with_the_reason(tmp_path: Path, chest_dcm: Path) -> None:
+    env = cli_env(tmp_path / "home")
+    out = tmp_path / "run"
+    medloupe("ask", str(chest_dcm), "What body part?", "--vlm", "none", "--out", str(out), env=env)
+    (out / "run.json").write_text("{ not json")
+    for args in (("trace", "show", str(out)), ("resume", str(out))):
+        proc = medloupe(*args, env=env, check=False)
+        assert proc.returncode == 2 and "run.json" in proc.stderr
+        assert "Traceback" not in proc.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import struct
 import warnings
 from collections.abc import Iterator
@@ -34,6 +35,153 @@ from medloupe.io.render import content_hash, percentile_window, to_uint8, window
 log = logging.getLogger(__name__)
 
 #: The only DICOM attributes intake reads into an :class:`ImageRecord`. None identifies a person.
+# PS3.16 Annex L body part values (and PS3.3 view positions): a header value is kept only when
+# it is one of these; anything else (a misfiled name, free text) is dropped with a note.
+BODY_PARTS = frozenset(
+    [
+        "ABDOMEN",
+        "ABDOMENPELVIS",
+        "ADRENAL",
+        "ANKLE",
+        "AORTA",
+        "ARM",
+        "AXILLA",
+        "BACK",
+        "BLADDER",
+        "BRAIN",
+        "BREAST",
+        "BRONCHUS",
+        "BUTTOCK",
+        "CALCANEUS",
+        "CALF",
+        "CAROTID",
+        "CEREBELLUM",
+        "CERVIX",
+        "CHEEK",
+        "CHEST",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "CIRCLEOFWILLIS",
+        "CLAVICLE",
+        "COCCYX",
+        "COLON",
+        "CORNEA",
+        "CORONARYARTERY",
+        "CSPINE",
+        "CTSPINE",
+        "DUODENUM",
+        "EAR",
+        "ELBOW",
+        "ESOPHAGUS",
+        "EXTREMITY",
+        "EYE",
+        "EYELID",
+        "FACE",
+        "FEMUR",
+        "FINGER",
+        "FOOT",
+        "FOREARM",
+        "GALLBLADDER",
+        "HAND",
+        "HEAD",
+        "HEADNECK",
+        "HEART",
+        "HIP",
+        "HUMERUS",
+        "IAC",
+        "ILEUM",
+        "ILIUM",
+        "JAW",
+        "JEJUNUM",
+        "KIDNEY",
+        "KNEE",
+        "LARYNX",
+        "LEG",
+        "LIVER",
+        "LSPINE",
+        "LSSPINE",
+        "LUNG",
+        "MAXILLA",
+        "MEDIASTINUM",
+        "MOUTH",
+        "NECK",
+        "NECKCHEST",
+        "NECKCHESTABDOMEN",
+        "NECKCHESTABDPELV",
+        "NOSE",
+        "ORBIT",
+        "OVARY",
+        "PANCREAS",
+        "PAROTID",
+        "PATELLA",
+        "PELVIS",
+        "PENIS",
+        "PHARYNX",
+        "PROSTATE",
+        "RECTUM",
+        "RIB",
+        "SACRUM",
+        "SCALP",
+        "SCAPULA",
+        "SCLERA",
+        "SCROTUM",
+        "SELLA",
+        "SHOULDER",
+        "SKULL",
+        "SPINE",
+        "SPLEEN",
+        "SSPINE",
+        "STERNUM",
+        "STOMACH",
+        "SUBMANDIBULAR",
+        "TESTIS",
+        "THIGH",
+        "THORAX",
+        "THUMB",
+        "THYMUS",
+        "THYROID",
+        "TIBIA",
+        "TLSPINE",
+        "TOE",
+        "TONGUE",
+        "TRACHEA",
+        "TSPINE",
+        "URETER",
+        "URETHRA",
+        "UTERUS",
+        "VAGINA",
+        "VULVA",
+        "WHOLEBODY",
+        "WRIST",
+        "ZYGOMA",
+    ]
+)
+VIEW_POSITIONS = frozenset(
+    [
+        "AP",
+        "PA",
+        "LL",
+        "RL",
+        "RLD",
+        "LLD",
+        "RLO",
+        "LLO",
+        "LAT",
+        "OBL",
+        "CC",
+        "MLO",
+        "ML",
+        "LM",
+        "LMO",
+        "SIO",
+        "XCCL",
+        "XCCM",
+        "FB",
+        "AT",
+        "LAO",
+        "RAO",
+    ]
+)
 SAFE_TECHNICAL_ATTRIBUTES = (
     "Modality",
     "BodyPartExamined",
@@ -167,7 +315,13 @@ def read_dicom(
     photometric = str(_get(ds, "PhotometricInterpretation") or "MONOCHROME2")
     modality = modality_override or str(_get(ds, "Modality") or "OT")
     spacing, spacing_source = _spacing(ds, notes)
-    shown = _render(arr, ds, photometric, modality, notes)
+    try:
+        shown = _render(arr, ds, photometric, modality, notes)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error) as exc:
+        # a malformed lookup table, rescale or palette element: named, never a traceback
+        raise CorruptImageError(
+            name, f"the pixel values could not be rendered: {_reason(exc)}"
+        ) from None
     display = shown.display
     if display.size == 0:
         raise EmptyImageError(name, "the decoded image has no pixels")
@@ -176,8 +330,8 @@ def read_dicom(
         content_hash=content_hash(arr),
         format="dicom",
         modality=modality,
-        body_part=_safe_str(_get(ds, "BodyPartExamined")),
-        view_position=_safe_str(_get(ds, "ViewPosition")),
+        body_part=_defined(_get(ds, "BodyPartExamined"), BODY_PARTS, "BodyPartExamined", notes),
+        view_position=_defined(_get(ds, "ViewPosition"), VIEW_POSITIONS, "ViewPosition", notes),
         width=int(display.shape[1]),
         height=int(display.shape[0]),
         channels=shown.channels,  # type: ignore[arg-type]
@@ -230,6 +384,16 @@ def _read_dataset(path: Path, name: str) -> Any:
         ) from None
     if forced and ("PixelData" not in ds or "Rows" not in ds):
         raise CorruptImageError(name, "not a DICOM file (no preamble, no image elements)")
+    if forced and "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        # no file meta (an old or bare file): the syntax is the one the bytes were read in
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if ds.original_encoding[0] else ExplicitVRLittleEndian
+        )
+        ds.file_meta = meta
     return ds
 
 
@@ -251,7 +415,12 @@ def _check_header(ds: Any, name: str, max_pixels: int, frame: int | None) -> tup
             f"{cols}x{rows} = {rows * cols:,} pixels exceeds the limit of {max_pixels:,}",
             f"raise {env_name('max_pixels')} or downsample the image",
         )
-    n_frames = int(_get(ds, "NumberOfFrames") or 1)
+    try:
+        n_frames = int(_get(ds, "NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        n_frames = 0
+    if n_frames < 1:
+        raise CorruptImageError(name, "NumberOfFrames is not a positive frame count")
     index = n_frames // 2 if frame is None else frame
     if not 0 <= index < n_frames:
         raise ImageIntakeError(
@@ -282,10 +451,14 @@ def _decode_frame(ds: Any, name: str, index: int, n_frames: int) -> np.ndarray:
                 _DECODER_FIX,
             ) from None
         raise CorruptImageError(name, "the pixel data could not be decoded") from None
-    except (ValueError, EOFError, OSError, IndexError, TypeError) as exc:
+    except (ValueError, EOFError, OSError, IndexError, TypeError, KeyError) as exc:
         raise CorruptImageError(
             name,
             f"the pixel data is truncated or inconsistent with the header ({type(exc).__name__})",
+        ) from None
+    except (AttributeError, struct.error) as exc:  # a header element decoding needs is absent
+        raise CorruptImageError(
+            name, f"the header lacks what decoding the pixel data needs ({_reason(exc)})"
         ) from None
 
 
@@ -324,6 +497,40 @@ def _render(arr: np.ndarray, ds: Any, photometric: str, modality: str, notes: li
         display = 255 - display
         notes.append("MONOCHROME1 inverted for display (higher attenuation is brighter)")
     return _Shown(display, 1, values, window, "HU" if modality == "CT" else None)
+
+
+# decoder messages that name a missing element or module, never a value: the only ones passed
+# on (others may quote an element's value, which could be anything a file holds)
+_SAFE_REASON = re.compile(
+    r"^(Missing required element: \([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\) '[A-Za-z][A-Za-z ]*'"
+    r"|No suitable [A-Za-z ]+ found)$"
+)
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception's type, with its message only when that names an element or module (an
+    allow-list of pydicom's message forms) and quotes no value."""
+    text = str(exc).strip()
+    if _SAFE_REASON.match(text):
+        return f"{type(exc).__name__}: {text}"
+    if isinstance(exc, struct.error):
+        return "a lookup table holds fewer entries than its descriptor says"
+    if isinstance(exc, TypeError):
+        return "a rescale, window or lookup-table value is not a number"
+    return type(exc).__name__
+
+
+def _defined(value: Any, terms: frozenset[str], keyword: str, notes: list[str]) -> str | None:
+    """``value`` when it is one of the attribute's defined ``terms`` (case, spaces and
+    underscores ignored), else ``None`` with a note that names the attribute, not the value."""
+    text = _safe_str(value)
+    if text is None:
+        return None
+    key = text.upper().replace(" ", "").replace("_", "")
+    if key in terms:
+        return key
+    notes.append(f"{keyword} is not one of its defined terms; left out")
+    return None
 
 
 def _safe_str(value: Any) -> str | None:

@@ -53,7 +53,14 @@ def read_nifti(
         raise CorruptImageError(name, f"not a readable NIfTI file ({type(exc).__name__})") from None
     shape = _shape(img, name)
     ornt = io_orientation(img.affine)  # per array axis: (world axis, direction)
-    array_axis = int(np.flatnonzero(ornt[:, 0] == axis)[0])
+    found = np.flatnonzero(ornt[:, 0] == axis)
+    if found.size == 0:
+        raise CorruptImageError(
+            name,
+            "the NIfTI affine is singular: its axes cannot be told apart",
+            "fix the file's qform/sform (e.g. with nibabel) or re-export it",
+        )
+    array_axis = int(found[0])
     others = [i for i in range(3) if i != array_axis]
     slice_pixels = shape[others[0]] * shape[others[1]]
     if slice_pixels > max_pixels:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from medloupe.config import Settings
-from medloupe.errors import InputError, MedloupeError
+from medloupe.errors import InputError, MedloupeError, RunStateError
 from medloupe.graphs.context import Resources, ResourceSpec, shared_resources
 from medloupe.runner import Run, SqliteTable, execute, find_run
 
@@ -198,6 +198,9 @@ class RunManager:
                 continue
             try:
                 find_run(row["dir"], self.settings)
+            except RunStateError as exc:  # one unreadable run never holds up the others
+                self.db.set(run_id, "failed", f"cannot be resumed: {exc}")
+                continue
             except InputError as exc:
                 self.db.set(run_id, "failed", f"lost its run directory: {exc}")
                 continue

@@ -354,3 +354,24 @@ def test_an_uninformative_image_gets_no_confident_answer(
 
     for name in ("run.json", "answer.json", "trace.json"):
         strict((tmp_path / "r" / name).read_text())
+
+
+def test_out_at_a_file_or_an_unwritable_folder_is_an_input_error(
+    settings: Settings, chest_dcm: Path, tmp_path: Path
+) -> None:
+    import os
+
+    from medloupe import ask
+    from medloupe.errors import InputError
+
+    afile = tmp_path / "taken.txt"
+    afile.write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        ask(chest_dcm, "q?", out=afile, vlm="none", settings=settings)
+    with pytest.raises(InputError, match="cannot write"):  # a folder inside a file
+        ask(chest_dcm, "q?", out=afile / "run", vlm="none", settings=settings)
+    if os.geteuid() != 0:  # root writes anywhere: the permission case needs a normal user
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(InputError, match="cannot write"):
+            ask(chest_dcm, "q?", out=locked / "run", vlm="none", settings=settings)

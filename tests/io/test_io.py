@@ -248,3 +248,91 @@ def test_tiny_and_blank_images_are_flagged(tmp_path: Path) -> None:
     assert any("below 16" in q for q in load_image(tmp_path / "dot.png").record.quality)
     assert any("blank" in q for q in load_image(tmp_path / "blank.png").record.quality)
     assert load_image(tmp_path / "ok.png").record.quality == []
+
+
+def _broken(kind: str, ct: pydicom.Dataset, tmp: Path) -> Path:
+    """A CT file of pydicom-data broken in one way."""
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+
+    ds = ct.copy()
+    if kind == "text rescale slope":
+        ds.add(DataElement(0x00281053, "LO", "abc"))
+    elif kind == "malformed VOI LUT":
+        item = Dataset()
+        item.LUTDescriptor, item.LUTData = [256, 0, 8], b"\x00" * 3
+        ds.VOILUTSequence = [item]
+        del ds.WindowCenter, ds.WindowWidth
+    elif kind == "malformed modality LUT":
+        item = Dataset()
+        item.LUTDescriptor, item.LUTData, item.ModalityLUTType = [4096, 0, 12], b"\x01\x02", "HU"
+        ds.ModalityLUTSequence = [item]
+    elif kind == "negative NumberOfFrames":
+        ds.NumberOfFrames = -3
+    path = tmp / f"{kind.replace(' ', '-')}.dcm"
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("text rescale slope", "could not be rendered: a rescale.* is not a number"),
+        ("malformed VOI LUT", "could not be rendered: a lookup table holds fewer entries"),
+        ("malformed modality LUT", "could not be rendered: a lookup table holds fewer entries"),
+        ("negative NumberOfFrames", "is not a positive frame count"),
+    ],
+)
+def test_broken_headers_are_named_errors(
+    kind: str, message: str, ct_dcm: Path, tmp_path: Path
+) -> None:
+    path = _broken(kind, pydicom.dcmread(ct_dcm), tmp_path)
+    with pytest.raises(CorruptImageError, match=message):
+        load_image(path)
+
+
+def test_pydicom_data_palette_and_planar_cases(dicom_dir: Path, tmp_path: Path) -> None:
+    """A palette file with no file meta (read as it was written) loads in colour; a palette
+    without its lookup table, and RGB without PlanarConfiguration, are named errors."""
+    face = load_image(dicom_dir / "OT-PAL-8-face.dcm")
+    assert (face.record.channels, face.record.width, face.record.height) == (3, 640, 480)
+    pal = pydicom.dcmread(dicom_dir / "OT-PAL-8-face.dcm", force=True)
+    for colour in ("Red", "Green", "Blue"):
+        delattr(pal, f"{colour}PaletteColorLookupTableData")
+    pal.save_as(tmp_path / "no-lut.dcm")
+    with pytest.raises(CorruptImageError, match="Palette"):
+        load_image(tmp_path / "no-lut.dcm")
+    us = pydicom.dcmread(dicom_dir / "US1_UNCR.dcm")
+    del us.PlanarConfiguration
+    us.save_as(tmp_path / "no-planar.dcm")
+    with pytest.raises(CorruptImageError, match="Planar Configuration"):
+        load_image(tmp_path / "no-planar.dcm")
+
+
+def test_singular_nifti_affine_is_a_named_error(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.arange(192, dtype=np.float32).reshape(8, 8, 3), np.eye(4))
+    img.set_qform(None, code=0)
+    img.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=1)
+    nib.save(img, tmp_path / "singular.nii")
+    with pytest.raises(CorruptImageError, match="singular"):
+        load_image(tmp_path / "singular.nii")
+
+
+def test_header_values_outside_the_defined_terms_are_left_out(
+    chest_dcm: Path, tmp_path: Path
+) -> None:
+    """BodyPartExamined and ViewPosition are kept only as their defined terms: a name typed
+    into one never reaches a record (and so no prompt, trace, answer or page)."""
+    ds = pydicom.dcmread(chest_dcm)
+    ds.BodyPartExamined, ds.ViewPosition = "CHEST Marjoribanks", "PA Smith"
+    ds.save_as(tmp_path / "phi.dcm")
+    rec = load_image(tmp_path / "phi.dcm").record
+    assert rec.body_part is None and rec.view_position is None
+    assert "Marjoribanks" not in rec.model_dump_json() and "Smith" not in rec.model_dump_json()
+    assert any("BodyPartExamined is not one of its defined terms" in n for n in rec.notes)
+    ds.BodyPartExamined, ds.ViewPosition = "chest", "pa"
+    ds.save_as(tmp_path / "ok.dcm")
+    ok = load_image(tmp_path / "ok.dcm").record
+    assert (ok.body_part, ok.view_position) == ("CHEST", "PA")
