@@ -78,7 +78,8 @@ class Resources:
     def with_new_tools(self) -> Resources:
         """The same backend and KB with new instances of the default tools (and
         ``search_knowledge``), so nothing one run's tools cache reaches another."""
-        return dataclasses.replace(self, registry=_default_tools(self.retriever))
+        fresh = registry_with_retriever(default_registry(), self.retriever)
+        return dataclasses.replace(self, registry=fresh)
 
     async def aclose(self, *, backend: bool = True) -> None:
         """Close the knowledge base and (with ``backend``) the backend's connections: for
@@ -110,15 +111,10 @@ def load_resources(
     if backend is not None:
         spec = ResourceSpec(vlm=backend.spec, vlm_default=spec.vlm_default, kb=spec.kb)
     retriever = open_knowledge_base(spec.kb) if spec.kb else None
-    if registry is None:
-        tools = _default_tools(retriever) if search_tool else default_registry()
-    else:
-        tools = registry_with_retriever(registry, retriever) if search_tool else registry
+    tools = registry if registry is not None else default_registry()
+    if search_tool:
+        tools = registry_with_retriever(tools, retriever)
     return Resources(registry=tools, vlm=vlm, retriever=retriever, spec=spec)
-
-
-def _default_tools(retriever: Retriever | None) -> ToolRegistry:
-    return registry_with_retriever(default_registry(), retriever)
 
 
 @functools.lru_cache(maxsize=4)
