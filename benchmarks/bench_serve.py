@@ -164,6 +164,7 @@ def main() -> None:
         c_failed = sum(1 for f in final if f["status"] == "failed" and f["error"])
         c_resumed = sum(1 for f in final if f["resumes"])
         c_lost = len(ids) - c_done - c_failed
+        c_reasons = sorted({str(f["error"])[:120] for f in final if f["status"] == "failed"})
 
     bad = [m for m in malformed if m[1] != m[2]]
     rows = [
@@ -176,7 +177,7 @@ def main() -> None:
         ("peak server memory (VmHWM)", f"{peak_mb:.0f} MB", ""),
         ("malformed requests with the right 4xx", f"{len(malformed) - len(bad)}/{len(malformed)}", "; ".join(f"{w}: want {a} got {b}" for w, a, b in bad) or "server healthy after"),
         ("crash: runs accepted before SIGKILL", str(len(ids)), f"{c_resumed} resumed after restart"),
-        ("crash: completed / failed with reason / lost", f"{c_done} / {c_failed} / {c_lost}", f"all settled {recover_s:.1f} s after restart; goal 0 lost"),
+        ("crash: completed / failed with reason / lost", f"{c_done} / {c_failed} / {c_lost}", f"all settled {recover_s:.1f} s after restart; goal 0 lost" + "".join(f"; failed: {r}" for r in c_reasons)),
     ]
     note = (
         "Runs use the bundled CT slice (pydicom-data 693_UNCR.dcm) with no VLM and no KB, so "

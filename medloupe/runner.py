@@ -328,8 +328,14 @@ async def _drive_graph(
                 payload = start  # killed before the first checkpoint: start over
             elif snapshot.interrupts:
                 payload = _reviewed(run, review, snapshot.interrupts[0].value)
-            elif not snapshot.next:
+            elif not snapshot.next and "answer" in snapshot.values:
                 run_graph = False  # finished already: rewrite the outputs
+            elif not snapshot.next:
+                # nothing left to run yet no answer (a checkpoint a kill left behind): the
+                # thread is cleared and the run starts over
+                log.warning("run %s: its checkpoints hold no answer; starting over", run.run_id)
+                await saver.adelete_thread(run.run_id)
+                payload = start
             else:
                 payload = None  # continue from the last checkpoint
         while True:

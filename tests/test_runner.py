@@ -25,3 +25,36 @@ def test_damaged_run_files_are_named(settings: Settings, chest_dcm: Path, tmp_pa
     with pytest.raises(RunStateError, match=r"run\.json"):
         find_run(str(tmp_path / "run"), settings)
     assert issubclass(RunStateError, InputError)  # the CLI exits 2 with the message
+
+
+def test_resume_of_a_thread_that_ended_without_an_answer_starts_over(
+    settings: Settings, chest_dcm: Path, tmp_path: Path
+) -> None:
+    """A checkpoint with nothing left to run but no answer (what a kill can leave) is not a
+    finished run: resume clears the thread and runs it again to an answer."""
+    import asyncio
+
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    from medloupe.graphs.diagnose import builder
+    from medloupe.io import load_image
+    from medloupe.runner import create_run, execute
+
+    run = create_run(
+        load_image(chest_dcm),
+        "What body part is imaged?",
+        settings=settings,
+        out_dir=tmp_path / "run",
+    )
+
+    async def leave_a_dead_end() -> None:
+        async with AsyncSqliteSaver.from_conn_string(str(run.checkpoint_path)) as saver:
+            app = builder.compile(checkpointer=saver)
+            config = {"configurable": {"thread_id": run.run_id}}
+            await app.aupdate_state(config, run.spec.graph_input(), as_node="answer")
+            snapshot = await app.aget_state(config)
+            assert not snapshot.next and "answer" not in snapshot.values
+
+    asyncio.run(leave_a_dead_end())
+    answer = asyncio.run(execute(run, settings=settings, resume=True))
+    assert answer.claims and (tmp_path / "run" / "answer.json").is_file()
