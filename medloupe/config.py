@@ -87,14 +87,6 @@ def _number(
     return value
 
 
-def env_number(
-    name: str, default: float, cast: type[int] | type[float], *, allow_zero: bool = False
-) -> float:
-    """A positive (or, with ``allow_zero``, non-negative) number from the environment, or
-    ``default`` when unset or blank. Raises ``ValueError`` naming the variable otherwise."""
-    return _number(os.environ, name, default, cast, allow_zero=allow_zero)
-
-
 def _text(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(name, "").strip()
     return value or None

@@ -39,16 +39,14 @@ def record_model_call(
 ) -> None:
     """Trace one model call; ``result`` is the validated reply (a pydantic model), so a
     reviewer sees what the model said at each step."""
-    ctx.trace.record(
-        "model_call",
-        node=node,
-        name=ctx.vlm.spec if ctx.vlm else None,
-        status="ok",
-        duration_ms=gen.latency_ms,
-        purpose=purpose,
+    _trace_model_call(
+        ctx,
+        node,
+        purpose,
+        "ok",
+        gen.latency_ms,
+        gen.usage,
         model=gen.model,
-        prompt_tokens=gen.usage.prompt_tokens,
-        completion_tokens=gen.usage.completion_tokens,
         attempts=gen.attempts,
         result=result.model_dump(mode="json") if result is not None else None,
     )
@@ -57,20 +55,33 @@ def record_model_call(
 def record_bad_reply(ctx: RunContext, node: str, purpose: str, exc: ModelReplyError) -> str:
     """Record a model call whose reply stayed invalid; returns the note for the run."""
     usage = exc.usage if exc.usage is not None else Usage()
+    _trace_model_call(ctx, node, purpose, "error", exc.latency_ms, usage, error=str(exc))
+    note = f"{node}: the model's reply was unusable ({exc})"
+    log.warning("%s", note)
+    return note
+
+
+def _trace_model_call(
+    ctx: RunContext,
+    node: str,
+    purpose: str,
+    status: str,
+    duration_ms: float,
+    usage: Usage,
+    **fields: Any,
+) -> None:
+    """One ``model_call`` trace event: backend, purpose, latency, tokens, and ``fields``."""
     ctx.trace.record(
         "model_call",
         node=node,
         name=ctx.vlm.spec if ctx.vlm else None,
-        status="error",
-        duration_ms=exc.latency_ms,
+        status=status,
+        duration_ms=duration_ms,
         purpose=purpose,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
-        error=str(exc),
+        **fields,
     )
-    note = f"{node}: the model's reply was unusable ({exc})"
-    log.warning("%s", note)
-    return note
 
 
 def observation(
