@@ -127,13 +127,32 @@ class BackendError(MedloupeError):
 
 class ModelReplyError(BackendError):
     """The model answered, but not with a valid reply (unparseable or off-schema JSON after
-    the repair rounds). The graph degrades gracefully on this one; transport failures are
-    plain :class:`BackendError` and end the run."""
+    the repair rounds, or a refusal of this request: :class:`ModelRefusedError`). The graph
+    degrades gracefully on this one; an unreachable endpoint
+    (:class:`BackendUnavailableError`) ends the run."""
 
-    def __init__(self, message: str, *, usage: Any = None, latency_ms: float = 0.0) -> None:
+    def __init__(
+        self, message: str, *, usage: Any = None, latency_ms: float = 0.0, attempts: int = 1
+    ) -> None:
         super().__init__(message)
         self.usage = usage
         self.latency_ms = latency_ms
+        self.attempts = attempts
+
+
+class ModelRefusedError(ModelReplyError):
+    """The server answered this request with a refusal it would not give a different request
+    (an HTTP 4xx: a bad value, too many images, a prompt too long). The graph degrades on it
+    like on an invalid reply: a traced failed model call, the run goes on."""
+
+
+class ContextLengthError(ModelRefusedError):
+    """The prompt (with the reply's ``max_tokens``) does not fit the model's context; a
+    shorter prompt may. ``limit`` is the context length the server stated, if it did."""
+
+    def __init__(self, message: str, *, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class SchemaUnsupportedError(BackendError):

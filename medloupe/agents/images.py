@@ -69,6 +69,30 @@ def artifact_data_uri(store: ArtifactStore, artifact_id: str, max_pixels: int) -
     return encode_png_data_uri(model_image(store, artifact_id, max_pixels))
 
 
+def grid(cells: list[Image.Image], max_pixels: int, gap: int = 4) -> Image.Image:
+    """RGB pictures side by side in one (a near-square grid, left to right then top to
+    bottom, cells the size of the largest, ``gap`` pixels of white between), within
+    ``max_pixels``."""
+    from PIL import Image
+
+    cols = max(1, math.ceil(math.sqrt(len(cells))))
+    rows = math.ceil(len(cells) / cols)
+    cw, ch = max(c.width for c in cells), max(c.height for c in cells)
+    sheet = Image.new("RGB", (cols * cw + gap * (cols - 1), rows * ch + gap * (rows - 1)), "white")
+    for i, cell in enumerate(cells):
+        r, c = divmod(i, cols)
+        sheet.paste(cell, (c * (cw + gap), r * (ch + gap)))
+    size = fit_size(sheet.width, sheet.height, max_pixels)
+    return sheet if size == sheet.size else sheet.resize(size, Image.Resampling.LANCZOS)
+
+
+def tile_images(store: ArtifactStore, artifact_ids: list[str], max_pixels: int) -> Image.Image:
+    """The artifacts in one :func:`grid` within ``max_pixels`` (each cell within its share):
+    for servers that take fewer images per request than a role shows."""
+    share = max(1, max_pixels // max(1, len(artifact_ids)))
+    return grid([model_image(store, a, share) for a in artifact_ids], max_pixels)
+
+
 def encode_png_data_uri(image: Image.Image) -> str:
     """A ``data:image/png;base64,...`` URI of ``image`` (fast PNG compression)."""
     buf = io.BytesIO()

@@ -21,8 +21,16 @@ Settings (:class:`~medloupe.config.Settings`, read when the backend is built):
     burned-in text is painted over before images go to a non-loopback endpoint.
 
 Structured output is requested with ``response_format`` (JSON schema); a server that refuses
-it (HTTP 400/422 naming the field) is remembered, and from then on the schema is spelled out
-in the prompt and the reply parsed, with a bounded repair round.
+it (HTTP 400/422 naming the field) or ignores it (a reply not shaped by the schema) is
+remembered, and from then on the schema is spelled out in the prompt and the reply parsed,
+with a bounded repair round that states the schema again.
+
+What a server states about its limits is learnt and kept: the context length (``max_model_len``
+of ``/models``, or a "maximum context length" refusal: :class:`~medloupe.errors.ContextLengthError`,
+on which the roles send a shorter prompt) and the images it takes per request (a
+"At most N image(s)" refusal: the request is sent again with the images beyond the first N - 1
+tiled into one picture). Any other 4xx is a :class:`~medloupe.errors.ModelRefusedError` (the run
+degrades); only an unreachable endpoint ends it.
 """
 
 from __future__ import annotations
@@ -31,14 +39,22 @@ import asyncio
 import email.utils
 import logging
 import random
+import re
 import time
 import weakref
 from typing import Any
 
 import httpx
 
-from medloupe.agents.images import DEFAULT_MAX_IMAGE_PIXELS, artifact_data_uri
-from medloupe.agents.messages import ChatMessage, Completion, ImagePart, Usage
+from medloupe.agents.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    artifact_data_uri,
+    decode_data_uri,
+    encode_png_data_uri,
+    grid,
+    tile_images,
+)
+from medloupe.agents.messages import ChatMessage, Completion, ImagePart, TextPart, Usage
 from medloupe.agents.protocol import ModelProfile, VLMBackend
 from medloupe.artifacts import ArtifactStore
 from medloupe.config import RedactMode, Settings, env_name
@@ -46,13 +62,18 @@ from medloupe.errors import (
     BackendError,
     BackendSpecError,
     BackendUnavailableError,
+    ContextLengthError,
     ModelNotFoundError,
+    ModelRefusedError,
     SchemaUnsupportedError,
 )
 
 log = logging.getLogger(__name__)
 
 _RETRY_STATUS = {429, 500, 502, 503, 504}
+_CONTEXT_LIMIT = re.compile(r"maximum context length is (\d+)", re.I)
+_CONTEXT_WORDS = ("context length", "context window", "too many tokens", "prompt is too long")
+_IMAGE_LIMIT = re.compile(r"at most (\d+) image", re.I)
 
 
 def parse_spec(rest: str) -> tuple[str, str | None]:
@@ -135,6 +156,8 @@ class OpenAIBackend(VLMBackend):
         self._transport = transport
         self._schema_ok = True
         self._probed = False
+        self._max_images: int | None = None  # learnt from the server's refusals
+        self._context_tokens: int | None = None  # from /models max_model_len or a refusal
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
@@ -162,12 +185,19 @@ class OpenAIBackend(VLMBackend):
 
     @property
     def profile(self) -> ModelProfile:
-        """Schema-constrained until the server refuses it; crops zoomed to the side of a
-        square image at the pixel cap."""
+        """Schema-constrained until the server refuses or ignores it; crops zoomed to the side
+        of a square image at the pixel cap; the context length and images per request the
+        server stated."""
         return ModelProfile(
             supports_schema=self._schema_ok,
             preferred_image_side=int(self.max_image_pixels**0.5),
+            max_images=self._max_images,
+            context_tokens=self._context_tokens,
         )
+
+    def distrust_schema(self) -> None:
+        """The server ignores ``response_format``: spell schemas out from now on."""
+        self._schema_ok = False
 
     def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -241,6 +271,9 @@ class OpenAIBackend(VLMBackend):
 
     async def served_models(self) -> list[str]:
         """Model ids the endpoint serves (``GET /models``)."""
+        return [str(m["id"]) for m in await self._model_entries()]
+
+    async def _model_entries(self) -> list[dict[str, Any]]:
         response = await self._request("GET", "/models")
         if response.status_code != 200:
             raise BackendError(
@@ -248,7 +281,10 @@ class OpenAIBackend(VLMBackend):
                 f"{_error_text(response)}"
             )
         try:
-            return [str(m["id"]) for m in response.json().get("data", [])]
+            entries = [dict(m) for m in response.json().get("data", [])]
+            for m in entries:
+                str(m["id"])
+            return entries
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BackendError(
                 f"{self.base_url}/models returned an unexpected body: {exc}"
@@ -261,14 +297,24 @@ class OpenAIBackend(VLMBackend):
             ModelNotFoundError: the model is not among the served ones.
             BackendUnavailableError: the endpoint is down.
         """
-        models = await self.served_models()
+        entries = await self._model_entries()
+        models = [str(m["id"]) for m in entries]
         if self.model is None:
             if len(models) != 1:
                 raise ModelNotFoundError(
-                    f"{self.base_url} serves {models or 'no models'}; name one in the spec: "
-                    f"openai:{self.base_url}#MODEL"
+                    f"{self.base_url} serves {models or 'no models right now'}; name one in "
+                    f"the spec: openai:{self.base_url}#MODEL"
+                    + ("" if models else " (a server that loads models on demand, such as "
+                       "`transformers serve`, needs the name)")
                 )
             self.model = models[0]
+        elif not models:
+            log.warning(
+                "%s/models lists no models; going on with %r (servers such as `transformers "
+                "serve` load a model on its first request)",
+                self.base_url,
+                self.model,
+            )
         elif self.model not in models:
             import difflib
 
@@ -277,23 +323,55 @@ class OpenAIBackend(VLMBackend):
             raise ModelNotFoundError(
                 f"model {self.model!r} is not served at {self.base_url}; it serves {models}.{hint}"
             )
+        for m in entries:
+            if str(m["id"]) == self.model and isinstance(m.get("max_model_len"), int):
+                self._context_tokens = int(m["max_model_len"])  # vLLM states its context
         self._probed = True
         return self.model
 
     async def _payload_messages(
         self, messages: list[ChatMessage], store: ArtifactStore
     ) -> list[dict[str, Any]]:
+        """The messages as OpenAI content parts; images beyond the server's per-request limit
+        are tiled into one picture (said in a text part), none sent to a server taking none."""
+        images = [p.artifact for m in messages for p in m.content if isinstance(p, ImagePart)]
+        limit = self._max_images
+        keep, tiled = (images, []) if limit is None or len(images) <= limit else (
+            images[: max(0, limit - 1)],
+            images[max(0, limit - 1) :] if limit > 0 else [],
+        )
         out = []
         for m in messages:
             parts: list[dict[str, Any]] = []
             for part in m.content:
-                if isinstance(part, ImagePart):
+                if isinstance(part, TextPart):
+                    parts.append({"type": "text", "text": part.text})
+                elif part.artifact in keep:
                     uri = await asyncio.to_thread(self.encode_image, store, part.artifact)
                     parts.append({"type": "image_url", "image_url": {"url": uri}})
-                else:
-                    parts.append({"type": "text", "text": part.text})
+                elif tiled and part.artifact == tiled[0]:
+                    uri = await asyncio.to_thread(self._tiled_uri, store, tiled)
+                    parts.append({"type": "image_url", "image_url": {"url": uri}})
+                    parts.append(
+                        {
+                            "type": "text",
+                            "text": f"(the server takes {limit} image(s) per request: images "
+                            f"{len(keep) + 1}-{len(images)} are shown side by side in that "
+                            "one picture, left to right, top to bottom)",
+                        }
+                    )
+                elif limit == 0 and part.artifact == images[0]:
+                    parts.append(
+                        {"type": "text", "text": "(the server takes no images: none shown)"}
+                    )
             out.append({"role": m.role, "content": parts})
         return out
+
+    def _tiled_uri(self, store: ArtifactStore, artifact_ids: list[str]) -> str:
+        if self.redact_text:  # each picture redacted first, then tiled
+            cells = [decode_data_uri(self.encode_image(store, a)) for a in artifact_ids]
+            return encode_png_data_uri(grid(cells, self.max_image_pixels))
+        return encode_png_data_uri(tile_images(store, artifact_ids, self.max_image_pixels))
 
     def encode_image(self, store: ArtifactStore, artifact_id: str) -> str:
         """A PNG data URI of an artifact, downscaled to the pixel cap (and with burned-in text
@@ -337,44 +415,42 @@ class OpenAIBackend(VLMBackend):
         """
         if not self._probed:
             await self.probe()
-        payload: dict[str, Any] = {
-            "model": self.model,
-            "messages": await self._payload_messages(messages, store),
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-        }
-        if json_schema is not None:
-            payload["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": str(json_schema.get("title", "reply")),
-                    "schema": json_schema,
-                },
+        n_images = sum(isinstance(p, ImagePart) for m in messages for p in m.content)
+        while True:
+            payload: dict[str, Any] = {
+                "model": self.model,
+                "messages": await self._payload_messages(messages, store),
+                "max_tokens": max_tokens,
+                "temperature": temperature,
             }
-        response = await self._request("POST", "/chat/completions", payload)
-        if response.status_code != 200:
+            if json_schema is not None:
+                payload["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": str(json_schema.get("title", "reply")),
+                        "schema": json_schema,
+                    },
+                }
+            response = await self._request("POST", "/chat/completions", payload)
+            if response.status_code == 200:
+                break
             text = _error_text(response)
-            if (
-                json_schema is not None
-                and response.status_code in (400, 422)
-                and any(
-                    k in text.lower()
-                    for k in ("response_format", "json_schema", "guided", "grammar")
+            limit = _IMAGE_LIMIT.search(text)
+            sent = n_images if self._max_images is None else min(n_images, self._max_images)
+            if response.status_code in (400, 413, 422) and limit and int(limit[1]) < sent:
+                self._max_images = int(limit[1])
+                log.warning(
+                    "%s takes at most %d image(s) per request; sending %d image(s) with the "
+                    "rest tiled",
+                    self.base_url,
+                    self._max_images,
+                    self._max_images,
                 )
-            ):
-                self._schema_ok = False
-                raise SchemaUnsupportedError(
-                    f"{self.base_url} refused response_format ({text}); "
-                    "falling back to prompt-and-parse"
-                )
+                continue
+            self._refused(response.status_code, text, json_schema is not None)
             if response.status_code == 404:
                 self._probed = False
                 await self.probe()
-            if response.status_code in (401, 403):
-                raise BackendError(
-                    f"{self.base_url} refused the request (HTTP {response.status_code}: {text}); "
-                    f"set {env_name('openai_api_key')} or OPENAI_API_KEY"
-                )
             raise BackendError(f"{self.base_url} answered HTTP {response.status_code}: {text}")
         try:
             body = response.json()
@@ -396,6 +472,38 @@ class OpenAIBackend(VLMBackend):
             model=str(body.get("model") or self.model or ""),
             constrained=json_schema is not None,
         )
+
+
+    def _refused(self, status: int, text: str, with_schema: bool) -> None:
+        """Raise the error a refusal means (schema refused, context too long, credentials,
+        any other 4xx); return for a 404 (the model may be gone: probed again)."""
+        lower = text.lower()
+        if (
+            with_schema
+            and status in (400, 422)
+            and any(k in lower for k in ("response_format", "json_schema", "guided", "grammar"))
+        ):
+            self._schema_ok = False
+            raise SchemaUnsupportedError(
+                f"{self.base_url} refused response_format ({text}); "
+                "falling back to prompt-and-parse"
+            )
+        if status in (401, 403):
+            raise BackendError(
+                f"{self.base_url} refused the request (HTTP {status}: {text}); "
+                f"set {env_name('openai_api_key')} or OPENAI_API_KEY"
+            )
+        stated = _CONTEXT_LIMIT.search(text)
+        if status in (400, 413, 422) and (stated or any(w in lower for w in _CONTEXT_WORDS)):
+            if stated:
+                self._context_tokens = int(stated[1])
+            raise ContextLengthError(
+                f"{self.base_url}: the prompt does not fit the model's context "
+                f"(HTTP {status}: {text})",
+                limit=self._context_tokens,
+            )
+        if status != 404 and 400 <= status < 500:
+            raise ModelRefusedError(f"{self.base_url} refused the request (HTTP {status}: {text})")
 
 
 def _error_text(response: httpx.Response) -> str:

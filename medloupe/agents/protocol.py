@@ -24,10 +24,11 @@ Schemes are looked up among the ``medloupe.vlm_backends`` entry points (a factor
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Literal
 
@@ -41,7 +42,12 @@ from medloupe.agents.messages import (
     TextPart,
     Usage,
 )
-from medloupe.agents.structured import parse_reply, schema_instruction, with_instruction
+from medloupe.agents.structured import (
+    parse_reply,
+    schema_instruction,
+    shaped_like,
+    with_instruction,
+)
 from medloupe.artifacts import ArtifactStore
 from medloupe.config import Settings
 from medloupe.errors import BackendSpecError, ModelReplyError, SchemaUnsupportedError
@@ -78,6 +84,47 @@ class ModelProfile:
 
 
 Role = Literal["think", "plan", "rethink", "answer"]
+
+PROMPT_LEVELS = 3  # 0: everything; 1: shorter evidence, tool signatures; 2: the least
+
+
+@dataclass
+class PromptBudget:
+    """How long each role's prompt may be for one backend, learnt from the server.
+
+    A role renders its prompt at a compaction level (0: everything, up to
+    ``PROMPT_LEVELS - 1``: the least that still asks the question). The budget keeps, per
+    role, the server's own ``usage.prompt_tokens`` per prompt character of the last reply
+    (images included) and the lowest level that fitted; a role starts at the first level
+    whose estimated size, plus the reply's ``max_tokens``, fits
+    ``ModelProfile.context_tokens``.
+    """
+
+    tokens_per_char: dict[str, float] = field(default_factory=dict)
+    floor: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, role: str, prompt_chars: int, prompt_tokens: int) -> None:
+        """Record one reply's prompt size (ignored when the server reports no usage)."""
+        if prompt_chars > 0 and prompt_tokens > 0:
+            self.tokens_per_char[role] = prompt_tokens / prompt_chars
+
+    def overflowed(self, role: str, level: int) -> None:
+        """The server refused ``role``'s prompt at ``level`` as too long for its context."""
+        self.floor[role] = max(self.floor.get(role, 0), min(level + 1, PROMPT_LEVELS - 1))
+
+    def start_level(
+        self, role: str, sizes: list[int], context_tokens: int | None, max_tokens: int
+    ) -> int:
+        """The level to render ``role`` at, given the prompt's size in characters at each
+        level (``sizes``)."""
+        level = self.floor.get(role, 0)
+        # a role not measured yet is estimated at the densest ratio measured so far
+        ratio = self.tokens_per_char.get(role) or max(self.tokens_per_char.values(), default=None)
+        if context_tokens is None or ratio is None:
+            return level
+        while level < len(sizes) - 1 and sizes[level] * ratio + max_tokens > context_tokens:
+            level += 1
+        return level
 
 
 class RoleRequest(BaseModel):
@@ -132,6 +179,17 @@ class VLMBackend(ABC):
                 out in the prompt from here on).
             medloupe.errors.BackendError: no reply (transport, timeout, refusal).
         """
+
+    @functools.cached_property
+    def prompt_budget(self) -> PromptBudget:
+        """The prompt sizes this backend's server accepts, learnt as runs go
+        (:class:`PromptBudget`)."""
+        return PromptBudget()
+
+    def distrust_schema(self) -> None:  # noqa: B027 - optional hook
+        """A reply said to be constrained by a JSON schema was not shaped by it (the server
+        ignored ``response_format``): a backend whose profile says ``supports_schema`` stops
+        saying so (default: nothing to change)."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to close by default
         """Release connections held for the current event loop (default: nothing)."""
@@ -191,6 +249,23 @@ class VLMBackend(ABC):
                     model=comp.model,
                     attempts=attempt + 1,
                 )
+            if (
+                constrained
+                and comp.finish_reason != "length"
+                and (not comp.constrained or not shaped_like(comp.text, json_schema or {}))
+            ):
+                # the server ignored the constraint: spell the schema out from now on
+                log.warning(
+                    "%s: a reply requested under a JSON schema is not shaped by it (the server "
+                    "ignores response_format); the schema is spelled out in the prompt instead",
+                    self.spec,
+                )
+                if comp.constrained:
+                    self.distrust_schema()
+                problem = "the reply was not JSON shaped by the schema (response_format ignored)"
+                constrained = False
+                convo = with_instruction(messages, schema_instruction(schema))
+                continue
             try:
                 parsed = parse_reply(comp.text, schema)
             except ValueError as exc:
@@ -198,17 +273,12 @@ class VLMBackend(ABC):
                 if comp.finish_reason == "length":
                     problem = f"the reply was cut off at max_tokens={max_tokens} ({problem})"
                 log.info("%s: reply rejected (attempt %d): %s", self.spec, attempt + 1, problem)
-                if constrained and not comp.constrained:
-                    constrained = False  # the server ignored the constraint: spell it out
-                    convo = with_instruction(messages, schema_instruction(schema))
-                    continue
                 convo = [
                     *convo,
                     ChatMessage.text("assistant", comp.text[:4000]),
                     ChatMessage.text(
                         "user",
-                        f"That reply is not valid: {problem}. Reply again with one JSON object "
-                        f"only, matching the {schema.__name__} schema.",
+                        f"That reply is not valid: {problem}. {schema_instruction(schema)}",
                     ),
                 ]
                 continue
@@ -225,6 +295,7 @@ class VLMBackend(ABC):
             f"{max_repairs + 1} attempt(s): {problem}",
             usage=usage,
             latency_ms=(time.perf_counter() - t0) * 1000.0,
+            attempts=max_repairs + 1,
         )
 
     async def play(
@@ -304,11 +375,13 @@ def load_backend(spec: str) -> VLMBackend:
 __all__ = [
     "BACKEND_ENTRY_POINT_GROUP",
     "DEFAULT_VLM",
+    "PROMPT_LEVELS",
     "ChatMessage",
     "Completion",
     "Generation",
     "ImagePart",
     "ModelProfile",
+    "PromptBudget",
     "RoleRequest",
     "TextPart",
     "Usage",

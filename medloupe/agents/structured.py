@@ -14,12 +14,65 @@ from pydantic import BaseModel, ValidationError
 from medloupe.agents.messages import ChatMessage, TextPart
 
 
+def compact_schema(node: Any, *, root: bool = True) -> Any:
+    """A JSON schema without what a model does not need to fill it: the ``title`` of every
+    property and definition (the root's is kept: it names the reply) and ``default: null``;
+    descriptions cut to 100 characters."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key == "title" and isinstance(value, str) and not root:
+                continue
+            if key == "default" and value is None:
+                continue
+            if key == "description" and isinstance(value, str):
+                out[key] = value if len(value) <= 100 else value[:97] + "..."
+                continue
+            out[key] = compact_schema(value, root=False)
+        return out
+    if isinstance(node, list):
+        return [compact_schema(v, root=False) for v in node]
+    return node
+
+
 def schema_instruction(schema: type[BaseModel]) -> str:
-    """The text that asks for JSON matching ``schema`` when decoding cannot enforce it."""
-    return (
-        "Reply with one JSON object only, no prose and no code fence, matching this JSON "
-        f"schema:\n{json.dumps(schema.model_json_schema(), separators=(',', ':'))}"
-    )
+    """The text that asks for JSON matching ``schema`` (compactly spelled out): when decoding
+    cannot enforce it, and in every repair round."""
+    spelled = json.dumps(compact_schema(schema.model_json_schema()), separators=(",", ":"))
+    return f"{SCHEMA_LEAD}\n{spelled}"
+
+
+SCHEMA_LEAD = (
+    "Reply with one JSON object only, no prose and no code fence, matching this JSON schema:"
+)
+
+
+def spelled_schema(messages: list[ChatMessage]) -> dict[str, Any] | None:
+    """The schema :func:`schema_instruction` spelled out in the last user message, if any."""
+    for m in reversed(messages):
+        if m.role != "user":
+            continue
+        for part in reversed(m.content):
+            if isinstance(part, TextPart) and SCHEMA_LEAD in part.text:
+                try:
+                    found = extract_json(part.text.rsplit(SCHEMA_LEAD, 1)[1])
+                except ValueError:
+                    return None
+                return found if isinstance(found, dict) else None
+        return None
+    return None
+
+
+def shaped_like(text: str, json_schema: dict[str, Any]) -> bool:
+    """Whether ``text`` holds a JSON object with the schema's required top-level keys: what
+    every complete reply decoded under the schema's constraint has. A complete reply without
+    it came from a server that ignored the constraint."""
+    try:
+        obj = extract_json(text)
+    except ValueError:
+        return False
+    required = json_schema.get("required") or []
+    return isinstance(obj, dict) and all(k in obj for k in required)
 
 
 def extract_json(text: str) -> Any:

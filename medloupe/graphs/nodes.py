@@ -384,6 +384,7 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
                 state.get("current_answer"),
                 state.get("current_confidence", 0.0),
                 evidence,
+                image.display_artifact,
             )
             record_model_call(ctx, "answer", "final answer", gen, draft)
         except ModelReplyError as exc:

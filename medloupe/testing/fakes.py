@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from medloupe.agents.messages import ChatMessage, Completion, TextPart, Usage
 from medloupe.agents.protocol import ModelProfile, VLMBackend
 from medloupe.agents.roles import AnswerDraft
+from medloupe.agents.structured import spelled_schema
 from medloupe.artifacts import ArtifactStore
 from medloupe.schemas import Draft, Plan, RethinkDecision
 
@@ -83,9 +84,10 @@ class ScriptedFakeVLM(VLMBackend):
         max_tokens: int = 512,
         temperature: float = 0.0,
     ) -> Completion:
-        if json_schema is None:
+        schema = json_schema if json_schema is not None else spelled_schema(messages)
+        if schema is None:
             raise AssertionError("the graph asks every role for a schema")
-        role = ROLE_OF[str(json_schema.get("title"))]
+        role = ROLE_OF[str(schema.get("title"))]
         n = sum(1 for r, _ in self.calls if r == role)
         self.calls.append((role, messages))
         reply = self.scripts[role](messages, n)
@@ -94,5 +96,5 @@ class ScriptedFakeVLM(VLMBackend):
             text=text,
             usage=Usage(prompt_tokens=10, completion_tokens=5),
             model="fake",
-            constrained=True,
+            constrained=json_schema is not None,
         )

@@ -4,7 +4,8 @@ The checkpoint has the real architecture (vision tower with window attention, M-
 decoder), a real byte-level BPE tokenizer with Qwen's special tokens and chat template, and a
 real Qwen2-VL image processor, all a few megabytes. Its weights are random, so its text is
 noise: it exists to exercise the plumbing (chat templates, image processing, generation,
-constrained decoding, the OpenAI-compatible server) in tests and benchmarks, not to answer.
+constrained decoding, the OpenAI-compatible server, vLLM's CPU engine) in tests and
+benchmarks, not to answer.
 
     >>> from medloupe.testing.tiny_model import build_tiny_qwen2_5_vl
     >>> path = build_tiny_qwen2_5_vl("/tmp/tiny-qwen")  # doctest: +SKIP
@@ -43,6 +44,9 @@ CHAT_TEMPLATE = (
 )
 
 
+MAX_POSITIONS = 32768  # context of the model and its tokenizer (vLLM reads both)
+
+
 def build_tiny_qwen2_5_vl(path: str | Path, *, seed: int = 0) -> Path:
     """Write a tiny random Qwen2.5-VL model, tokenizer and processor to ``path``.
 
@@ -79,7 +83,7 @@ def build_tiny_qwen2_5_vl(path: str | Path, *, seed: int = 0) -> Path:
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
-        model_max_length=4096,
+        model_max_length=MAX_POSITIONS,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     ids: dict[str, int] = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in SPECIAL_TOKENS}  # type: ignore[arg-type]
@@ -102,20 +106,22 @@ def build_tiny_qwen2_5_vl(path: str | Path, *, seed: int = 0) -> Path:
         chat_template=CHAT_TEMPLATE,
     )
 
-    hidden, heads = 64, 4
+    # Text head_dim 64 (hidden 128 / 2 heads, 1 KV head): vLLM's CPU attention supports
+    # head_dim 32, 64, 80, 96, 112, 128, ... (not 16); mrope_section sums to head_dim / 2.
+    hidden, heads = 128, 2
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": vocab_size,
             "hidden_size": hidden,
-            "intermediate_size": 128,
+            "intermediate_size": 256,
             "num_hidden_layers": 2,
             "num_attention_heads": heads,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": MAX_POSITIONS,
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 1_000_000.0,
-                "mrope_section": [2, 3, 3],  # sums to head_dim / 2 = 8
+                "mrope_section": [8, 12, 12],  # sums to head_dim / 2 = 32
             },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
@@ -123,8 +129,8 @@ def build_tiny_qwen2_5_vl(path: str | Path, *, seed: int = 0) -> Path:
         },
         vision_config={
             "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 128,
             "num_heads": 2,
             "patch_size": patch,
             "spatial_merge_size": merge,
