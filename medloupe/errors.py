@@ -13,7 +13,7 @@ class MedloupeError(Exception):
     """Base class of every error medloupe raises on purpose."""
 
 
-class InputError(MedloupeError):
+class InputError(MedloupeError, ValueError):
     """The user gave something medloupe cannot use (CLI exit code 2)."""
 
 

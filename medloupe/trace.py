@@ -1,9 +1,13 @@
 """Durable run traces in SQLite, exported as ``trace.json``.
 
 Every node entry and exit, tool call, model call, retrieval and rethink round is one row of
-``events`` in ``<run>/trace.sqlite``, committed as it happens (WAL journal), so a killed run
-keeps everything recorded up to the kill. :func:`export_trace` writes the documented
-``trace.json`` (schema: :class:`TraceDocument`, ``medloupe schema trace``).
+``events`` in ``<run>/trace.sqlite`` (WAL journal). :meth:`TraceRecorder.record` never blocks
+its caller (an event loop, under LangGraph's server too): it numbers the event, tells the
+listeners and hands the row to the recorder's writer thread, which commits rows in order as
+they come; reads (:meth:`~TraceRecorder.events`, :meth:`~TraceRecorder.meta`) wait for the
+rows queued before them. A killed process loses at most the rows still queued.
+:func:`export_trace` writes the documented ``trace.json`` (schema: :class:`TraceDocument`,
+``medloupe schema trace``).
 
 Only technical data is recorded: image records carry no DICOM patient elements, and tool
 arguments and outputs are the validated pydantic models.
@@ -11,7 +15,10 @@ arguments and outputs are the validated pydantic models.
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -24,6 +31,8 @@ from pydantic import BaseModel, Field
 from medloupe.artifacts import strict_json
 from medloupe.errors import RunStateError
 from medloupe.reviews import load_reviews
+
+log = logging.getLogger(__name__)
 
 EventKind = Literal[
     "run_start",
@@ -136,7 +145,9 @@ def events_after(path: str | Path, after: int = 0, limit: int = 500) -> list[Tra
 
 
 class TraceRecorder:
-    """Appends events to a run's SQLite trace; thread-safe; notifies listeners.
+    """Appends events to a run's SQLite trace from any thread without blocking; notifies
+    listeners (see the module docstring). Opening it does file I/O: from async code, open it
+    in a worker thread.
 
     Args:
         path: the ``trace.sqlite`` file (created if absent).
@@ -151,13 +162,51 @@ class TraceRecorder:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(_SCHEMA)
+            last = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             raise RunStateError(
                 f"the trace {self.path} is not a readable trace database ({exc}); "
                 "the run's events cannot be shown or extended"
             ) from None
+        self._seq = itertools.count(int(last) + 1)  # next() is atomic: numbers in any thread
+        self._rows: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | threading.Event | None] = (
+            queue.SimpleQueue()
+        )
+        self._writer: threading.Thread | None = None
+        self._start = threading.Lock()
         self._listeners: list[Listener] = []
+
+    def _submit(self, sql: str, params: tuple[Any, ...]) -> None:
+        if self._writer is None:
+            with self._start:
+                if self._writer is None:
+                    self._writer = threading.Thread(
+                        target=self._write_rows, name=f"trace-{self.path.parent.name}", daemon=True
+                    )
+                    self._writer.start()
+        self._rows.put((sql, params))
+
+    def _write_rows(self) -> None:
+        while True:
+            item = self._rows.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            try:
+                with self._lock:
+                    self._conn.execute(*item)
+            except sqlite3.Error as exc:
+                log.error("trace %s: an event could not be written (%s)", self.path, exc)
+
+    def flush(self) -> None:
+        """Wait until every row recorded so far is written (blocks: not on an event loop)."""
+        if self._writer is not None and self._writer.is_alive():
+            done = threading.Event()
+            self._rows.put(done)
+            done.wait()
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener`` for each new event; returns an unsubscribe function."""
@@ -165,15 +214,15 @@ class TraceRecorder:
         return lambda: self._listeners.remove(listener)
 
     def set_meta(self, **values: Any) -> None:
-        with self._lock:
-            for key, value in values.items():
-                self._conn.execute(
-                    "INSERT INTO meta(key, value) VALUES(?, ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                    (key, strict_json(value)),
-                )
+        for key, value in values.items():
+            self._submit(
+                "INSERT INTO meta(key, value) VALUES(?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, strict_json(value)),
+            )
 
     def meta(self) -> dict[str, Any]:
+        self.flush()
         with self._lock:
             rows = self._conn.execute("SELECT key, value FROM meta").fetchall()
         return {k: json.loads(v) for k, v in rows}
@@ -188,28 +237,34 @@ class TraceRecorder:
         duration_ms: float | None = None,
         **payload: Any,
     ) -> TraceEvent:
-        """Append one event (committed before returning)."""
+        """Append one event (numbered now, written by the writer thread)."""
         ts = time.time()
         body = strict_json(payload)
-        with self._lock:
-            cur = self._conn.execute(
-                "INSERT INTO events(ts, kind, node, name, status, duration_ms, payload) "
-                "VALUES(?, ?, ?, ?, ?, ?, ?)",
-                (ts, kind, node, name, status, duration_ms, body),
-            )
-            seq = int(cur.lastrowid or 0)
+        seq = next(self._seq)
+        self._submit(
+            "INSERT INTO events(seq, ts, kind, node, name, status, duration_ms, payload) "
+            "VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, ts, kind, node, name, status, duration_ms, body),
+        )
         event = _to_event((seq, ts, kind, node, name, status, duration_ms, body))
         for listener in list(self._listeners):
             listener(event)
         return event
 
     def events(self, kinds: set[str] | None = None) -> list[TraceEvent]:
+        """Every event so far (blocks until the queued ones are written)."""
+        self.flush()
         with self._lock:
             rows = self._conn.execute(_SELECT_EVENTS + " ORDER BY seq").fetchall()
         out = [_to_event(r) for r in rows]
         return [e for e in out if kinds is None or e.kind in kinds]
 
     def close(self) -> None:
+        """Write what is queued, stop the writer thread and close the database."""
+        if self._writer is not None:
+            self._rows.put(None)
+            self._writer.join()
+            self._writer = None
         with self._lock:
             self._conn.close()
 

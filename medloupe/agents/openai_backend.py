@@ -304,8 +304,12 @@ class OpenAIBackend(VLMBackend):
                 raise ModelNotFoundError(
                     f"{self.base_url} serves {models or 'no models right now'}; name one in "
                     f"the spec: openai:{self.base_url}#MODEL"
-                    + ("" if models else " (a server that loads models on demand, such as "
-                       "`transformers serve`, needs the name)")
+                    + (
+                        ""
+                        if models
+                        else " (a server that loads models on demand, such as "
+                        "`transformers serve`, needs the name)"
+                    )
                 )
             self.model = models[0]
         elif not models:
@@ -336,9 +340,13 @@ class OpenAIBackend(VLMBackend):
         are tiled into one picture (said in a text part), none sent to a server taking none."""
         images = [p.artifact for m in messages for p in m.content if isinstance(p, ImagePart)]
         limit = self._max_images
-        keep, tiled = (images, []) if limit is None or len(images) <= limit else (
-            images[: max(0, limit - 1)],
-            images[max(0, limit - 1) :] if limit > 0 else [],
+        keep, tiled = (
+            (images, [])
+            if limit is None or len(images) <= limit
+            else (
+                images[: max(0, limit - 1)],
+                images[max(0, limit - 1) :] if limit > 0 else [],
+            )
         )
         out = []
         for m in messages:
@@ -472,7 +480,6 @@ class OpenAIBackend(VLMBackend):
             model=str(body.get("model") or self.model or ""),
             constrained=json_schema is not None,
         )
-
 
     def _refused(self, status: int, text: str, with_schema: bool) -> None:
         """Raise the error a refusal means (schema refused, context too long, credentials,

@@ -262,6 +262,7 @@ async def rethink(
     passages: list[Evidence],
 ) -> tuple[RethinkDecision, Generation]:
     """Second look: the whole image with boxes drawn, the zoomed crops, the passages."""
+
     def text(level: int) -> str:
         return prompts.render(
             "rethink",

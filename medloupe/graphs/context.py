@@ -10,9 +10,10 @@ runtime context every node receives.
   Python API, the service and LangGraph's server).
 - :func:`build_context` is the only place a :class:`RunContext` is made: from a run's
   artifact store and trace, the resources and the settings.
-- :func:`default_context` is the context of a graph run that was given none (LangGraph's
-  server and Studio): from the settings and the thread id; artifacts and the trace of each
-  thread live in ``<home>/threads/<thread_id>/``.
+- :class:`ContextInput` is what a caller of the compiled graph may give as context instead
+  (LangGraph's server and Studio always pass one, often ``{}``): the VLM and KB by name.
+  :func:`default_context` builds the run context from it, the settings and the thread id;
+  artifacts and the trace of each thread live in ``<home>/threads/<thread_id>/``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import TypedDict
+
 from medloupe.agents.protocol import VLMBackend, load_backend, resolve_vlm
 from medloupe.artifacts import ArtifactStore
 from medloupe.config import Settings
+from medloupe.errors import InputError
 from medloupe.knowledge_base import open_knowledge_base
 from medloupe.knowledge_base.protocol import Retriever
 from medloupe.knowledge_base.tool import registry_with_retriever
@@ -179,26 +183,70 @@ def thread_dir_name(thread_id: str) -> str:
     return "t-" + hashlib.sha256(thread_id.encode()).hexdigest()[:24]
 
 
-@contextmanager
-def default_context(config: dict[str, Any] | None = None) -> Iterator[RunContext]:
-    """The context of the current LangGraph thread, from the settings; its trace is closed
-    after.
+class ContextInput(TypedDict, total=False):
+    """The diagnose graph's context as a caller of the compiled graph gives it (LangGraph's
+    server, Studio's context form); every key optional, ``{}`` or none: the settings'.
+
+    Attributes:
+        vlm: backend spec (``openai:URL#MODEL``, ``hf:PATH``, ``mini:``, or ``none``).
+        kb: knowledge base (``default`` or a folder; ``none``: no KB).
+    """
+
+    vlm: str
+    kb: str
+
+
+def context_resources(context: dict[str, Any], settings: Settings) -> ResourceSpec:
+    """The resources a :class:`ContextInput` names (the settings' where it names none).
+
+    Raises:
+        InputError: a key the context does not take, or a value that is not a string.
+    """
+    unknown = sorted(set(context) - set(ContextInput.__annotations__))
+    if unknown:
+        raise InputError(
+            f"the diagnose graph's context takes {', '.join(ContextInput.__annotations__)}; "
+            f"not {', '.join(unknown)}"
+        )
+    for key, value in context.items():
+        if not isinstance(value, str):
+            raise InputError(f"context {key!r} must be a string, not {type(value).__name__}")
+    kb = context.get("kb", settings.kb)
+    return resolve_resources(context.get("vlm"), None if kb in (None, "none") else kb, settings)
+
+
+def open_default_context(
+    config: dict[str, Any], context: dict[str, Any] | None = None
+) -> RunContext:
+    """The run context of a LangGraph thread from a :class:`ContextInput` (blocking: loads
+    the shared resources once per process and opens the thread's trace; close it with
+    ``ctx.trace.close()``).
 
     Args:
-        config: the runnable config (default: LangGraph's current one); its
-            ``configurable.thread_id`` names the thread directory.
+        config: the runnable config; its ``configurable.thread_id`` names the thread folder.
+        context: the caller's context (``None`` or ``{}``: the settings').
     """
-    if config is None:
-        from langgraph.config import get_config
-
-        config = dict(get_config())
     configurable = config.get("configurable") or {}
     thread_id = str(configurable.get("thread_id") or config.get("run_id") or "default")
     settings = Settings.from_env()
     root = settings.home / "threads" / thread_dir_name(thread_id)
-    resources = shared_resources(resolve_resources(None, settings.kb, settings))
+    resources = shared_resources(context_resources(dict(context or {}), settings))
     trace = TraceRecorder(root / "trace.sqlite")
+    return build_context(ArtifactStore(root), trace, resources, settings)
+
+
+@contextmanager
+def default_context(
+    config: dict[str, Any] | None = None, context: dict[str, Any] | None = None
+) -> Iterator[RunContext]:
+    """:func:`open_default_context` as a context manager (default config: LangGraph's
+    current one); its trace is closed after."""
+    if config is None:
+        from langgraph.config import get_config
+
+        config = dict(get_config())
+    ctx = open_default_context(config, context)
     try:
-        yield build_context(ArtifactStore(root), trace, resources, settings)
+        yield ctx
     finally:
-        trace.close()
+        ctx.trace.close()

@@ -6,24 +6,30 @@
 in the run directory, so every question is its own thread and a killed run resumes.
 
 Dependencies arrive in :class:`~medloupe.graphs.context.RunContext` (LangGraph runtime
-context, built by :func:`~medloupe.graphs.context.build_context`); when none is given
-(LangGraph's server), each node uses :func:`~medloupe.graphs.context.default_context`. The
-nodes are plain async functions of :mod:`medloupe.graphs.nodes`; this file wires them.
+context, built by :func:`~medloupe.graphs.context.build_context`). A caller of the compiled
+graph (LangGraph's server, Studio) gives a :class:`~medloupe.graphs.context.ContextInput`
+instead, usually ``{}``: each node then opens the thread's context from it and the settings
+(:func:`~medloupe.graphs.context.open_default_context`, in a worker thread: nothing blocks the
+event loop). The nodes are plain async functions of :mod:`medloupe.graphs.nodes`; this file
+wires them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
+from langgraph.config import get_config
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
+from medloupe.errors import InputError
 from medloupe.graphs import nodes
-from medloupe.graphs.context import RunContext, default_context
+from medloupe.graphs.context import ContextInput, RunContext, open_default_context
 from medloupe.graphs.evidence import options
-from medloupe.graphs.state import InputState, State
+from medloupe.graphs.state import InputState, OutputState, State
 
 NodeFn = Callable[[State, RunContext], Awaitable[dict[str, Any]]]
 
@@ -33,17 +39,20 @@ def traced(
 ) -> Callable[[State, Runtime[RunContext]], Awaitable[dict[str, Any]]]:
     """Wrap a node so that its entry and exit (or error) are recorded in the trace."""
 
-    async def node(state: State, runtime: Runtime[RunContext]) -> dict[str, Any]:
-        if isinstance(runtime.context, RunContext):
-            return await run(state, runtime.context)
-        if runtime.context is not None:
-            raise TypeError(
-                "the diagnose graph's runtime context must be a medloupe RunContext, not "
-                f"{type(runtime.context).__name__}; pass none to use the default context "
-                "(medloupe.graphs.context.default_context)"
+    async def node(state: State, runtime: Runtime[Any]) -> dict[str, Any]:
+        given = runtime.context
+        if isinstance(given, RunContext):
+            return await run(state, given)
+        if given is not None and not isinstance(given, dict):
+            raise InputError(
+                "the diagnose graph's context is a medloupe RunContext or a dict of "
+                f"{', '.join(ContextInput.__annotations__)}, not {type(given).__name__}"
             )
-        with default_context() as ctx:
+        ctx = await asyncio.to_thread(open_default_context, dict(get_config()), given)
+        try:
             return await run(state, ctx)
+        finally:
+            await asyncio.to_thread(ctx.trace.close)
 
     async def run(state: State, ctx: RunContext) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -100,9 +109,13 @@ def route_after_rethink(state: State) -> Literal["plan", "answer"]:
     return "plan"
 
 
-def build() -> StateGraph[State, RunContext, InputState, State]:
-    """The uncompiled graph (compile it with your checkpointer)."""
-    b = StateGraph(State, context_schema=RunContext, input_schema=InputState)
+def build() -> StateGraph[State, Any, InputState, OutputState]:
+    """The uncompiled graph (compile it with your checkpointer). Its context schema is
+    :class:`~medloupe.graphs.context.ContextInput` (what a server caller may give); medloupe's
+    runner passes a built :class:`~medloupe.graphs.context.RunContext`."""
+    b = StateGraph(
+        State, context_schema=ContextInput, input_schema=InputState, output_schema=OutputState
+    )
     for name, fn in (
         ("intake", nodes.intake),
         ("think", nodes.think),

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from langgraph.types import interrupt
+from langgraph.types import Overwrite, interrupt
 
 from medloupe.agents import roles
 from medloupe.agents.composer import (
@@ -19,7 +19,7 @@ from medloupe.agents.composer import (
     uninformative_image,
 )
 from medloupe.agents.protocol import DEFAULT_CROP_SIDE
-from medloupe.errors import ModelReplyError, ToolArgumentsError, UnknownToolError
+from medloupe.errors import InputError, ModelReplyError, ToolArgumentsError, UnknownToolError
 from medloupe.graphs.context import RunContext
 from medloupe.graphs.evidence import (
     call_tool,
@@ -34,6 +34,7 @@ from medloupe.graphs.evidence import (
 )
 from medloupe.graphs.state import State
 from medloupe.io.intake import ingest_image, read_input
+from medloupe.io.records import ImageRecord
 from medloupe.knowledge_base.tool import crop_for_query, figure_artifact
 from medloupe.overlay import draw_overlay
 from medloupe.schemas import (
@@ -52,18 +53,54 @@ from medloupe.version import __version__
 CROP_MARGIN = 0.25  # context around each region the rethinker sees, share of the box size
 
 
+# What a new question on a thread that answered one starts without (reducers bypassed).
+FRESH_QUESTION: dict[str, Any] = {
+    "evidence": Overwrite([]),
+    "passages": Overwrite([]),
+    "rethinks": Overwrite([]),
+    "notes": Overwrite([]),
+    "draft": {},
+    "plan": {},
+    "answer": None,
+    "current_answer": None,
+    "current_confidence": 0.0,
+    "needs_more": False,
+    "over_budget": False,
+}
+
+
 async def intake(state: State, ctx: RunContext) -> dict[str, Any]:
-    """Take in the image: use the ingested record, or read ``image_path`` and store it."""
-    update: dict[str, Any] = {"started_at": state.get("started_at") or ctx.clock(), "step": 0}
-    rec = state.get("image")
-    if rec and rec.get("display_artifact") and ctx.store.exists(rec["display_artifact"]):
-        return update
-    if not state.get("image_path"):
-        raise ValueError("the input needs `image` (an ingested record) or `image_path`")
-    loaded = await asyncio.to_thread(
-        read_input, Path(state["image_path"]), options(state), ctx.settings.max_pixels
+    """Take in the image: use the ingested record, or read ``image_path`` and store it. On a
+    thread that holds an earlier question's work, start the new question afresh."""
+    earlier = bool(
+        state.get("answer") or state.get("evidence") or state.get("rethinks") or state.get("draft")
     )
-    update["image"] = ingest_image(loaded, ctx.store).model_dump(mode="json")
+    update: dict[str, Any] = {
+        **(FRESH_QUESTION if earlier else {}),
+        "started_at": ctx.clock() if earlier else state.get("started_at") or ctx.clock(),
+        "step": 0,
+    }
+    rec, path = state.get("image"), state.get("image_path")
+    same_image = not path or path == state.get("image_source")
+    if (
+        rec
+        and same_image
+        and rec.get("display_artifact")
+        and await asyncio.to_thread(ctx.store.exists, rec["display_artifact"])
+    ):
+        return update
+    if not path:
+        raise InputError(
+            "the input needs `image_path` (a PNG, JPEG, DICOM or NIfTI file) or `image` "
+            "(an ingested record)"
+        )
+
+    def ingest() -> dict[str, Any]:
+        loaded = read_input(Path(path), options(state), ctx.settings.max_pixels)
+        return ingest_image(loaded, ctx.store).model_dump(mode="json")
+
+    update["image"] = await asyncio.to_thread(ingest)
+    update["image_source"] = path
     return update
 
 
@@ -202,21 +239,16 @@ async def retrieve(state: State, ctx: RunContext) -> dict[str, Any]:
     boxes = regions_to_examine(state, draft)
     crop = None
     if boxes:
-        crop = crop_for_query(ToolContext(image=image_of(state), store=ctx.store).rgb(), boxes[0])
+        tctx = ToolContext(image=image_of(state), store=ctx.store)
+        crop = await asyncio.to_thread(lambda: crop_for_query(tctx.rgb(), boxes[0]))
     t0 = time.perf_counter()
     passages = await ctx.retriever.search(query, image=crop, k=5)
+    figures = await asyncio.to_thread(lambda: [figure_artifact(ctx.store, p) for p in passages])
     items = {
         f"ev-passage-{p.id}": passage_evidence(
-            step,
-            p.id,
-            p.document,
-            p.section,
-            p.page,
-            p.text,
-            p.score,
-            figure_artifact(ctx.store, p),
+            step, p.id, p.document, p.section, p.page, p.text, p.score, figure
         )
-        for p in passages
+        for p, figure in zip(passages, figures, strict=True)
     }
     for ev in evidence_of(state):
         if ev.tool == "search_knowledge" and ev.status == "ok" and ev.output:
@@ -250,6 +282,18 @@ async def retrieve(state: State, ctx: RunContext) -> dict[str, Any]:
     return {"passages": [e.model_dump(mode="json") for e in fresh]}
 
 
+def _crop_args(image: ImageRecord, ctx: RunContext) -> dict[str, Any]:
+    """The ``crop`` arguments of the second look: zoomed to the model's preferred side, CT/MR
+    crops re-windowed to their own values (DICOM/NIfTI modality values)."""
+    side = ctx.vlm.profile.preferred_image_side if ctx.vlm else DEFAULT_CROP_SIDE
+    local = image.modality in ("CT", "MR") and image.raw_artifact
+    return {
+        "margin": CROP_MARGIN,
+        "zoom_to": max(64, min(side, 2048)),
+        "window": "local" if local else "display",
+    }
+
+
 async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
     """Look again at cropped regions, with the evidence and passages beside them."""
     image = image_of(state)
@@ -259,15 +303,7 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
     tctx = ToolContext(image=image, store=ctx.store)
     crops: list[Evidence] = []
     if "crop" in ctx.registry:
-        side = ctx.vlm.profile.preferred_image_side if ctx.vlm else DEFAULT_CROP_SIDE
-        crop_args: dict[str, Any] = {
-            "margin": CROP_MARGIN,
-            "zoom_to": max(64, min(side, 2048)),
-            # CT/MR: re-window each crop to its own values (DICOM/NIfTI modality values)
-            "window": "local"
-            if image.modality in ("CT", "MR") and image.raw_artifact
-            else "display",
-        }
+        crop_args = _crop_args(image, ctx)
         crops = list(
             await asyncio.gather(
                 *(
@@ -284,7 +320,9 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
     decision: RethinkDecision | None = None
     if ctx.vlm is not None:
         regions = [Region(id=f"roi-{i}", box_xyxy=b, label=str(i + 1)) for i, b in enumerate(boxes)]
-        overview = ctx.store.put_png(draw_overlay(tctx.rgb(), regions), kind="overlay")
+        overview = await asyncio.to_thread(
+            lambda: ctx.store.put_png(draw_overlay(tctx.rgb(), regions), kind="overlay")
+        )
         try:
             decision, gen = await roles.rethink(
                 ctx.vlm,
@@ -424,7 +462,7 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
             vlm_problem=notes[-1] if ctx.vlm is not None and notes else None,
         )
     timings: dict[str, float] = {}
-    for ev in ctx.trace.events({"node_end"}):
+    for ev in await asyncio.to_thread(ctx.trace.events, {"node_end"}):
         if ev.node and ev.duration_ms is not None:
             timings[ev.node] = timings.get(ev.node, 0.0) + ev.duration_ms
     timings["total"] = (ctx.clock() - state.get("started_at", ctx.clock())) * 1000.0

@@ -3,11 +3,16 @@
 
 State values are JSON-serialisable dicts (pydantic models dumped with ``mode="json"``): image
 records with artifact ids, boxes, evidence items. Arrays never enter state.
+
+The TypedDicts come from ``typing_extensions`` so that pydantic can build their JSON schemas on
+Python 3.11 (LangGraph's server serves them: Studio's input form).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, NotRequired, TypedDict
+from typing import Annotated, Any, NotRequired
+
+from typing_extensions import TypedDict
 
 
 def merge_by_id(
@@ -26,18 +31,30 @@ def append(left: list[Any] | None, right: list[Any] | None) -> list[Any]:
 
 
 class InputState(TypedDict):
-    """What a caller gives: a question and either an ingested image record or a path."""
+    """What a caller gives: a question and either an image path or an ingested image record.
+
+    A new input on a thread that answered a question starts a new question: intake clears
+    the previous one's evidence, passages, rethink rounds, notes and answer.
+    """
 
     question: str
-    image: NotRequired[dict[str, Any]]  # ImageRecord dump with artifact ids (preferred)
-    image_path: NotRequired[str]  # read at intake when ``image`` is absent
+    image_path: NotRequired[str]  # PNG/JPEG/DICOM/NIfTI file, read at intake
+    image: NotRequired[dict[str, Any]]  # ImageRecord dump with artifact ids (medloupe's runner)
     options: NotRequired[dict[str, Any]]  # medloupe.options.RunOptions, validated at intake
+
+
+class OutputState(TypedDict):
+    """What a run returns: the grounded answer and the run's notes (degradations)."""
+
+    answer: NotRequired[dict[str, Any]]  # medloupe.schemas.GroundedAnswer
+    notes: NotRequired[list[str]]
 
 
 class State(InputState):
     """Full state. Reducers: evidence and passages merge by id; rounds and notes append."""
 
     started_at: NotRequired[float]
+    image_source: NotRequired[str]  # the image_path ``image`` was read from
     draft: NotRequired[dict[str, Any]]  # Draft
     plan: NotRequired[dict[str, Any]]  # Plan (the current round's)
     step: NotRequired[int]  # completed plan-act rounds
@@ -48,5 +65,5 @@ class State(InputState):
     current_confidence: NotRequired[float]
     needs_more: NotRequired[bool]
     over_budget: NotRequired[bool]  # the time budget ran out (read from the context's clock)
-    answer: NotRequired[dict[str, Any]]  # GroundedAnswer
+    answer: NotRequired[dict[str, Any] | None]  # GroundedAnswer (None: not answered yet)
     notes: Annotated[list[str], append]

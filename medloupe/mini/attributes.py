@@ -64,6 +64,8 @@ ANSWERS: dict[str, dict[str, frozenset[str]]] = {
 }
 # attribute -> every answer that means one of its values
 _ALL = {attr: frozenset().union(*values.values()) for attr, values in ANSWERS.items()}
+
+
 @dataclass(frozen=True)
 class AttributeAnswer:
     """P(yes) for a question's claims and what it rests on (for the trace)."""

@@ -292,7 +292,6 @@ def train_mini(
     import shutil
     import tempfile
 
-
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".training-") as tmp:

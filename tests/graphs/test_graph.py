@@ -291,41 +291,6 @@ def test_compiled_graph_is_exported_for_langgraph() -> None:
     }
 
 
-def test_compiled_graph_runs_without_a_context_like_langgraph_server(
-    settings: Settings, chest_dcm: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """LangGraph's server gives JSON input and a thread id, no RunContext: the nodes build the
-    default context from the environment, keyed by the thread."""
-    from medloupe.graphs.diagnose import graph
-    from medloupe.schemas import GroundedAnswer
-    from medloupe.trace import read_trace
-
-    monkeypatch.delenv("MEDLOUPE_VLM", raising=False)
-    monkeypatch.delenv("MEDLOUPE_KB", raising=False)
-    out = asyncio.run(
-        graph.ainvoke(
-            {"question": "What body part is imaged?", "image_path": str(chest_dcm)},
-            {"configurable": {"thread_id": "studio-1"}},
-        )
-    )
-    answer = GroundedAnswer.model_validate(out["answer"])
-    assert answer.claims and not answer.abstained
-    thread = settings.home / "threads" / "studio-1"
-    assert (thread / "artifacts" / out["image"]["display_artifact"]).is_file()
-    doc = read_trace(thread, "studio-1")
-    started = [e.node for e in doc.events if e.kind == "node_start"]
-    assert started[:3] == ["intake", "think", "plan"] and started[-1] == "answer"
-    assert any(e.kind == "tool_call" for e in doc.events)
-    with pytest.raises(TypeError, match="RunContext"):
-        asyncio.run(
-            graph.ainvoke(
-                {"question": "q", "image_path": str(chest_dcm)},
-                {"configurable": {"thread_id": "x"}},
-                context={"store": "nope"},  # type: ignore[arg-type]
-            )
-        )
-
-
 def test_an_uninformative_image_gets_no_confident_answer(
     settings: Settings, ct_dcm: Path, tmp_path: Path
 ) -> None:
