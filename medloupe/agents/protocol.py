@@ -249,11 +249,7 @@ class VLMBackend(ABC):
                     model=comp.model,
                     attempts=attempt + 1,
                 )
-            if (
-                constrained
-                and comp.finish_reason != "length"
-                and (not comp.constrained or not shaped_like(comp.text, json_schema or {}))
-            ):
+            if constrained and not _obeyed(comp, json_schema or {}):
                 # the server ignored the constraint: spell the schema out from now on
                 log.warning(
                     "%s: a reply requested under a JSON schema is not shaped by it (the server "
@@ -312,6 +308,14 @@ class VLMBackend(ABC):
         roles differently overrides this and reads ``request``.
         """
         return await self.generate(messages, store=store, schema=schema)
+
+
+def _obeyed(comp: Completion, json_schema: dict[str, Any]) -> bool:
+    """Whether a reply requested under ``json_schema`` was decoded under it: it starts as a
+    JSON object (cut off or not) and, when complete, has the schema's required keys."""
+    if not comp.constrained or not comp.text.lstrip().startswith("{"):
+        return False
+    return comp.finish_reason == "length" or shaped_like(comp.text, json_schema)
 
 
 def resolve_vlm(spec: str | None, settings: Settings | None = None) -> tuple[str | None, bool]:

@@ -462,8 +462,9 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
             vlm_problem=notes[-1] if ctx.vlm is not None and notes else None,
         )
     timings: dict[str, float] = {}
+    started = state.get("started_at", 0.0)  # this question's (a thread may hold earlier ones)
     for ev in await asyncio.to_thread(ctx.trace.events, {"node_end"}):
-        if ev.node and ev.duration_ms is not None:
+        if ev.node and ev.duration_ms is not None and ev.ts >= started:
             timings[ev.node] = timings.get(ev.node, 0.0) + ev.duration_ms
     timings["total"] = (ctx.clock() - state.get("started_at", ctx.clock())) * 1000.0
     provenance = Provenance(
