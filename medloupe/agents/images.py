@@ -141,5 +141,10 @@ def _decode(uri: str, max_bytes: int) -> tuple[Image.Image, bytes]:
             return im.convert("RGB"), raw
     except (binascii.Error, ValueError) as exc:
         raise InputError(f"image_url is not valid base64: {exc}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"image_url holds no decodable image: {exc}") from None
+    except UnidentifiedImageError:
+        raise InputError(
+            f"image_url holds no image PIL can decode ({len(raw)} bytes that are not PNG, "
+            "JPEG or another image format)"
+        ) from None
+    except OSError as exc:
+        raise InputError(f"image_url holds a damaged image: {exc}") from None

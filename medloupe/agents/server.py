@@ -1,9 +1,12 @@
 """An OpenAI-compatible server around any medloupe VLM backend (``medloupe serve-vlm``).
 
-Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (non-streaming; text and
-``image_url`` parts with base64 data URIs; ``response_format`` of type ``json_schema`` or
-``json_object`` when the backend can constrain decoding), ``GET /health``. Errors come back in
-OpenAI's shape, ``{"error": {"message", "type", "code"}}``.
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (text and ``image_url`` parts
+with base64 data URIs; ``response_format`` of type ``json_schema`` or ``json_object`` when the
+backend can constrain decoding; ``n`` choices; ``stop`` sequences; ``stream`` as server-sent
+``chat.completion.chunk`` events, with a usage chunk when ``stream_options.include_usage``; the
+reply is generated whole, then sent in chunks), ``GET /health``. Request bodies above
+``max_body_bytes`` (declared or streamed) get 413. Errors, on every route, come back in
+OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
 
 So a lab without vLLM can host a model with transformers and point agents at it with
 ``--vlm openai:http://HOST:PORT/v1#NAME``.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import tempfile
@@ -59,6 +63,16 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     response_format: dict[str, Any] | None = None
     stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(default=1, ge=1, le=8)
+    stop: str | list[str] | None = None
+    # accepted as OpenAI clients send them; a classifier or greedy decoder has no use for them
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    seed: int | None = None
+    user: str | None = None
+
+
+MAX_BODY_BYTES = 48 * 1024 * 1024  # a 32 MiB image as base64, and the rest of the request
 
 
 def default_served_name(model: str) -> str:
@@ -67,12 +81,84 @@ def default_served_name(model: str) -> str:
     return path.name if path.is_dir() else model
 
 
+def _error_body(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
 def _error(status: int, message: str, kind: str, code: str | None = None) -> Any:
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(
-        status_code=status, content={"error": {"message": message, "type": kind, "code": code}}
-    )
+    return JSONResponse(status_code=status, content=_error_body(message, kind, code))
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``limit`` bytes, whether declared by
+    ``Content-Length`` or streamed (chunked), before the app reads it whole."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        seen = 0
+        started = False
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def watch(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, watch)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps(
+            _error_body(
+                f"request body larger than {self.limit} bytes",
+                "invalid_request_error",
+                "request_too_large",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _cut(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
+    """``text`` up to the first stop sequence; whether one was found."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    cuts = [i for s in stops if s and (i := text.find(s)) != -1]
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def create_app(
@@ -81,12 +167,15 @@ def create_app(
     served_name: str,
     max_tokens_limit: int = 4096,
     store_dir: Path | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> Any:
     """A FastAPI app serving ``backend`` (its :meth:`~VLMBackend.complete`)
     under the model name ``served_name``. Images of requests are kept, content-addressed, in
     ``store_dir`` (default: a temporary folder removed when the app shuts down)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import StreamingResponse
+    from starlette.exceptions import HTTPException
 
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if store_dir is None:
@@ -101,6 +190,18 @@ def create_app(
             tmp.cleanup()
 
     app = FastAPI(title="medloupe serve-vlm", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> Any:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = (
+            f"no route {request.method} {request.url.path}; this server has GET /v1/models, "
+            "POST /v1/chat/completions and GET /health"
+            if exc.status_code in (404, 405)
+            else str(exc.detail)
+        )
+        return _error(exc.status_code, message, kind)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Any:
@@ -129,48 +230,108 @@ def create_app(
                 "invalid_request_error",
                 "model_not_found",
             )
-        if req.stream:
-            return _error(400, "stream=true is not supported", "invalid_request_error")
         try:
             json_schema = _requested_schema(req.response_format, backend.profile.supports_schema)
         except _Refusal as exc:
             return _error(400, exc.message, "invalid_request_error", exc.code)
         max_tokens = min(req.max_completion_tokens or req.max_tokens or 512, max_tokens_limit)
         try:
-            messages = await asyncio.to_thread(_to_messages, req.messages, store)
-            comp = await backend.complete(
-                messages,
-                store=store,
-                json_schema=json_schema,
-                max_tokens=max_tokens,
-                temperature=req.temperature,
-            )
+            choices, usage = await _choices(backend, store, req, json_schema, max_tokens)
         except InputError as exc:
             return _error(400, str(exc), "invalid_request_error")
         except BackendError as exc:
             log.error("generation failed: %s", exc)
             return _error(500, str(exc), "server_error")
-        usage = {
-            "prompt_tokens": comp.usage.prompt_tokens,
-            "completion_tokens": comp.usage.completion_tokens,
-            "total_tokens": comp.usage.prompt_tokens + comp.usage.completion_tokens,
-        }
-        return {
+        head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
             "created": int(time.time()),
             "model": served_name,
+        }
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(
+                _chunks(head, choices, usage if include_usage else None),
+                media_type="text/event-stream",
+            )
+        return {
+            **head,
+            "object": "chat.completion",
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": comp.text},
-                    "finish_reason": comp.finish_reason,
+                    "index": c["index"],
+                    "message": {"role": "assistant", "content": c["text"]},
+                    "finish_reason": c["finish_reason"],
                 }
+                for c in choices
             ],
             "usage": usage,
         }
 
     return app
+
+
+async def _choices(
+    backend: VLMBackend,
+    store: ArtifactStore,
+    req: ChatCompletionRequest,
+    json_schema: dict[str, Any] | None,
+    max_tokens: int,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """``req.n`` completions (cut at ``req.stop``) and their summed usage.
+
+    Raises:
+        InputError: the request's messages are unusable; BackendError: generation failed.
+    """
+    choices: list[dict[str, Any]] = []
+    prompt_tokens = completion_tokens = 0
+    messages = await asyncio.to_thread(_to_messages, req.messages, store)
+    for index in range(req.n):
+        comp = await backend.complete(
+            messages,
+            store=store,
+            json_schema=json_schema,
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+        )
+        text, stopped = _cut(comp.text, req.stop)
+        prompt_tokens = comp.usage.prompt_tokens  # the same prompt for every choice
+        completion_tokens += comp.usage.completion_tokens
+        finish = "stop" if stopped else comp.finish_reason
+        choices.append({"index": index, "text": text, "finish_reason": finish})
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    return choices, usage
+
+
+CHUNK_CHARS = 16  # characters of content per streamed chunk
+
+
+async def _chunks(
+    head: dict[str, Any], choices: list[dict[str, Any]], usage: dict[str, int] | None
+) -> Any:
+    """Server-sent ``chat.completion.chunk`` events of finished choices, then ``[DONE]``."""
+
+    def event(choices_part: list[dict[str, Any]], **extra: Any) -> str:
+        body = {**head, "object": "chat.completion.chunk", "choices": choices_part, **extra}
+        if usage is not None and "usage" not in extra:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}\n\n"
+
+    for c in choices:
+        i = c["index"]
+        yield event(
+            [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+        )
+        for start in range(0, len(c["text"]), CHUNK_CHARS):
+            piece = c["text"][start : start + CHUNK_CHARS]
+            yield event([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
+        yield event([{"index": i, "delta": {}, "finish_reason": c["finish_reason"]}])
+    if usage is not None:
+        yield event([], usage=usage)
+    yield "data: [DONE]\n\n"
 
 
 class _Refusal(Exception):

@@ -79,6 +79,11 @@ class TextEmbedder:
         )
         return int(get())
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` in the embedder's own tokenizer (special tokens included)."""
+        model = self._load()
+        return len(model.tokenizer(text)["input_ids"])
+
     def encode(
         self,
         texts: list[str],

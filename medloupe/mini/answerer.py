@@ -194,6 +194,10 @@ class MiniAnswerer:
     def meta(self) -> dict[str, Any]:
         return self._load().meta
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` as the answerer's question encoder reads it."""
+        return int(self._load().text.count_tokens(text))
+
     def predict(self, rgb: np.ndarray, question: str) -> Prediction:
         """Answer ``question`` about ``rgb`` (``(H, W, 3)`` uint8)."""
         import torch

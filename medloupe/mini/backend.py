@@ -98,9 +98,16 @@ class MiniBackend(VLMBackend):
         text = p.answer
         if json_schema is not None:
             text = json.dumps(fill_schema(json_schema, p.answer, p.confidence))
+        # what the classifier read: the question's tokens (its own encoder) and one image
+        usage = await asyncio.to_thread(
+            lambda: Usage(
+                prompt_tokens=self.answerer.count_tokens(question) + 1,
+                completion_tokens=self.answerer.count_tokens(p.answer),
+            )
+        )
         return Completion(
             text=text,
-            usage=Usage(prompt_tokens=0, completion_tokens=0),
+            usage=usage,
             model="medloupe-mini",
             constrained=json_schema is not None,
         )

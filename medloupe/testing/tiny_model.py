@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -47,31 +51,11 @@ CHAT_TEMPLATE = (
 MAX_POSITIONS = 32768  # context of the model and its tokenizer (vLLM reads both)
 
 
-def build_tiny_qwen2_5_vl(path: str | Path, *, seed: int = 0) -> Path:
-    """Write a tiny random Qwen2.5-VL model, tokenizer and processor to ``path``.
-
-    Args:
-        path: target folder (created; existing files are overwritten).
-        seed: torch seed for the random weights (the same seed gives the same model).
-
-    Returns:
-        ``path``, loadable with ``AutoProcessor`` / ``AutoModelForImageTextToText``.
-    """
-    import torch
+def _byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with the 256 byte symbols and no merges: every UTF-8 byte is a token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import PreTrainedTokenizerFast
 
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # Byte-level BPE with the 256 byte symbols and no merges: every UTF-8 byte is a token.
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -86,6 +70,32 @@ def build_tiny_qwen2_5_vl(path: str | Path, *, seed: int = 0) -> Path:
         model_max_length=MAX_POSITIONS,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_qwen2_5_vl(path: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random Qwen2.5-VL model, tokenizer and processor to ``path``.
+
+    Args:
+        path: target folder (created; existing files are overwritten).
+        seed: torch seed for the random weights (the same seed gives the same model).
+
+    Returns:
+        ``path``, loadable with ``AutoProcessor`` / ``AutoModelForImageTextToText``.
+    """
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = _byte_tokenizer()
     ids: dict[str, int] = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in SPECIAL_TOKENS}  # type: ignore[arg-type]
     vocab_size = 64 * ((len(tokenizer) + 63) // 64)
 
