@@ -33,6 +33,7 @@ from medloupe.agents.images import store_data_uri
 from medloupe.agents.messages import ChatMessage, ImagePart, TextPart
 from medloupe.agents.protocol import VLMBackend
 from medloupe.artifacts import ArtifactStore
+from medloupe.asgi import BodyLimit
 from medloupe.errors import BackendError, InputError
 
 log = logging.getLogger(__name__)
@@ -91,69 +92,6 @@ def _error(status: int, message: str, kind: str, code: str | None = None) -> Any
     return JSONResponse(status_code=status, content=_error_body(message, kind, code))
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a request body over ``limit`` bytes, whether declared by
-    ``Content-Length`` or streamed (chunked), before the app reads it whole."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send)
-            return
-        seen = 0
-        started = False
-
-        async def limited() -> Any:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return message
-
-        async def watch(message: Any) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited, watch)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
-
-    async def _refuse(self, send: Any) -> None:
-        body = json.dumps(
-            _error_body(
-                f"request body larger than {self.limit} bytes",
-                "invalid_request_error",
-                "request_too_large",
-            )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
-
-
 def _cut(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
     """``text`` up to the first stop sequence; whether one was found."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -190,7 +128,13 @@ def create_app(
             tmp.cleanup()
 
     app = FastAPI(title="medloupe serve-vlm", lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        limit=max_body_bytes,
+        error=lambda status, message: _error_body(
+            message, "invalid_request_error", "request_too_large" if status == 413 else None
+        ),
+    )
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> Any:

@@ -107,10 +107,17 @@ def parse_reply(text: str, schema: type[BaseModel]) -> BaseModel:
     try:
         return schema.model_validate(obj)
     except ValidationError as exc:
-        problems = "; ".join(
+        problems = validation_problems(exc)
+        raise ValueError(f"the JSON does not match {schema.__name__}: {problems}") from None
+
+
+def validation_problems(exc: ValueError) -> str:
+    """A validation error as ``field: message`` pairs (no pydantic URLs or input dumps)."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
         )
-        raise ValueError(f"the JSON does not match {schema.__name__}: {problems}") from None
+    return str(exc)
 
 
 def with_instruction(messages: list[ChatMessage], instruction: str) -> list[ChatMessage]:

@@ -19,6 +19,7 @@ from medloupe.agents.composer import (
     uninformative_image,
 )
 from medloupe.agents.protocol import DEFAULT_CROP_SIDE
+from medloupe.agents.structured import validation_problems
 from medloupe.errors import InputError, ModelReplyError, ToolArgumentsError, UnknownToolError
 from medloupe.graphs.context import RunContext
 from medloupe.graphs.evidence import (
@@ -450,7 +451,10 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
                 context={"evidence_ids": set(by_id)},
             )
         except ValueError as exc:
-            notes.append(f"the model's answer was rejected ({exc}); composed from evidence instead")
+            notes.append(
+                f"the model's answer was rejected ({validation_problems(exc)}); composed from "
+                "evidence instead"
+            )
             ctx.trace.record("note", node="answer", status="error", message=notes[-1])
     if result is None:
         result = compose_answer(

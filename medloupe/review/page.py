@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import html
 import io
 import json
@@ -485,6 +486,19 @@ def render_review_page(
 
 
 @functools.cache
+def content_security_policy() -> str:
+    """The review page's Content-Security-Policy: its one inline script allowed by hash,
+    nothing loaded from elsewhere, no framing."""
+    digest = hashlib.sha256(_asset_text("page.js").encode("utf-8")).digest()
+    script = "sha256-" + base64.b64encode(digest).decode("ascii")
+    return (
+        f"default-src 'self'; script-src '{script}'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'; "
+        "base-uri 'none'; form-action 'self'"
+    )
+
+
+@functools.lru_cache(maxsize=8)
 def _asset_text(name: str) -> str:
     """A file of the page shipped beside this module (``page.html``, ``.css``, ``.js``)."""
     return (Path(__file__).parent / name).read_text(encoding="utf-8")

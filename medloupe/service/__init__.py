@@ -7,9 +7,13 @@ builds a :class:`~medloupe.service.manager.RunManager` and the FastAPI app
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import os
+from collections.abc import Iterator
 
+from medloupe.asgi import TokenLogFilter
 from medloupe.config import Settings, env_name
 from medloupe.errors import InputError
 
@@ -36,8 +40,45 @@ def check_binding(host: str, token: str | None) -> None:
             "secret token (clients then send 'Authorization: Bearer <token>'), or bind "
             "127.0.0.1"
         )
-    if token is not None and len(token) < 16:
-        raise InputError(f"{TOKEN_ENV} is too short: use at least 16 random characters")
+    if token is not None and (
+        len(token) < 16 or any(c.isspace() for c in token) or len(set(token)) < 8
+    ):
+        raise InputError(
+            f"{TOKEN_ENV} is too weak: use at least 16 random characters without spaces "
+            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`)"
+        )
+
+
+@contextlib.contextmanager
+def home_lock(settings: Settings) -> Iterator[None]:
+    """Hold ``<home>/serve.lock`` while serving: a second ``medloupe serve`` on the same home
+    (which would run the first one's queued runs again) is refused.
+
+    Raises:
+        InputError: another server holds the home.
+    """
+    import fcntl
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    path = settings.home / "serve.lock"
+    with path.open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise InputError(
+                f"another medloupe serve ({holder}) uses {settings.home}; stop it, or give this "
+                f"one its own {env_name('home')}"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def serve(
@@ -69,7 +110,9 @@ def serve(
     manager = RunManager(settings, workers=workers, queue_size=queue_size, resources=resources)
     app = create_app(manager, token=token, max_upload_bytes=settings.max_upload_bytes)
     log.info("medloupe serve on http://%s:%d (runs in %s)", host, port, settings.runs_dir)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    logging.getLogger("uvicorn.access").addFilter(TokenLogFilter())  # ?access_token= masked
+    with home_lock(settings):
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
-__all__ = ["TOKEN_ENV", "check_binding", "is_loopback", "serve"]
+__all__ = ["TOKEN_ENV", "check_binding", "home_lock", "is_loopback", "serve"]

@@ -26,6 +26,11 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
 Authentication: when a token is configured (``Settings.api_token``; required to bind a
 non-loopback address) every path but ``/healthz`` needs ``Authorization: Bearer <token>``
 or ``?access_token=<token>`` (for pages and event streams opened by a browser); else 401.
+Without a token (loopback only) the server answers only ``Host: localhost``/``127.0.0.1``/
+``[::1]`` (421 otherwise: DNS rebinding). Body-carrying requests from another origin are
+refused (403: CSRF), bodies over the upload limit get 413 however they are framed, and every
+response carries ``nosniff``/``DENY`` framing/no-referrer headers and the review page's
+Content-Security-Policy (:mod:`medloupe.asgi`).
 """
 
 from __future__ import annotations
@@ -39,8 +44,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from medloupe.asgi import LOOPBACK_HOSTS, BodyLimit, FrontDoor
+from medloupe.config import env_name
+from medloupe.review.page import content_security_policy
 from medloupe.service.manager import RunManager
-from medloupe.service.middleware import LimitAndAuth
+from medloupe.service.middleware import TokenAuth
 from medloupe.service.routes import ROUTERS
 
 log = logging.getLogger(__name__)
@@ -88,7 +96,17 @@ def create_app(
     app.state.tool_catalogue = []
     for router in ROUTERS:
         app.include_router(router)
-    return LimitAndAuth(app, token=token, max_body=max_upload_bytes)
+    limited = BodyLimit(
+        TokenAuth(app, token=token),
+        limit=max_upload_bytes,
+        hint=f"set {env_name('max_upload_mb')} to raise it",
+        require_length=True,
+    )
+    return FrontDoor(
+        limited,
+        allowed_hosts=LOOPBACK_HOSTS if token is None else None,
+        csp=content_security_policy(),
+    )
 
 
 def _version() -> str:

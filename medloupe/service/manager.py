@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -147,7 +148,11 @@ class RunManager:
 
     def start(self) -> list[str]:
         """Start the worker loop and recover the runs a previous process left unfinished;
-        returns the ids resumed."""
+        returns the ids resumed. Uploads a killed process left half taken in (raw files,
+        with whatever PHI they hold) are removed first."""
+        leftovers = self.settings.home / "uploads"
+        if leftovers.is_dir():
+            shutil.rmtree(leftovers, ignore_errors=True)
         ready = threading.Event()
 
         def loop_main() -> None:

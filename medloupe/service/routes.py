@@ -169,9 +169,7 @@ async def create_run_endpoint(
         except UnsupportedImageError as exc:
             raise HTTPException(415, str(exc)) from None
         await image.seek(0)
-        uploads = manager.settings.home / "uploads"
-        uploads.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=uploads))
+        tmp = await asyncio.to_thread(_upload_dir, manager.settings.home / "uploads")
         target = tmp / f"upload{suffix}"
         await asyncio.to_thread(copy_upload, image, target)
         # read the image before admission: a bad upload is a 4xx whatever the load
@@ -192,9 +190,16 @@ async def create_run_endpoint(
         raise
     finally:
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, tmp, ignore_errors=True)
     manager.submit(run)
     return RunCreated(run_id=run.run_id, status="queued", links=links(run.run_id))
+
+
+def _upload_dir(uploads: Path) -> Path:
+    """A new private folder for one upload (removed after intake; leftovers of a killed
+    server are removed at its next start)."""
+    uploads.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=uploads))
 
 
 @runs.get("", response_model=list[RunInfo])

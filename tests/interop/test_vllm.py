@@ -80,9 +80,13 @@ def test_ask_with_two_images_per_prompt_and_a_4k_context(
 def test_a_small_evaluation_against_vllm(
     vllm_two_images, dicom_dir: Path, tmp_path: Path
 ) -> None:
+    from pydicom.data import get_testdata_file
+
     items = tmp_path / "items.jsonl"
+    found = {"RG1_UNCR.dcm": dicom_dir / "RG1_UNCR.dcm"}
     rows = [
-        {"id": f"i{i}", "task": "vqa", "image": str(dicom_dir / name), "question": q,
+        {"id": f"i{i}", "task": "vqa",
+         "image": str(found.get(name) or get_testdata_file(name)), "question": q,
          "answer": a, "answer_type": "closed"}
         for i, (name, q, a) in enumerate(
             [("RG1_UNCR.dcm", "Is this a chest radiograph?", "yes"),
@@ -100,6 +104,7 @@ def test_a_small_evaluation_against_vllm(
     records = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in records) == ["i0", "i1", "i2"]
     assert not [r for r in records if r.get("error")]
+    assert all(r["prediction"] is not None or r["abstained"] for r in records), records
 
 
 def test_one_image_per_prompt_and_the_engine_killed_mid_run(
