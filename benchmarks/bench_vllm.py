@@ -50,6 +50,46 @@ def served_requests(url: str) -> float:
     )
 
 
+def engine_rate(url: str, concurrency: int, n: int) -> float:
+    """Requests/s of vLLM alone: ``n`` first-look-sized requests (one 512x512 image, a
+    schema-constrained 512-token reply), ``concurrency`` at a time."""
+    import asyncio
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from medloupe.schemas import Draft
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(buf, "PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    payload = {
+        "model": "tiny",
+        "max_tokens": 512,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uri}},
+            {"type": "text", "text": "Question: Is there a nodule? Reply with JSON."}]}],
+        "response_format": {"type": "json_schema", "json_schema": {
+            "name": "Draft", "schema": Draft.model_json_schema()}},
+    }
+
+    async def run() -> float:
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(timeout=300) as client:
+            async def one() -> None:
+                async with sem:
+                    (await client.post(f"{url}/chat/completions", json=payload)).raise_for_status()
+
+            t0 = time.monotonic()
+            await asyncio.gather(*(one() for _ in range(n)))
+            return n / (time.monotonic() - t0)
+
+    return asyncio.run(run())
+
+
 def own_time_share(eval_dir: Path) -> tuple[float, float]:
     """(median seconds per question outside model, tool and retrieval calls, its share)."""
     own, totals = [], []
@@ -112,6 +152,12 @@ def main() -> None:
                 raise SystemExit((tmp / "vllm.log").read_text()[-3000:])
             time.sleep(0.5)
         rows = []
+        raw = {c: engine_rate(url, c, 8) for c in (1, 4)}
+        rows.append((
+            "vLLM alone, first-look-sized requests at 1 / 4 concurrent: requests/s",
+            f"{raw[1]:.2f} / {raw[4]:.2f} ({raw[4] / raw[1]:.2f}x)",
+            "reference",
+        ))
         rates: dict[int, float] = {}
         share_row = None
         for workers in [int(w) for w in args.workers.split(",")]:

@@ -47,6 +47,7 @@ ENV_VARS: dict[str, str] = {
     "MEDLOUPE_CLASSIFIER": "classifier",
     "MEDLOUPE_API_TOKEN": "api_token",
     "MEDLOUPE_MAX_UPLOAD_MB": "max_upload_mb",
+    "MEDLOUPE_ALLOWED_HOSTS": "allowed_hosts",
     "MEDLOUPE_LOG_LEVEL": "log_level",
 }
 #: variables read by medloupe that belong to other software
@@ -144,6 +145,9 @@ class Settings:
         detector, classifier: the ``detect`` / ``classify`` tools' models.
         api_token: bearer token of ``medloupe serve``.
         max_upload_mb: largest request body ``medloupe serve`` accepts, MB.
+        allowed_hosts: host names (comma-separated in the variable) ``medloupe serve``
+            answers besides the loopback names; ``None``: loopback names only without a
+            token, any host with one.
         log_level: the command line's logging level (``DEBUG`` ... ``CRITICAL``).
     """
 
@@ -168,6 +172,7 @@ class Settings:
     classifier: str | None = None
     api_token: str | None = None
     max_upload_mb: float = 64.0
+    allowed_hosts: tuple[str, ...] | None = None
     log_level: str = "WARNING"
 
     @classmethod
@@ -202,6 +207,11 @@ class Settings:
             classifier=_text(e, env_name("classifier")),
             api_token=e.get(env_name("api_token")) or None,
             max_upload_mb=_number(e, env_name("max_upload_mb"), 64.0, float),
+            allowed_hosts=tuple(
+                h.strip().lower() for h in e[env_name("allowed_hosts")].split(",") if h.strip()
+            )
+            if (e.get(env_name("allowed_hosts")) or "").strip()
+            else None,
             log_level=_log_level(e),
         )
 

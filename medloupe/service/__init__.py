@@ -108,7 +108,12 @@ def serve(
     # a bad spec or KB fails here, not in every run; the runs reuse what this loads
     shared_resources(resources)
     manager = RunManager(settings, workers=workers, queue_size=queue_size, resources=resources)
-    app = create_app(manager, token=token, max_upload_bytes=settings.max_upload_bytes)
+    app = create_app(
+        manager,
+        token=token,
+        max_upload_bytes=settings.max_upload_bytes,
+        allowed_hosts=settings.allowed_hosts,
+    )
     log.info("medloupe serve on http://%s:%d (runs in %s)", host, port, settings.runs_dir)
     logging.getLogger("uvicorn.access").addFilter(TokenLogFilter())  # ?access_token= masked
     with home_lock(settings):

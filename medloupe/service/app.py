@@ -62,6 +62,7 @@ def create_app(
     token: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     manage_lifecycle: bool = True,
+    allowed_hosts: tuple[str, ...] | None = None,
 ) -> Any:
     """The ASGI application.
 
@@ -71,6 +72,8 @@ def create_app(
         token: bearer token every request but ``/healthz`` must carry; ``None``: open
             (loopback only — :func:`medloupe.service.serve` enforces that).
         max_upload_bytes: largest request body accepted.
+        allowed_hosts: host names the ``Host`` header may name besides the loopback ones
+            (``None``: loopback names only without a token, any host with one).
     """
 
     @contextlib.asynccontextmanager
@@ -102,11 +105,12 @@ def create_app(
         hint=f"set {env_name('max_upload_mb')} to raise it",
         require_length=True,
     )
-    return FrontDoor(
-        limited,
-        allowed_hosts=LOOPBACK_HOSTS if token is None else None,
-        csp=content_security_policy(),
+    hosts = (
+        LOOPBACK_HOSTS | frozenset(allowed_hosts)
+        if allowed_hosts
+        else (LOOPBACK_HOSTS if token is None else None)
     )
+    return FrontDoor(limited, allowed_hosts=hosts, csp=content_security_policy())
 
 
 def _version() -> str:

@@ -100,7 +100,7 @@ def test_a_small_evaluation_against_vllm(
                     f"openai:{vllm_two_images.url}#tiny", "--workers", "2", home=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["run_errors"] == 0, metrics
+    assert metrics["overall"]["run_errors"] == 0, metrics
     records = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in records) == ["i0", "i1", "i2"]
     assert not [r for r in records if r.get("error")]

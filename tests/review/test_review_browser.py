@@ -84,6 +84,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ser
 def test_review_page_overlays_claims_and_reviews_in_chromium(
     browser: Any, finished_run: tuple[Server, str], tmp_path: Path
 ) -> None:
+    from playwright.sync_api import expect  # installed: the browser fixture imported it
+
     srv, run_id = finished_run
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     errors: list[str] = []
@@ -125,7 +127,8 @@ def test_review_page_overlays_claims_and_reviews_in_chromium(
     page.fill("textarea[name=comment]", "second box is too wide")
     page.fill("input[name=reviewer]", "test reader")
     page.click("#review-submit")
-    page.wait_for_function("document.getElementById('review-status').textContent === 'saved'")
+    # a locator wait, not wait_for_function: the page's CSP (rightly) forbids string eval
+    expect(page.locator("#review-status")).to_have_text("saved")
     page.reload()
     reviews = page.locator("#reviews li.review")
     assert reviews.count() == 1

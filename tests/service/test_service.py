@@ -54,9 +54,12 @@ def test_binding_rules() -> None:
     assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
     with pytest.raises(InputError, match="MEDLOUPE_API_TOKEN"):
         check_binding("0.0.0.0", None)
-    with pytest.raises(InputError, match="too short"):
+    with pytest.raises(InputError, match="too weak"):
         check_binding("0.0.0.0", "short")
-    check_binding("0.0.0.0", "x" * 32)
+    for weak in ("x" * 32, " " * 16, "correct horse battery staple"):
+        with pytest.raises(InputError, match="too weak"):
+            check_binding("0.0.0.0", weak)
+    check_binding("0.0.0.0", "Xq3-vT9pL2mZ8rW5kY7b")
     check_binding("127.0.0.1", None)
 
 
