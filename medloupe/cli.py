@@ -40,6 +40,8 @@ app.add_typer(tools_app, name="tools")
 app.add_typer(kb_app, name="kb")
 app.add_typer(runs_app, name="runs")
 app.add_typer(trace_app, name="trace")
+mcp_app = typer.Typer(help="medloupe over the Model Context Protocol.", no_args_is_help=True)
+app.add_typer(mcp_app, name="mcp")
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -402,6 +404,49 @@ def serve_api(
         raise _fail(exc) from None
 
 
+@mcp_app.command("serve")
+def mcp_serve(
+    transport: Annotated[
+        str, typer.Option(help="stdio (a client starts this command) or http (streamable HTTP)")
+    ] = "stdio",
+    host: Annotated[str, typer.Option(help="interface to bind (http)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (http)")] = 8765,
+    root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="folder image_path may read from (repeatable; default: MEDLOUPE_MCP_ROOTS, "
+            "else the working directory)"
+        ),
+    ] = None,
+    vlm: VlmOption = None,
+    kb: Annotated[
+        str | None, typer.Option(help="knowledge base of diagnose: 'default' or a folder")
+    ] = None,
+) -> None:
+    """Serve every available tool and `diagnose` (the whole workflow) to MCP clients.
+
+    The http transport serves http://HOST:PORT/mcp; a non-loopback --host requires
+    MEDLOUPE_API_TOKEN (clients send Authorization: Bearer <token>).
+    """
+    from medloupe.errors import InputError, MedloupeError
+    from medloupe.service.mcp import serve_mcp
+
+    if transport not in ("stdio", "http"):
+        raise _fail(InputError(f"--transport {transport!r}: use stdio or http"))
+    try:
+        serve_mcp(
+            "stdio" if transport == "stdio" else "http",
+            host=host,
+            port=port,
+            roots=root or None,
+            vlm=vlm,
+            kb=kb,
+            settings=_settings(),
+        )
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+
+
 @app.command("serve-vlm")
 def serve_vlm(
     model: Annotated[
@@ -462,9 +507,13 @@ def tools_list(
     from rich import box
     from rich.table import Table
 
+    from medloupe.errors import MedloupeError
     from medloupe.tools import default_registry
 
-    registry = default_registry()
+    try:
+        registry = default_registry()
+    except MedloupeError as exc:
+        raise _fail(exc) from None
     rows: list[dict[str, Any]] = []
     for t in registry:
         a = t.available()
@@ -492,9 +541,9 @@ def tools_list(
             )
         out_console.print(table)
     for p in registry.problems:
+        source = f" ({shown(p.distribution)})" if p.distribution else ""
         err_console.print(
-            f"[red]plugin failed to load:[/red] {shown(p.entry_point)} ({shown(p.distribution)}): "
-            f"{shown(p.error)}"
+            f"[red]not loaded:[/red] {shown(p.entry_point)}{source}: {shown(p.error)}"
         )
 
 

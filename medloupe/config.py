@@ -48,6 +48,8 @@ ENV_VARS: dict[str, str] = {
     "MEDLOUPE_API_TOKEN": "api_token",
     "MEDLOUPE_MAX_UPLOAD_MB": "max_upload_mb",
     "MEDLOUPE_ALLOWED_HOSTS": "allowed_hosts",
+    "MEDLOUPE_MCP_SERVERS": "mcp_servers",
+    "MEDLOUPE_MCP_ROOTS": "mcp_roots",
     "MEDLOUPE_LOG_LEVEL": "log_level",
 }
 #: variables read by medloupe that belong to other software
@@ -148,6 +150,10 @@ class Settings:
         allowed_hosts: host names (comma-separated in the variable) ``medloupe serve``
             answers besides the loopback names; ``None``: loopback names only without a
             token, any host with one.
+        mcp_servers: MCP servers whose tools join the registry: a JSON list or the path of
+            a JSON file (:mod:`medloupe.tools.mcp`); ``None``: none.
+        mcp_roots: folders ``medloupe mcp serve`` reads ``image_path`` files from
+            (``os.pathsep``-separated in the variable); empty: the working directory.
         log_level: the command line's logging level (``DEBUG`` ... ``CRITICAL``).
     """
 
@@ -173,6 +179,8 @@ class Settings:
     api_token: str | None = None
     max_upload_mb: float = 64.0
     allowed_hosts: tuple[str, ...] | None = None
+    mcp_servers: str | None = None
+    mcp_roots: tuple[Path, ...] = ()
     log_level: str = "WARNING"
 
     @classmethod
@@ -212,6 +220,12 @@ class Settings:
             )
             if (e.get(env_name("allowed_hosts")) or "").strip()
             else None,
+            mcp_servers=_text(e, env_name("mcp_servers")),
+            mcp_roots=tuple(
+                Path(p).expanduser().resolve()
+                for p in e.get(env_name("mcp_roots"), "").split(os.pathsep)
+                if p.strip()
+            ),
             log_level=_log_level(e),
         )
 
@@ -234,3 +248,22 @@ class Settings:
     def weight_path(self, weights: str) -> str | None:
         """The path :func:`weight_env` of ``weights`` holds, read now (``None`` when unset)."""
         return _text(os.environ, weight_env(weights))
+
+
+def redaction_wanted(base_url: str, mode: RedactMode | None = None) -> bool:
+    """Whether to redact burned-in text for this endpoint: ``always``, ``never``, or
+    ``remote``: when the endpoint's host is not a loopback address (default:
+    ``Settings.redact_text``)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    mode = mode or Settings.from_env().redact_text
+    if mode != "remote":
+        return mode == "always"
+    host = urlsplit(base_url).hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True

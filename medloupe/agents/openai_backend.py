@@ -57,7 +57,7 @@ from medloupe.agents.images import (
 from medloupe.agents.messages import ChatMessage, Completion, ImagePart, TextPart, Usage
 from medloupe.agents.protocol import ModelProfile, VLMBackend
 from medloupe.artifacts import ArtifactStore
-from medloupe.config import RedactMode, Settings, env_name
+from medloupe.config import Settings, env_name, redaction_wanted
 from medloupe.errors import (
     BackendError,
     BackendSpecError,
@@ -525,25 +525,6 @@ def _error_text(response: httpx.Response) -> str:
             return str(err.get("message") or err)[:500]
         return str(err)[:500]
     return str(body)[:500]
-
-
-def redaction_wanted(base_url: str, mode: RedactMode | None = None) -> bool:
-    """Whether to redact burned-in text for this endpoint: ``always``, ``never``, or
-    ``remote``: when the endpoint's host is not a loopback address (default:
-    ``Settings.redact_text``)."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    mode = mode or Settings.from_env().redact_text
-    if mode != "remote":
-        return mode == "always"
-    host = urlsplit(base_url).hostname or ""
-    if host == "localhost":
-        return False
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return True
 
 
 def from_spec(rest: str) -> OpenAIBackend:

@@ -82,7 +82,9 @@ class Resources:
     def with_new_tools(self) -> Resources:
         """The same backend and KB with new instances of the default tools (and
         ``search_knowledge``), so nothing one run's tools cache reaches another."""
-        fresh = registry_with_retriever(default_registry(), self.retriever)
+        fresh = default_registry(mcp="")
+        fresh.adopt_connected(self.registry)  # MCP servers stay connected across runs
+        fresh = registry_with_retriever(fresh, self.retriever)
         return dataclasses.replace(self, registry=fresh)
 
     async def aclose(self, *, backend: bool = True) -> None:

@@ -42,14 +42,25 @@ def expert_tools() -> list[Tool]:
     ]
 
 
-def default_registry(*, plugins: bool = True) -> ToolRegistry:
+def default_registry(*, plugins: bool = True, mcp: str | None = None) -> ToolRegistry:
     """A new registry with the built-in and expert tools and, if ``plugins``, every
-    ``medloupe.tools`` entry point of the installed distributions."""
+    ``medloupe.tools`` entry point of the installed distributions and the tools of the MCP
+    servers ``mcp`` names (default: the ``mcp_servers`` setting; ``""``: none), connected now.
+
+    Raises:
+        medloupe.errors.InputError: ``mcp`` is malformed (a server that does not answer is
+            a listed problem instead).
+    """
+    from medloupe.config import Settings
     from medloupe.tools.builtin import builtin_tools
 
     registry = ToolRegistry([*builtin_tools(), *expert_tools()])
     if plugins:
         registry.load_entry_points()
+        settings = Settings.from_env()
+        registry.load_mcp_servers(
+            settings.mcp_servers if mcp is None else mcp, logs=settings.home / "logs"
+        )
     return registry
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -116,6 +117,36 @@ class ToolRegistry:
                 added.append(t.name)
         return added
 
+    def load_mcp_servers(self, servers: str | None, *, logs: Path | None = None) -> list[str]:
+        """Register the tools of the MCP servers ``servers`` names (the ``mcp_servers`` setting's
+        form, :func:`medloupe.tools.mcp.parse_mcp_servers`), connecting to each now; a
+        server that does not answer is recorded in :attr:`problems`. ``logs``: where stdio
+        servers' stderr goes. Returns the names registered.
+
+        Raises:
+            medloupe.errors.InputError: ``servers`` is malformed.
+        """
+        from medloupe.tools.mcp import mcp_tools, parse_mcp_servers
+
+        def problem(spec: Any, reason: str) -> None:
+            self.problems.append(PluginProblem(f"MCP server {spec.name}", None, reason))
+
+        added = []
+        for t in mcp_tools(parse_mcp_servers(servers), on_problem=problem, errlog_dir=logs):
+            self.register(t, origin=t.describe()["origin"])
+            added.append(t.name)
+        return added
+
+    def adopt_connected(self, other: ToolRegistry) -> None:
+        """Register ``other``'s tools that speak to servers (MCP) here: they hold a
+        connection and no per-run state, so a fresh registry shares them."""
+        from medloupe.tools.mcp import McpTool
+
+        for t in other:
+            if isinstance(t, McpTool) and t.name not in self._tools:
+                self.register(t, origin=other.origin(t.name))
+        self.problems.extend(p for p in other.problems if p not in self.problems)
+
     # --- lookup ----------------------------------------------------------------------
     def get(self, name: str) -> Tool:
         try:
@@ -144,7 +175,9 @@ class ToolRegistry:
         try:
             return tool.input_model.model_validate(arguments or {})
         except ValidationError as exc:
-            raise ToolArgumentsError(f"invalid arguments for tool {name!r}: {exc}") from None
+            raise ToolArgumentsError(
+                f"invalid arguments for tool {name!r}: {validation_text(exc)}"
+            ) from None
 
     def catalogue(self, modality: str | None = None) -> list[dict[str, Any]]:
         """JSON descriptions of the tools that are available here and suit ``modality``."""
@@ -244,6 +277,16 @@ class ToolRegistry:
             artifacts=artifacts,
             duration_ms=(time.perf_counter() - started) * 1000.0,
         )
+
+
+def validation_text(exc: ValidationError) -> str:
+    """pydantic's errors as ``field: message; ...`` (no links, no input echo)."""
+    parts = []
+    for e in exc.errors()[:8]:
+        where = ".".join(str(x) for x in e["loc"]) or "arguments"
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        parts.append(msg if msg.startswith(f"{where}:") else f"{where}: {msg}")
+    return "; ".join(parts)
 
 
 def _dist_name(ep: EntryPoint) -> str | None:

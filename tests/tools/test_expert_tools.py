@@ -126,7 +126,8 @@ def test_read_text_hides_identifiers(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_redaction_before_a_remote_vlm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from medloupe.agents.openai_backend import OpenAIBackend, redaction_wanted
+    from medloupe.agents.openai_backend import OpenAIBackend
+    from medloupe.config import redaction_wanted
     from medloupe.tools.ocr import OcrEngine
 
     monkeypatch.delenv("MEDLOUPE_REDACT_TEXT", raising=False)
