@@ -399,6 +399,12 @@ def _read_dataset(path: Path, name: str) -> Any:
 
 def _check_header(ds: Any, name: str, max_pixels: int, frame: int | None) -> tuple[int, int]:
     """(frames, frame index) after checking there are pixels, within ``max_pixels``."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "Rows" in ds:
+        raise CorruptImageError(
+            name,
+            "the file describes an image (Rows, Columns) but ends before its pixel data: "
+            "truncated; copy or export it again",
+        )
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise EmptyImageError(
             name,

@@ -76,7 +76,9 @@ def read_raster(
             display = np.asarray(img.convert("L"), dtype=np.uint8)
             channels = 1
         else:
-            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            # an RGB image is read as is (a convert would hold a second full copy)
+            rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+            img.close()  # the decoder's own buffer goes before the channel checks
             if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(
                 rgb[..., 1], rgb[..., 2]
             ):

@@ -8,9 +8,9 @@ Burned-in text on medical images often carries identifiers (name, ID, birth date
 - :func:`redact_burned_in_text` paints over every detected text box; the OpenAI-compatible
   backend applies it before an image leaves the machine when redaction is on
   (``Settings.redact_text``, default ``remote``: for endpoints that are not loopback).
-- the ``read_text`` tool reports lines that look like identifiers (a name/ID/birth-date
-  label, long digit runs, dates) as ``[redacted]`` unless asked not to, so they do not reach
-  prompts, traces or logs.
+- the ``read_text`` tool reports a line only when :func:`safe_text` allows it (markers,
+  labels, measurements, window values: an allow-list); every other line is ``[redacted]``
+  with its box, so it reaches no prompt, trace, checkpoint, answer, log or terminal.
 """
 
 from __future__ import annotations
@@ -32,17 +32,73 @@ from medloupe.tools.builtin import _check_inside, _clamp_box
 log = logging.getLogger(__name__)
 
 REDACTED = "[redacted]"
-_IDENTIFIER = re.compile(
-    r"(\b(name|patient|pat|pt|mrn|id|dob|birth|born|acc(ession)?|ssn|address|phone)\b)"
-    r"|(\d{6,})"
-    r"|(\b\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}\b)",
-    re.I,
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+#: words burned-in text may show (case-insensitive): side, orientation and view markers,
+#: positioning, sequence and phase names, and the labels of technical values
+SAFE_WORDS = _words(
+    """
+    l r lt rt left right a p s i h f ant post sup inf anterior posterior superior inferior
+    ap pa lat lateral ll rl lao rao lpo rpo obl oblique view
+    supine prone erect upright standing sitting semi-erect semierect portable mobile
+    decub decubitus lld rld inspiration expiration insp exp
+    axial ax coronal cor sagittal sag transverse trans long
+    t1 t2 t1w t2w pd flair dwi adc stir gre swi tof mra cta dixon fs fatsat
+    pre post contrast c+ c- iv oral delayed arterial venous portal native
+    w l ww wl wc c win lev window level zoom mag scale se im sl ser img slice thk thickness
+    kv kvp mas ma ms fov tr te ti fa grid
+    """
 )
+_UNIT = r"(?:mm|cm|m|ml|cc|hu|%|kv|kvp|mas|ma|ms|s|x|°|deg|mm2|cm2|mm²|cm²|px|mgy|t)"
+_NUMBER = r"[+-]?\d{1,4}(?:[.,]\d{1,3})?"
+_MEASURE = rf"[+-]?\d{{1,3}}(?:[.,]\d{{1,3}})?{_UNIT}"  # at most 3 integer digits
+_SAFE_TOKEN = re.compile(
+    rf"^(?:{_MEASURE}|x{_NUMBER}|{_NUMBER}(?:/{_NUMBER})?|[:/=().,+\-]+)$", re.I
+)
+_UNIT_WORD = re.compile(rf"^{_UNIT}$", re.I)
+_NUMBER_ONLY = re.compile(rf"^{_NUMBER}$")
+#: labels a bare number may follow (a window, a series, a tube setting)
+VALUE_LABELS = _words(
+    "w l ww wl wc c win lev window level se im sl ser img slice thk kv kvp mas ma fov tr te ti fa"
+)
+_LABELLED = re.compile(r"^([a-z][a-z0-9+\-]*)[:=](.+)$", re.I)
+_BARE_INTEGER = re.compile(r"^\d{3,}$")
 
 
-def looks_like_identifier(text: str) -> bool:
-    """Whether a line of burned-in text looks like it carries a patient identifier."""
-    return bool(_IDENTIFIER.search(text))
+def safe_text(text: str) -> bool:
+    """Whether a line of burned-in text may be shown: every token is a marker or label of
+    :data:`SAFE_WORDS`, a measurement (a number with a unit), a window or position value
+    after its label, or punctuation. Everything else (names, dates, places, identifiers,
+    free words) is not: PHI by allow-list, nothing guessed."""
+    tokens = [t for t in re.split(r"[\s,;|]+", text.strip()) if t]
+    if not tokens:
+        return False
+    merged: list[str] = []  # "120 kVp" -> "120kVp": a number and its unit
+    for t in tokens:
+        if merged and _UNIT_WORD.match(t) and _NUMBER_ONLY.match(merged[-1]):
+            merged[-1] += t
+        else:
+            merged.append(t)
+    labelled = meaningful = False
+    for token in merged:
+        m = _LABELLED.match(token)
+        if m and m.group(1).lower() in SAFE_WORDS and _SAFE_TOKEN.match(m.group(2)):
+            labelled, meaningful = False, True
+            continue
+        word = token.rstrip(":=").lower()
+        if word in SAFE_WORDS:
+            labelled, meaningful = word in VALUE_LABELS, True
+            continue
+        if not _SAFE_TOKEN.match(token):
+            return False
+        if _BARE_INTEGER.match(token) and not labelled:
+            return False  # a lone long number (an ID, a year) without its label
+        meaningful = meaningful or bool(re.search(r"[a-z%°²]", token, re.I))  # a unit
+        labelled = False
+    return meaningful  # numbers alone (a date written with spaces) are not shown
 
 
 @dataclass(frozen=True)
@@ -144,10 +200,6 @@ class ReadTextArgs(BaseModel):
 
     box_xyxy: Box | None = Field(default=None, description="read only inside this region")
     min_score: float = Field(default=0.5, ge=0.0, le=1.0, description="recognition score floor")
-    hide_identifiers: bool = Field(
-        default=True,
-        description="report lines that look like patient identifiers as [redacted]",
-    )
 
 
 class TextLineOut(BaseModel):
@@ -158,7 +210,9 @@ class TextLineOut(BaseModel):
 
 class ReadTextResult(ToolResult):
     lines: list[TextLineOut]
-    redacted_lines: int = Field(description="lines hidden because they look like identifiers")
+    redacted_lines: int = Field(
+        description="lines shown as [redacted]: not only markers, labels and measurements"
+    )
 
     def summary(self) -> str:
         if not self.lines:
@@ -172,8 +226,9 @@ class ReadTextTool(Tool):
 
     name = "read_text"
     description = (
-        "Read burned-in text (side markers, annotations, scale labels) with OCR; lines that look "
-        "like patient identifiers are reported as [redacted]."
+        "Read burned-in text with OCR: side and view markers, positioning, sequence names, "
+        "measurements and window values are reported; any other line (names, dates, places, "
+        "identifiers, free text) is [redacted] with its box."
     )
     input_model = ReadTextArgs
     output_model = ReadTextResult
@@ -214,7 +269,7 @@ class ReadTextTool(Tool):
             if box[2] <= box[0] or box[3] <= box[1]:
                 continue
             text = line.text
-            if a.hide_identifiers and looks_like_identifier(text):
+            if not safe_text(text):
                 text = REDACTED
                 hidden += 1
             out.append(TextLineOut(text=text, score=line.score, box_xyxy=box))

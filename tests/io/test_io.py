@@ -291,6 +291,17 @@ def test_broken_headers_are_named_errors(
         load_image(path)
 
 
+def test_a_file_cut_before_its_pixels_is_called_truncated(ct_dcm: Path, tmp_path: Path) -> None:
+    data = ct_dcm.read_bytes()
+    ds = pydicom.dcmread(ct_dcm)
+    cut = tmp_path / "cut.dcm"
+    # the bytes up to the Pixel Data element's tag: a header without its image
+    cut.write_bytes(data[: data.rindex(b"\xe0\x7f\x10\x00")])
+    assert "Rows" in ds
+    with pytest.raises(CorruptImageError, match="ends before its pixel data: truncated"):
+        load_image(cut)
+
+
 def test_pydicom_data_palette_and_planar_cases(dicom_dir: Path, tmp_path: Path) -> None:
     """A palette file with no file meta (read as it was written) loads in colour; a palette
     without its lookup table, and RGB without PlanarConfiguration, are named errors."""

@@ -117,8 +117,9 @@ def test_read_text_hides_identifiers(tmp_path: Path) -> None:
     assert any("kVp" in t for t in texts)
     assert ev.output["redacted_lines"] == 1
     assert "DOE" not in ev.summary
-    shown = call(reg, "read_text", {"hide_identifiers": False}, ctx)
-    assert any("DOE JOHN" in line["text"] for line in shown.output["lines"])
+    # the allow-list cannot be switched off by a plan
+    refused = call(reg, "read_text", {"hide_identifiers": False}, ctx)
+    assert refused.status == "error" and "hide_identifiers" in refused.error
     part = call(reg, "read_text", {"box_xyxy": [0, 240, 320, 320]}, ctx)
     (line,) = part.output["lines"]
     assert "kVp" in line["text"] and line["box_xyxy"][1] >= 240  # boxes in image pixels
