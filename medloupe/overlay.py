@@ -48,3 +48,25 @@ def draw_overlay(
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
         draw.text((x0 + width + 2, y0 + width + 2), str(i + 1), fill=colour)
     return np.asarray(img)
+
+
+def draw_overview(rgb: np.ndarray, regions: Sequence[Region], max_side: int) -> np.ndarray:
+    """:func:`draw_overlay` on ``rgb`` shrunk so its longer side is at most ``max_side``
+    pixels (a model is shown no more: drawing and encoding a larger picture is wasted); the
+    boxes (XYXY pixels of ``rgb``) are scaled with it.
+
+    Returns:
+        ``(h, w, 3)`` uint8 image, ``max(h, w) <= max(max_side, 1)``.
+    """
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1.0:
+        return draw_overlay(rgb, regions)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+    scaled = [
+        r.model_copy(update={"box_xyxy": tuple(v * scale for v in r.box_xyxy)}) for r in regions
+    ]
+    return draw_overlay(small, scaled)

@@ -37,7 +37,7 @@ from medloupe.graphs.state import State
 from medloupe.io.intake import ingest_image, read_input
 from medloupe.io.records import ImageRecord
 from medloupe.knowledge_base.tool import crop_for_query, figure_artifact
-from medloupe.overlay import draw_overlay
+from medloupe.overlay import draw_overview
 from medloupe.schemas import (
     Draft,
     Evidence,
@@ -321,8 +321,9 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
     decision: RethinkDecision | None = None
     if ctx.vlm is not None:
         regions = [Region(id=f"roi-{i}", box_xyxy=b, label=str(i + 1)) for i, b in enumerate(boxes)]
+        side = max(ctx.vlm.profile.preferred_image_side, 256)
         overview = await asyncio.to_thread(
-            lambda: ctx.store.put_png(draw_overlay(tctx.rgb(), regions), kind="overlay")
+            lambda: ctx.store.put_png(draw_overview(tctx.rgb(), regions, side), kind="overlay")
         )
         try:
             decision, gen = await roles.rethink(

@@ -98,9 +98,13 @@ def test_a_run_that_reads_burned_in_text_leaks_none_of_it(
         image, "What do the markers on this image say?", out=run_dir, vlm="none",
         settings=settings, review=reviewer, review_plan=True,
     ))
+    from medloupe.review.page import export_review_html
+
+    export_review_html(run_dir)  # the review page a reviewer opens (the service renders it alike)
     out, err = capsys.readouterr()
     files = [p for p in [*run_dir.rglob("*"), *settings.home.rglob("*")] if p.is_file()]
     assert any(p.name.startswith("checkpoints.sqlite") for p in files)
+    assert any(p.name == "review.html" for p in files)
     blobs = {str(p): p.read_bytes() for p in files}
     blobs["stdout"], blobs["stderr"] = out.encode(), err.encode()
     blobs["log"] = "\n".join(r.getMessage() for r in caplog.records).encode()
