@@ -30,7 +30,9 @@ and expose it to medloupe from your own distribution with an entry point::
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
@@ -161,6 +163,17 @@ class ToolContext:
         return self._cache["raw"]
 
 
+@functools.lru_cache(maxsize=512)
+def _schema_json(model: type[BaseModel]) -> str:
+    return json.dumps(model.model_json_schema())
+
+
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema, a new dict each call (built once per model class: pydantic
+    takes milliseconds per schema, and every plan prompt lists every tool's)."""
+    return json.loads(_schema_json(model))  # type: ignore[no-any-return]
+
+
 class Tool(ABC):
     """Base class of tools. Subclass it, or use the :func:`tool` decorator on a function."""
 
@@ -215,8 +228,8 @@ class Tool(ABC):
             "modalities": sorted(self.modalities) if self.modalities is not None else None,
             "requires": self.requires.as_dict(),
             "timeout_s": self.timeout_s,
-            "input_schema": self.input_model.model_json_schema(),
-            "output_schema": self.output_model.model_json_schema(),
+            "input_schema": model_schema(self.input_model),
+            "output_schema": model_schema(self.output_model),
         }
 
 

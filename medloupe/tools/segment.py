@@ -8,6 +8,7 @@ diameter (max Feret).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -107,7 +108,13 @@ class _SegmentArgsBase(BaseModel):
 
 
 def segment_args_model(model_names: list[str]) -> type[_SegmentArgsBase]:
-    """The input model of a ``segment`` tool whose ``model`` choices are ``model_names``."""
+    """The input model of a ``segment`` tool whose ``model`` choices are ``model_names``
+    (one class per set of names)."""
+    return _segment_args_model(tuple(model_names))
+
+
+@functools.lru_cache(maxsize=32)
+def _segment_args_model(model_names: tuple[str, ...]) -> type[_SegmentArgsBase]:
     choices: Any = Literal[tuple(["auto", "classical", *model_names])]
     return create_model(
         "SegmentArgs",
