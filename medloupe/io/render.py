@@ -12,7 +12,7 @@ def content_hash(arr: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(str(arr.dtype).encode())
     h.update(str(arr.shape).encode())
-    h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))  # no copy of the pixels
+    h.update(np.ascontiguousarray(arr).data.cast("B"))  # no copy of the pixels
     return h.hexdigest()
 
 

@@ -171,7 +171,7 @@ def _schema_json(model: type[BaseModel]) -> str:
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     """``model``'s JSON schema, a new dict each call (built once per model class: pydantic
     takes milliseconds per schema, and every plan prompt lists every tool's)."""
-    return json.loads(_schema_json(model))  # type: ignore[no-any-return]
+    return json.loads(_schema_json(model))
 
 
 class Tool(ABC):
