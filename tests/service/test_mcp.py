@@ -40,6 +40,27 @@ def texts(result: Any) -> str:
     return " ".join(c.text for c in result.content if c.type == "text")
 
 
+async def four_calls(client: Any, image: Path) -> None:
+    """List the tools, then crop, segment (classical) the crop, ground and diagnose."""
+    names = {t.name for t in (await client.list_tools()).tools}
+    assert {"diagnose", "crop", "segment", "ground"} <= names
+    crop = await client.call_tool("crop", {"image_path": str(image), "box_xyxy": [0, 0, 256, 256]})
+    assert not crop.is_error, texts(crop)
+    seg = await client.call_tool(
+        "segment",
+        {"image_artifact": crop.structured_content["crop_artifact"],
+         "boxes_xyxy": [[40, 40, 400, 400]], "model": "classical"},
+    )
+    assert not seg.is_error and seg.structured_content["masks"], texts(seg)
+    ground = await client.call_tool("ground", {"image_path": str(image), "target": "heart"})
+    assert not ground.is_error, texts(ground)
+    diag = await client.call_tool(
+        "diagnose", {"image_path": str(image), "question": "Is this a radiograph?"}
+    )
+    assert not diag.is_error, texts(diag)
+    assert diag.structured_content["run_id"].startswith("run-")
+
+
 def test_catalogue_calls_artifacts_and_errors_in_process(
     bridge: McpBridge, ct_dcm: Path, chest_dcm: Path
 ) -> None:
@@ -134,17 +155,7 @@ def test_stdio_transport_lists_and_calls(tmp_path: Path, ct_dcm: Path, dicom_dir
 
     async def session() -> None:
         async with Client(params) as client:
-            names = {t.name for t in (await client.list_tools()).tools}
-            assert {"diagnose", "crop", "segment", "ground"} <= names
-            crop = await client.call_tool(
-                "crop", {"image_path": str(ct_dcm), "box_xyxy": [0, 0, 256, 256]}
-            )
-            assert not crop.is_error, texts(crop)
-            diag = await client.call_tool(
-                "diagnose", {"image_path": str(ct_dcm), "question": "Is this a CT image?"}
-            )
-            assert not diag.is_error, texts(diag)
-            assert diag.structured_content["run_id"].startswith("run-")
+            await four_calls(client, ct_dcm)
 
     asyncio.run(session())
     # the scratch store of the session is gone with the server
@@ -199,12 +210,7 @@ def test_streamable_http_transport_with_a_token(tmp_path: Path, chest_dcm: Path)
                 timeout=httpx2.Timeout(30.0, read=300.0),
             )
             async with Client(streamable_http_client(url, http_client=http)) as client:
-                names = {t.name for t in (await client.list_tools()).tools}
-                assert {"diagnose", "crop", "ground"} <= names
-                ground = await client.call_tool(
-                    "ground", {"image_path": str(chest_dcm), "target": "heart"}
-                )
-                assert not ground.is_error, texts(ground)
+                await four_calls(client, chest_dcm)
 
         asyncio.run(session())
 
