@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from medloupe.errors import ToolUnavailableError
+from medloupe.io.records import ImageRecord
 from medloupe.schemas import Box, Region
 from medloupe.tools.base import Availability, Tool, ToolContext, ToolResult
 from medloupe.tools.builtin import _check_inside, _clamp_box
@@ -66,6 +67,12 @@ VALUE_LABELS = _words(
 )
 _LABELLED = re.compile(r"^([a-z][a-z0-9+\-]*)[:=](.+)$", re.I)
 _BARE_INTEGER = re.compile(r"^\d{3,}$")
+#: questions about what is written on the image (the rule-based planner reads it)
+_ABOUT_TEXT = re.compile(
+    r"\b(text|written|writing|label(?:led|s)?|annotation|caption|side marker|markers?|"
+    r"letters?|what does .* say|says?)\b",
+    re.I,
+)
 
 
 def safe_text(text: str) -> bool:
@@ -239,6 +246,10 @@ class ReadTextTool(Tool):
 
     def available(self) -> Availability:
         return self.engine.installed()
+
+    def suggest(self, question: str, image: ImageRecord) -> dict[str, Any] | None:
+        """Read the image's text when the question asks what is written or marked on it."""
+        return {} if _ABOUT_TEXT.search(question) else None
 
     def run(self, args: BaseModel, ctx: ToolContext) -> ReadTextResult:
         a: Any = args

@@ -6,6 +6,7 @@ the home's index and logs, stdout, stderr and the log records."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 
@@ -121,3 +122,41 @@ def test_a_run_that_reads_burned_in_text_leaks_none_of_it(
     trace = blobs[str(run_dir / "trace.json")].decode()
     assert "AP PORTABLE" in trace
     assert trace.count("[redacted]") >= len(PLANTED)
+
+
+@pytest.mark.slow
+def test_through_the_service_the_db_stream_and_page_leak_none(tmp_path: Path) -> None:
+    """The same image through ``medloupe serve`` (no VLM: the rule-based plan reads the text
+    because the question asks what is written): the event stream, the trace and the review
+    page as served, and every file of the server's home, hold none of the planted text."""
+    import httpx
+
+    from tests.service_helpers import Server, post_run, sse_events, wait_done
+
+    image = burned_in_image(tmp_path / "burned.png")
+    home = tmp_path / "svc"
+    srv = Server(home, "--vlm", "none").start()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            run_id = post_run(c, image, "What do the markers on this image say?").json()["run_id"]
+            stream = json.dumps([data for _, data in sse_events(c, run_id)])
+            info = wait_done(c, run_id)
+            assert info["status"] == "done", info
+            served = {
+                "events": stream.encode(),
+                "run": c.get(f"/v1/runs/{run_id}").content,
+                "trace": c.get(f"/v1/runs/{run_id}/trace").content,
+                "page": c.get(f"/runs/{run_id}").content,
+            }
+    finally:
+        srv.stop()
+    assert b"read_text" in served["trace"] and b"[redacted]" in served["trace"]
+    blobs = {**served, **{str(p): p.read_bytes() for p in home.rglob("*") if p.is_file()}}
+    leaks = [
+        (where, fragment)
+        for where, data in blobs.items()
+        for fragments in PLANTED.values()
+        for fragment in fragments
+        if fragment.lower().encode() in data.lower()
+    ]
+    assert not leaks, leaks
