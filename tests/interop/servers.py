@@ -3,6 +3,7 @@ on loopback for the interop tests, and stop them (the whole process group) after
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -92,12 +93,24 @@ def vllm_python() -> Path:
     """The vLLM venv's python (``MEDLOUPE_VLLM_PYTHON`` or ``.venv-vllm``); the test skips,
     loudly, when it is absent (``.ci/run`` builds it with ``.ci/vllm-env``)."""
     path = Path(os.environ.get("MEDLOUPE_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
-    if not path.is_file():
-        msg = (f"SKIPPED LOUDLY: no vLLM venv at {path}; build it with `.ci/vllm-env` "
+    problem = None if path.is_file() else f"no vLLM venv at {path}"
+    if problem is None and not _imports_vllm(str(path)):
+        problem = f"the venv of {path} has no working vllm (a build that stopped half way?)"
+    if problem:
+        msg = (f"SKIPPED LOUDLY: {problem}; build it with `.ci/vllm-env` "
                "(.ci/run does) or set MEDLOUPE_VLLM_PYTHON")
         print(msg, file=sys.stderr)
         pytest.skip(msg)
     return path
+
+
+@functools.cache
+def _imports_vllm(python: str) -> bool:
+    done = subprocess.run(
+        [python, "-c", "import vllm"], env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"},
+        capture_output=True, timeout=300,
+    )
+    return done.returncode == 0
 
 
 def vllm_command(model: Path, port: int, *extra: str) -> list[str]:
