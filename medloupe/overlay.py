@@ -33,13 +33,13 @@ def draw_overlay(
     """
     from PIL import Image, ImageDraw
 
-    out = rgb.astype(np.float32).copy()
+    out = rgb.copy()  # uint8: only masked pixels are blended in float (a large image stays cheap)
     for i, region in enumerate(regions):
         mask = (masks or {}).get(region.id)
         if mask is not None and mask.shape == rgb.shape[:2]:
             tint = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
-            out[mask] = out[mask] * 0.6 + tint * 0.4
-    img = Image.fromarray(out.astype(np.uint8))
+            out[mask] = (out[mask].astype(np.float32) * 0.6 + tint * 0.4).astype(np.uint8)
+    img = Image.fromarray(out)
     draw = ImageDraw.Draw(img)
     width = max(2, round(max(rgb.shape[:2]) / 400))
     for i, region in enumerate(regions):

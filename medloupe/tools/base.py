@@ -152,7 +152,13 @@ class ToolContext:
         px = self.pixels()
         if px.ndim == 2:
             return px
-        return (px[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+        if "gray" not in self._cache:  # Pillow's ITU-R 601-2 luma: no float copy of the image
+            from PIL import Image
+
+            self._cache["gray"] = np.asarray(
+                Image.fromarray(np.ascontiguousarray(px[..., :3])).convert("L")
+            )
+        return self._cache["gray"]
 
     def raw(self) -> np.ndarray | None:
         """``float32`` ``(H, W)`` modality values (HU for CT), or ``None`` if the image has none."""

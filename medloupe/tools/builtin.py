@@ -167,6 +167,23 @@ def _header_statement(question: str, evidence: list[Evidence]) -> Statement | No
     return Statement(parts=tuple(parts), claims=tuple(claims)) if parts else None
 
 
+def uint8_percentiles(values: np.ndarray, qs: tuple[float, ...]) -> tuple[float, ...]:
+    """``np.percentile(values, qs)`` (linear) of a ``uint8`` array, from its histogram: no
+    sorted float copy of a large image."""
+    counts = np.cumsum(np.bincount(values.ravel(), minlength=256))
+    n = int(counts[-1])
+
+    def at(rank: int) -> float:  # the rank-th smallest value (0-based)
+        return float(np.searchsorted(counts, rank, side="right"))
+
+    out = []
+    for q in qs:
+        k = (n - 1) * q / 100.0
+        lo, hi = math.floor(k), math.ceil(k)
+        out.append(at(lo) + (at(hi) - at(lo)) * (k - lo))
+    return tuple(out)
+
+
 def _always(question: str, image: ImageRecord) -> dict[str, Any]:
     return {}
 
@@ -176,8 +193,10 @@ def image_info(args: NoArgs, ctx: ToolContext) -> ImageInfo:
     """Technical facts of the image: modality, body part, size, pixel spacing, intensities."""
     rec = ctx.image
     raw = ctx.raw()
-    values = raw if raw is not None else ctx.gray()
-    p1, p50, p99 = (float(v) for v in np.percentile(values, [1, 50, 99]))
+    if raw is not None:
+        p1, p50, p99 = (float(v) for v in np.percentile(raw, [1, 50, 99]))
+    else:
+        p1, p50, p99 = uint8_percentiles(ctx.gray(), (1, 50, 99))
     fov = None
     if rec.spacing_mm:
         fov = (rec.width * rec.spacing_mm[1], rec.height * rec.spacing_mm[0])
