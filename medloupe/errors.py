@@ -174,3 +174,23 @@ class BackendSpecError(InputError):
 
 class KnowledgeBaseError(InputError):
     """A knowledge base could not be opened."""
+
+
+# --- validation messages -----------------------------------------------------------------
+
+
+def validation_text(exc: Any, *, root: str = "(root)", skip: int = 0, limit: int = 8) -> str:
+    """A pydantic ``ValidationError`` as ``field: message; ...`` — no links, no input echo.
+
+    ``root`` names a problem with the whole value, ``skip`` drops leading location parts
+    (FastAPI's ``body``), ``limit`` caps the count. Anything without ``errors()`` is ``str()``.
+    """
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for e in errors()[:limit]:
+        where = ".".join(str(x) for x in e["loc"][skip:]) or root
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        parts.append(msg if msg.startswith(f"{where}:") else f"{where}: {msg}")
+    return "; ".join(parts)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from medloupe.errors import InputError
+from medloupe.errors import InputError, validation_text
 
 MAX_STEPS = 10
 MAX_TIME_BUDGET_S = 3600.0
@@ -64,11 +64,7 @@ class RunOptions(BaseModel):
         try:
             return cls.model_validate(options or {})
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}"
-                for e in exc.errors()
-            )
-            raise InputError(f"bad run options: {problems}") from None
+            raise InputError(f"bad run options: {validation_text(exc, root='options')}") from None
 
     def intake(self) -> dict[str, Any]:
         """The keyword arguments of :func:`medloupe.io.load_image` these options set."""

@@ -34,7 +34,7 @@ from medloupe.agents.messages import ChatMessage, ImagePart, TextPart
 from medloupe.agents.protocol import VLMBackend
 from medloupe.artifacts import ArtifactStore
 from medloupe.asgi import BodyLimit
-from medloupe.errors import BackendError, InputError
+from medloupe.errors import BackendError, InputError, validation_text
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Any:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = validation_text(exc, root="body", skip=1)
         return _error(400, f"invalid request: {problems}", "invalid_request_error")
 
     @app.get("/health")

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from medloupe.agents.messages import ChatMessage, TextPart
+from medloupe.errors import validation_text
 
 
 def compact_schema(node: Any, *, root: bool = True) -> Any:
@@ -113,11 +114,7 @@ def parse_reply(text: str, schema: type[BaseModel]) -> BaseModel:
 
 def validation_problems(exc: ValueError) -> str:
     """A validation error as ``field: message`` pairs (no pydantic URLs or input dumps)."""
-    if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
-        )
-    return str(exc)
+    return validation_text(exc)
 
 
 def with_instruction(messages: list[ChatMessage], instruction: str) -> list[ChatMessage]:

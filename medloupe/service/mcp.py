@@ -36,7 +36,7 @@ from typing import Any, Literal
 import mcp_types as types
 from mcp.server.lowlevel import Server
 from mcp.shared.exceptions import MCPError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from medloupe.artifacts import ArtifactStore
 from medloupe.config import Settings, env_name
@@ -49,7 +49,6 @@ from medloupe.runner import create_run, execute
 from medloupe.schemas import Evidence, GroundedAnswer
 from medloupe.service.uploads import problem_text, sniff_upload
 from medloupe.tools.base import Tool, ToolContext, ToolResult
-from medloupe.tools.registry import validation_text
 from medloupe.version import __version__
 
 log = logging.getLogger(__name__)
@@ -113,8 +112,7 @@ class McpBridge:
         return out
 
     def _mcp_tool(self, t: Tool) -> types.Tool:
-        schema = t.input_model.model_json_schema()
-        schema.setdefault("type", "object")
+        schema = _object_schema(t.input_model.model_json_schema())
         schema["properties"] = {**IMAGE_PROPERTIES, **(schema.get("properties") or {})}
         return types.Tool(
             name=t.name,
@@ -203,10 +201,7 @@ class McpBridge:
             raise InputError("options must be an object of run options")
         if raw_options.get("review_plan"):
             raise InputError("review_plan pauses for a reviewer: use medloupe serve for that")
-        try:
-            opts = RunOptions.model_validate(raw_options)
-        except ValidationError as exc:
-            raise InputError(f"invalid options: {validation_text(exc)}") from None
+        opts = RunOptions.of(raw_options)
         run = await asyncio.to_thread(self._new_run, image, question, opts)
         answer = await execute(run, settings=self.settings, resources=self.resources)
         self._runs[run.spec.run_id] = run.dir

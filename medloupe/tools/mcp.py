@@ -41,7 +41,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medloupe.config import env_name, redaction_wanted
-from medloupe.errors import InputError, ToolExecutionError, ToolUnavailableError
+from medloupe.errors import InputError, ToolExecutionError, ToolUnavailableError, validation_text
 from medloupe.tools.base import Availability, Tool, ToolContext, ToolResult
 
 log = logging.getLogger(__name__)
@@ -114,10 +114,7 @@ def parse_mcp_servers(text: str | None) -> list[McpServerSpec]:
         try:
             specs.append(McpServerSpec.model_validate(entry))
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors()
-            )
-            raise InputError(f"{var} entry {i}: {problems}") from None
+            raise InputError(f"{var} entry {i}: {validation_text(exc, root='entry')}") from None
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -331,7 +328,6 @@ class McpTool(Tool):
         if "required" in schema:
             schema["required"] = [r for r in schema["required"] if r not in self.image_fields]
         self.input_model = schema_model(self.name, schema)
-        self._full_schema = remote.input_schema
         self._redact = spec.url is not None and redaction_wanted(spec.url)
 
     def available(self) -> Availability:

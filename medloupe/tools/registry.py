@@ -31,6 +31,7 @@ from medloupe.errors import (
     ToolTimeoutError,
     ToolUnavailableError,
     UnknownToolError,
+    validation_text,
 )
 from medloupe.schemas import Evidence, Region
 from medloupe.tools.base import Tool, ToolContext, ToolResult
@@ -176,7 +177,7 @@ class ToolRegistry:
             return tool.input_model.model_validate(arguments or {})
         except ValidationError as exc:
             raise ToolArgumentsError(
-                f"invalid arguments for tool {name!r}: {validation_text(exc)}"
+                f"invalid arguments for tool {name!r}: {validation_text(exc, root='arguments')}"
             ) from None
 
     def catalogue(self, modality: str | None = None) -> list[dict[str, Any]]:
@@ -277,16 +278,6 @@ class ToolRegistry:
             artifacts=artifacts,
             duration_ms=(time.perf_counter() - started) * 1000.0,
         )
-
-
-def validation_text(exc: ValidationError) -> str:
-    """pydantic's errors as ``field: message; ...`` (no links, no input echo)."""
-    parts = []
-    for e in exc.errors()[:8]:
-        where = ".".join(str(x) for x in e["loc"]) or "arguments"
-        msg = str(e["msg"]).removeprefix("Value error, ")
-        parts.append(msg if msg.startswith(f"{where}:") else f"{where}: {msg}")
-    return "; ".join(parts)
 
 
 def _dist_name(ep: EntryPoint) -> str | None:

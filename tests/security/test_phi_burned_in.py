@@ -61,6 +61,17 @@ def leaked(fragment: str, data: bytes) -> bool:
     return re.search(pattern, data, re.I) is not None
 
 
+def leaks_in(blobs: dict[str, bytes]) -> list[tuple[str, str]]:
+    """Every (place, planted fragment) found in ``blobs``."""
+    return [
+        (where, fragment)
+        for where, data in blobs.items()
+        for fragments in PLANTED.values()
+        for fragment in fragments
+        if leaked(fragment, data)
+    ]
+
+
 def _fonts() -> list[ImageFont.FreeTypeFont | ImageFont.ImageFont]:
     fonts: list[ImageFont.FreeTypeFont | ImageFont.ImageFont] = [
         ImageFont.load_default(size=22), ImageFont.load_default(size=30)
@@ -121,14 +132,7 @@ def test_a_run_that_reads_burned_in_text_leaks_none_of_it(
     blobs["stdout"], blobs["stderr"] = out.encode(), err.encode()
     blobs["log"] = "\n".join(r.getMessage() for r in caplog.records).encode()
     blobs["answer"] = answer.model_dump_json().encode()
-    leaks = [
-        (where, fragment)
-        for where, data in blobs.items()
-        for fragments in PLANTED.values()
-        for fragment in fragments
-        if leaked(fragment, data)
-    ]
-    assert not leaks, leaks
+    assert not leaks_in(blobs), leaks_in(blobs)
     # the safe markers are still read, and the redacted lines keep their boxes
     trace = blobs[str(run_dir / "trace.json")].decode()
     assert "AP PORTABLE" in trace
@@ -163,11 +167,4 @@ def test_through_the_service_the_db_stream_and_page_leak_none(tmp_path: Path) ->
         srv.stop()
     assert b"read_text" in served["trace"] and b"[redacted]" in served["trace"]
     blobs = {**served, **{str(p): p.read_bytes() for p in home.rglob("*") if p.is_file()}}
-    leaks = [
-        (where, fragment)
-        for where, data in blobs.items()
-        for fragments in PLANTED.values()
-        for fragment in fragments
-        if leaked(fragment, data)
-    ]
-    assert not leaks, leaks
+    assert not leaks_in(blobs), leaks_in(blobs)
