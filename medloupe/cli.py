@@ -594,9 +594,12 @@ def eval_(
     ablate: Annotated[
         bool,
         typer.Option(
-            "--ablate", help="run full, --no-tools, --no-retrieval, --no-rethink; compare them"
+            "--ablate",
+            help="run full, --no-tools, --no-retrieval, --no-rethink; compare them item by item "
+            "(McNemar p-values, bootstrap 95 % intervals)",
         ),
     ] = False,
+    seed: Annotated[int, typer.Option(help="seed of the --ablate bootstrap")] = 0,
 ) -> None:
     """Evaluate on a dataset: each item a fresh run; metrics.json, items.jsonl, report.html."""
     import asyncio
@@ -622,8 +625,11 @@ def eval_(
 
     common = {"vlm": resolve_vlm(vlm)[0], "kb": kb, "workers": workers, "settings": settings}
     if ablate:
-        results = asyncio.run(run_ablations(items, out, **common))  # type: ignore[arg-type]
+        results = asyncio.run(
+            run_ablations(items, out, seed=seed, **common)  # type: ignore[arg-type]
+        )
         out_console.print(comparison_table(results))
+        out_console.print((out / "paired.md").read_text(encoding="utf-8"))
         out_console.print(f"comparison written to {shown(out / 'comparison.md')}")
         return
     ablation = Ablation(tools=not no_tools, retrieval=not no_retrieval, rethink=not no_rethink)

@@ -124,6 +124,12 @@ class RethinkDecision(BaseModel):
         default=None, max_length=300, description="what further evidence would help"
     )
     note: str | None = Field(default=None, max_length=500)
+    withheld: str | None = Field(
+        default=None,
+        max_length=300,
+        description="set only when the image cannot answer the question (what it asks about "
+        "is not in view): the reason; the answer then abstains with it",
+    )
 
 
 class RethinkRound(BaseModel):
@@ -139,6 +145,7 @@ class RethinkRound(BaseModel):
     needs_more_evidence: bool = False
     request: str | None = None
     note: str | None = None
+    withheld: str | None = None
 
 
 class Claim(BaseModel):

@@ -37,13 +37,17 @@ def heuristic_plan(question: str, registry: ToolRegistry, image: ImageRecord, dr
     usable = [t for t in registry if t.suits(image.modality) and t.available().ok]
     calls: list[PlannedCall] = []
     for t in usable:
-        arguments = t.suggest(question, image)
-        if arguments is not None and len(calls) < MAX_PLANNED_CALLS:
-            calls.append(
-                PlannedCall(
-                    tool=t.name, arguments=arguments, reason=f"{t.name}: {t.description[:120]}"
+        suggested = t.suggest(question, image)
+        many = [suggested] if isinstance(suggested, dict) else suggested or []
+        for suggested_args in many:
+            if len(calls) < MAX_PLANNED_CALLS:
+                calls.append(
+                    PlannedCall(
+                        tool=t.name,
+                        arguments=suggested_args,
+                        reason=f"{t.name}: {t.description[:120]}",
+                    )
                 )
-            )
     for roi in draft.regions[:MAX_FOLLOW_UPS]:
         for t in usable:
             arguments = t.follow_up(roi.box_xyxy, roi.reason)
@@ -56,6 +60,17 @@ def heuristic_plan(question: str, registry: ToolRegistry, image: ImageRecord, dr
                     )
                 )
     return Plan(calls=calls, rationale="rule-based plan (no VLM configured)")
+
+
+def question_targets(question: str, registry: ToolRegistry, image: ImageRecord) -> list[str]:
+    """What the question names that a usable tool can locate (:meth:`Tool.targets
+    <medloupe.tools.base.Tool.targets>`), in order, each once: where the second look goes
+    first, what a model planner is pointed to, what a model checks is in view."""
+    out: list[str] = []
+    for t in registry:
+        if t.suits(image.modality) and t.available().ok:
+            out.extend(x for x in t.targets(question) if x not in out)
+    return out
 
 
 def statements(question: str, evidence: list[Evidence], registry: ToolRegistry) -> list[Statement]:
@@ -131,6 +146,26 @@ def uninformative_image(question: str, image: ImageRecord) -> GroundedAnswer | N
         "to answer from. Give the original image (full resolution, valid pixel values).",
         confidence=0.0,
         provenance=Provenance(answer_source="quality-gate"),
+    )
+
+
+def withheld_answer(
+    question: str, reason: str, model: str, evidence: list[Evidence]
+) -> GroundedAnswer:
+    """The abstention when the second look found that the image cannot answer the question
+    (``reason``: what it asks about is not in view); the regions the instruments found are
+    kept for review."""
+    regions = [r for e in evidence if e.status == "ok" for r in e.regions if r.label != "crop"]
+    return GroundedAnswer(
+        question=question,
+        short_answer=None,
+        abstained=True,
+        abstention_reason=f"{reason} ({model}, second look); no answer is guessed.",
+        explanation="The question is about something the image does not show clearly enough "
+        "to judge; the regions the instruments proposed are shown for review, not as findings.",
+        confidence=0.0,
+        regions=regions,
+        provenance=Provenance(answer_source="vlm"),
     )
 
 

@@ -136,6 +136,9 @@ class RoleRequest(BaseModel):
         answer, confidence: the current answer and its confidence (rethink, answer).
         evidence_ids: every evidence id the answer may cite; observation_ids: the model's own
             looks among them.
+        targets: what the question names that a tool can locate ("Liver"), in order (plan,
+            rethink).
+        image: the whole image as the first look saw it (rethink).
     """
 
     role: Role
@@ -145,6 +148,8 @@ class RoleRequest(BaseModel):
     confidence: float = 0.0
     evidence_ids: list[str] = Field(default_factory=list)
     observation_ids: list[str] = Field(default_factory=list)
+    targets: list[str] = Field(default_factory=list)
+    image: str | None = None
 
 
 class VLMBackend(ABC):

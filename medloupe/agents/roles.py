@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -168,9 +168,11 @@ async def plan(
     draft: Draft,
     evidence: list[Evidence],
     *,
+    targets: Sequence[str] = (),
     max_repairs: int = 2,
 ) -> tuple[Plan, list[Generation], list[str]]:
-    """Turn question, draft and the tool catalogue into a validated plan.
+    """Turn question, draft and the tool catalogue into a validated plan; ``targets`` (what
+    the question names that a tool can locate) are suggested to the model.
 
     An invalid plan (unknown tool, bad arguments) goes back to the model with the validation
     messages, at most ``max_repairs`` times; calls still invalid after that are dropped and
@@ -208,6 +210,7 @@ async def plan(
             evidence=evidence_digest(evidence, level),
             catalogue_form=form,
             catalogue=listed,
+            targets=", ".join(targets) or "none a tool knows",
         )
 
     texts: Callable[[int], str] = plan_text
@@ -217,7 +220,9 @@ async def plan(
     images = [image.display_artifact]
     problems: list[str] = []
     result = Plan()
-    request = RoleRequest(role="plan", question=question, answer=draft.answer)
+    request = RoleRequest(
+        role="plan", question=question, answer=draft.answer, targets=list(targets)
+    )
     for attempt in range(max_repairs + 1):
         result, gen, history = await _ask(vlm, store, texts, images, Plan, request, history)
         gens.append(gen)
@@ -260,8 +265,13 @@ async def rethink(
     confidence: float,
     evidence: list[Evidence],
     passages: list[Evidence],
+    *,
+    targets: Sequence[str] = (),
+    image: str | None = None,
 ) -> tuple[RethinkDecision, Generation]:
-    """Second look: the whole image with boxes drawn, the zoomed crops, the passages."""
+    """Second look: the whole image with boxes drawn, the zoomed crops, the passages;
+    ``targets`` are what the question names that a tool located, ``image`` the whole image
+    as the first look saw it (for a model that reads the request as data)."""
 
     def text(level: int) -> str:
         return prompts.render(
@@ -271,9 +281,17 @@ async def rethink(
             confidence=confidence,
             evidence=evidence_digest(evidence, level),
             passages=evidence_digest(passages, level),
+            targets=", ".join(targets) or "none",
         )
 
-    request = RoleRequest(role="rethink", question=question, answer=answer, confidence=confidence)
+    request = RoleRequest(
+        role="rethink",
+        question=question,
+        answer=answer,
+        confidence=confidence,
+        targets=list(targets),
+        image=image,
+    )
     decision, gen, _ = await _ask(
         vlm, store, text, [overview_artifact, *crops], RethinkDecision, request
     )

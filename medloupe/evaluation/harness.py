@@ -34,6 +34,12 @@ from medloupe.config import Settings
 from medloupe.errors import MedloupeError
 from medloupe.evaluation.data import EvalItem
 from medloupe.evaluation.metrics import compute_metrics
+from medloupe.evaluation.paired import (
+    ALPHA,
+    BOOTSTRAP_SAMPLES,
+    paired_differences,
+    paired_table,
+)
 from medloupe.evaluation.report import write_report
 from medloupe.evaluation.scoring import score
 from medloupe.graphs.context import Resources, ResourceSpec, load_resources, resolve_resources
@@ -262,17 +268,41 @@ async def run_ablations(
     out: str | Path,
     *,
     grid: Sequence[Ablation] = ABLATION_GRID,
+    seed: int = 0,
     **kwargs: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Run each ablation into ``out/ablations/NAME``; write ``out/comparison.json`` and
-    ``out/comparison.md``; return ``{name: metrics}``."""
+    """Run each ablation into ``out/ablations/NAME``; compare each with the first (``full``)
+    item by item (:func:`~medloupe.evaluation.paired.paired_differences`, bootstrap ``seed``);
+    write ``out/comparison.json``, ``out/comparison.md`` (overall metrics) and
+    ``out/paired.md`` (paired differences); return ``{name: metrics}``, each ablation's with
+    its ``paired`` list against the first."""
     results: dict[str, dict[str, Any]] = {}
+    records: dict[str, list[dict[str, Any]]] = {}
     for ab in grid:
         evaluation = Evaluation(Path(out) / "ablations" / ab.name, ablation=ab, **kwargs)
         results[ab.name] = await evaluation.run(items)
+        wanted = {i.id for i in items}
+        records[ab.name] = [r for r in read_records(evaluation.items_path) if r["id"] in wanted]
+    base = grid[0].name
+    tables = [
+        f"Paired differences against `{base}` (other minus {base}; bootstrap seed {seed}, "
+        f"{BOOTSTRAP_SAMPLES} resamples; significant: McNemar p < {ALPHA} and a 95 % interval "
+        "excluding 0).\n"
+    ]
+    for ab in grid[1:]:
+        diffs = await asyncio.to_thread(
+            paired_differences, records[base], records[ab.name], seed=seed
+        )
+        results[ab.name]["paired"] = {
+            "against": base,
+            "seed": seed,
+            "differences": [d.as_dict() for d in diffs],
+        }
+        tables.append(f"### {ab.name} vs {base}\n\n" + paired_table(base, ab.name, diffs))
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "comparison.json").write_text(json.dumps(results, indent=2))
-    (Path(out) / "comparison.md").write_text(comparison_table(results))
+    atomic_write_bytes(Path(out) / "comparison.json", strict_json(results, indent=2).encode())
+    atomic_write_bytes(Path(out) / "comparison.md", comparison_table(results).encode())
+    atomic_write_bytes(Path(out) / "paired.md", "\n".join(tables).encode())
     return results
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from medloupe.agents.messages import Generation, Usage
@@ -163,14 +164,35 @@ def passage_evidence(
     )
 
 
-def regions_to_examine(state: State, draft: Draft) -> list[tuple[float, float, float, float]]:
-    boxes: list[tuple[float, float, float, float]] = [r.box_xyxy for r in draft.regions]
+def regions_to_examine(
+    state: State, draft: Draft, targets: Sequence[str] = ()
+) -> list[tuple[float, float, float, float]]:
+    """The boxes the second look zooms into (at most :data:`MAX_RETHINK_REGIONS`): first the
+    best region of each of the question's ``targets`` (a region labelled with its name, as a
+    grounder labels "Liver 1"), then the first look's regions, then the last round's other
+    regions, in order."""
+    names = [t.lower() for t in targets]
+    # (group, target index, order): 0 a target's best region, 1 the first look's, 2 a
+    # target's further regions, 3 the rest
+    ranked: list[tuple[int, int, int, tuple[float, float, float, float]]] = []
+    for roi in draft.regions:
+        ranked.append((1, 0, len(ranked), roi.box_xyxy))
     step = state.get("step", 0)
+    found: set[int] = set()
     for ev in evidence_of(state):
         if ev.status == "ok" and ev.step == step - 1:
-            boxes.extend(r.box_xyxy for r in ev.regions if r.label != "crop")
+            for r in ev.regions:
+                if r.label == "crop":
+                    continue
+                label = (r.label or "").lower()
+                hit = next((i for i, n in enumerate(names) if label.startswith(n)), None)
+                if hit is None:
+                    ranked.append((3, 0, len(ranked), r.box_xyxy))
+                else:
+                    ranked.append((2 if hit in found else 0, hit, len(ranked), r.box_xyxy))
+                    found.add(hit)
     seen: list[tuple[float, float, float, float]] = []
-    for b in boxes:
+    for *_, b in sorted(ranked):
         if b not in seen:
             seen.append(b)
     return seen[:MAX_RETHINK_REGIONS]

@@ -16,7 +16,9 @@ from medloupe.agents.composer import (
     NO_VLM_NOTE,
     compose_answer,
     heuristic_plan,
+    question_targets,
     uninformative_image,
+    withheld_answer,
 )
 from medloupe.agents.protocol import DEFAULT_CROP_SIDE
 from medloupe.agents.structured import validation_problems
@@ -67,6 +69,8 @@ FRESH_QUESTION: dict[str, Any] = {
     "current_confidence": 0.0,
     "needs_more": False,
     "over_budget": False,
+    "targets": [],
+    "withheld": None,
 }
 
 
@@ -135,6 +139,9 @@ async def think(state: State, ctx: RunContext) -> dict[str, Any]:
             [image.display_artifact] if image.display_artifact else [],
         )
         update["evidence"] = [obs.model_dump(mode="json")]
+    update["targets"] = await asyncio.to_thread(
+        question_targets, state["question"], ctx.registry, image_of(state)
+    )
     return update
 
 
@@ -155,6 +162,7 @@ async def plan(state: State, ctx: RunContext) -> dict[str, Any]:
                 state["question"],
                 draft,
                 evidence_of(state),
+                targets=state.get("targets", []),
                 max_repairs=ctx.max_plan_repairs,
             )
             for gen in gens:
@@ -237,7 +245,7 @@ async def retrieve(state: State, ctx: RunContext) -> dict[str, Any]:
     query = " ".join(
         [state["question"], state.get("current_answer") or "", *draft.findings]
     ).strip()
-    boxes = regions_to_examine(state, draft)
+    boxes = regions_to_examine(state, draft, state.get("targets", []))
     crop = None
     if boxes:
         tctx = ToolContext(image=image_of(state), store=ctx.store)
@@ -300,7 +308,7 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
     image = image_of(state)
     draft = Draft.model_validate(state.get("draft", {}))
     step = state.get("step", 0)
-    boxes = regions_to_examine(state, draft)
+    boxes = regions_to_examine(state, draft, state.get("targets", []))
     tctx = ToolContext(image=image, store=ctx.store)
     crops: list[Evidence] = []
     if "crop" in ctx.registry:
@@ -336,6 +344,8 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
                 conf_before,
                 evidence_of(state),
                 evidence_of(state, "passages"),
+                targets=state.get("targets", []),
+                image=image.display_artifact,
             )
             record_model_call(ctx, "rethink", "second look", gen, decision)
         except ModelReplyError as exc:
@@ -362,6 +372,7 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
         needs_more_evidence=decision.needs_more_evidence,
         request=decision.request,
         note=decision.note,
+        withheld=decision.withheld,
     )
     ctx.trace.record(
         "rethink_round", node="rethink", status="ok", step=step, **rnd.model_dump(mode="json")
@@ -384,7 +395,8 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
         "evidence": [e.model_dump(mode="json") for e in [*crops, *looked]],
         "current_answer": decision.answer,
         "current_confidence": decision.confidence,
-        "needs_more": decision.needs_more_evidence,
+        "needs_more": decision.needs_more_evidence and not decision.withheld,
+        "withheld": decision.withheld,
         "over_budget": ctx.clock() - state.get("started_at", ctx.clock())
         >= options(state).time_budget_s,
         "notes": notes,
@@ -399,6 +411,10 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
     # an image that cannot inform an answer (too small, blank, not numbers): no confident
     # answer, whatever a model said of it
     result: GroundedAnswer | None = uninformative_image(state["question"], image)
+    if result is None and ctx.vlm is not None and state.get("withheld"):
+        result = withheld_answer(
+            state["question"], str(state["withheld"]), ctx.vlm.spec, evidence_of(state)
+        )
     notes: list[str] = []
     draft: roles.AnswerDraft | None = None
     if result is None and ctx.vlm is not None and ctx.vlm.profile.defers_to_instruments:

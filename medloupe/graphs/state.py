@@ -64,6 +64,8 @@ class State(InputState):
     current_answer: NotRequired[str | None]
     current_confidence: NotRequired[float]
     needs_more: NotRequired[bool]
+    targets: NotRequired[list[str]]  # what the question names that a tool can locate
+    withheld: NotRequired[str | None]  # why the second look says the image cannot answer
     over_budget: NotRequired[bool]  # the time budget ran out (read from the context's clock)
     answer: NotRequired[dict[str, Any] | None]  # GroundedAnswer (None: not answered yet)
     notes: Annotated[list[str], append]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,7 +13,13 @@ from pydantic import BaseModel, Field
 from medloupe.config import env_name
 from medloupe.io.records import ImageRecord
 from medloupe.mini import model_folder
-from medloupe.mini.grounder import MiniGrounder, UnknownTarget, modality_key, normalise_target
+from medloupe.mini.grounder import (
+    SYNONYMS,
+    MiniGrounder,
+    UnknownTarget,
+    modality_key,
+    normalise_target,
+)
 from medloupe.schemas import Box, Claim, Evidence, Region
 from medloupe.tools.base import (
     Availability,
@@ -68,6 +75,40 @@ def target_from_question(question: str) -> str | None:
         if m and m.group("t").strip() not in ("it", "this", "them"):
             return m.group("t").strip()
     return None
+
+
+_SIDES = ("left ", "right ")
+MAX_SUGGESTED = 3  # targets the rule-based plan grounds for one question
+
+
+def named_targets(question: str, labels: Sequence[str]) -> list[str]:
+    """The grounder's ``labels`` the question names anywhere, in the order they appear:
+    "Does the liver look abnormal?" -> ``["Liver"]``; a sided label also answers to its bare
+    name or plural ("Is the lung healthy?", "the kidneys" -> both sides). Longer names win
+    over the shorter ones inside them ("liver cancer" is not also "liver")."""
+    text = " " + re.sub(r"[^a-z0-9]+", " ", question.lower()) + " "
+    for phrase, label in SYNONYMS.items():
+        text = text.replace(f" {phrase} ", f" {label} ")
+    names: dict[str, list[str]] = {}
+    for label in labels:
+        low = label.lower()
+        names.setdefault(low, []).append(label)
+        for side in _SIDES:
+            if low.startswith(side):
+                names.setdefault(low.removeprefix(side), []).append(label)
+    found: list[tuple[int, str]] = []
+    taken = [False] * len(text)
+    for name in sorted(names, key=len, reverse=True):
+        for m in re.finditer(rf" {re.escape(name)}(?:s|es)? ", text):
+            if any(taken[m.start() + 1 : m.end() - 1]):
+                continue
+            taken[m.start() + 1 : m.end() - 1] = [True] * (m.end() - m.start() - 2)
+            found.extend((m.start(), label) for label in names[name])
+    out: list[str] = []
+    for _, label in sorted(found, key=lambda t: t[0]):
+        if label not in out:
+            out.append(label)
+    return out
 
 
 class GroundArgs(BaseModel):
@@ -155,15 +196,26 @@ class GroundTool(Tool):
             )
         return Availability(True, f"ready: {len(self.grounder.labels)} targets")
 
-    def suggest(self, question: str, image: ImageRecord) -> dict[str, Any] | None:
-        target = target_from_question(question)
-        if target is None or not self.available().ok or self.grounder.known(target) is None:
+    def targets(self, question: str) -> list[str]:
+        """The trained targets the question names (:func:`named_targets`); a "locate the X"
+        question's X first."""
+        if not self.available().ok:
+            return []
+        asked = target_from_question(question)
+        first = self.grounder.known(asked) if asked else None
+        named = named_targets(question, self.grounder.labels)
+        return [first, *(t for t in named if t != first)] if first else named
+
+    def suggest(self, question: str, image: ImageRecord) -> list[dict[str, Any]] | None:
+        """Ground what the question names (at most :data:`MAX_SUGGESTED` targets): a
+        "locate" question's target, an organ whose look or size is asked, both sides of a
+        relative-position question."""
+        targets = self.targets(question)[:MAX_SUGGESTED]
+        if not targets:
             return None
-        args: dict[str, Any] = {"target": target}
         modality = modality_key(question) or modality_key(image.modality)
-        if modality:
-            args["modality"] = modality
-        return args
+        extra = {"modality": modality} if modality else {}
+        return [{"target": t, **extra} for t in targets]
 
     def states(self, question: str, evidence: list[Evidence]) -> Statement | None:
         """The box of what a "locate the X" question asks a box for ("where is the spleen,

@@ -201,11 +201,19 @@ class Tool(ABC):
             return True
         return modality.upper() in {m.upper() for m in self.modalities}
 
-    def suggest(self, question: str, image: ImageRecord) -> dict[str, Any] | None:
+    def suggest(
+        self, question: str, image: ImageRecord
+    ) -> dict[str, Any] | list[dict[str, Any]] | None:
         """Arguments for a call the rule-based planner (used when no VLM plans) should make
-        for ``question`` about ``image``, or ``None`` (the default: only a model plans it).
-        Must be cheap and must not look at pixels."""
+        for ``question`` about ``image`` (a list: several calls), or ``None`` (the default:
+        only a model plans it). Must be cheap and must not look at pixels."""
         return None
+
+    def targets(self, question: str) -> list[str]:
+        """What this tool can locate that ``question`` names (an organ, a finding, a cell
+        type), in the question's order; the graph looks there first and offers them to a
+        model planner (default: none). Must be cheap and must not look at pixels."""
+        return []
 
     def follow_up(self, box: Box, reason: str) -> dict[str, Any] | None:
         """Arguments for a call that examines ``box`` (XYXY pixels), a region the first look

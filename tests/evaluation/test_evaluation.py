@@ -341,6 +341,14 @@ def test_eval_cli_ablation_grid(shared_datasets: Path, tmp_path: Path) -> None:
     comparison = json.loads((tmp_path / "o" / "comparison.json").read_text())
     assert comparison["no-tools"]["runtime"]["tool_calls"] == 0
     assert comparison["full"]["runtime"]["tool_calls"] > 0
+    paired = comparison["no-rethink"]["paired"]
+    assert paired["against"] == "full" and paired["seed"] == 0
+    overall = next(
+        d for d in paired["differences"] if d["group"] == "overall" and d["measure"] == "accuracy"
+    )
+    assert overall["items"] == 1 and overall["p_value"] is not None
+    assert "### no-tools vs full" in (tmp_path / "o" / "paired.md").read_text()
+    assert "McNemar" in proc.stdout
     empty = subprocess.run(
         [
             sys.executable,

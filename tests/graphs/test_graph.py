@@ -340,3 +340,53 @@ def test_out_at_a_file_or_an_unwritable_folder_is_an_input_error(
         locked.mkdir(mode=0o500)
         with pytest.raises(InputError, match="cannot write"):
             ask(chest_dcm, "q?", out=locked / "run", vlm="none", settings=settings)
+
+
+def test_a_second_look_that_withholds_makes_the_answer_abstain_with_its_reason(
+    settings: Settings, chest_dcm: Path, tmp_path: Path
+) -> None:
+    """FAKE VLM: the rethink says the image cannot answer; the answer abstains with that
+    reason (no answer role is asked to guess), and the round records it."""
+    vlm = ScriptedFakeVLM(
+        rethink=lambda m, n: RethinkDecision(
+            answer="yes",
+            confidence=0.9,
+            needs_more_evidence=True,
+            withheld="the liver does not appear to be in view",
+        )
+    )
+    run, answer, events = run_graph(settings, chest_dcm, vlm, tmp_path)
+    assert answer.abstained and answer.confidence == 0.0
+    assert "the liver does not appear to be in view" in answer.abstention_reason
+    assert "fake:scripted" in answer.abstention_reason
+    assert [r for r, _ in vlm.calls].count("rethink") == 1  # withheld: no further round
+    assert "answer" not in [r for r, _ in vlm.calls]
+    rounds = [e for e in events if e.kind == "rethink_round"]
+    assert rounds[0].payload["withheld"] == "the liver does not appear to be in view"
+
+
+def test_the_second_look_zooms_where_the_question_points_first() -> None:
+    from medloupe.graphs.evidence import regions_to_examine
+    from medloupe.schemas import Draft, Evidence, Region
+
+    def ev(i: str, tool: str, labels: list[str]) -> dict:
+        regions = [
+            Region(id=f"{i}-{k}", box_xyxy=(k * 10.0, 0.0, k * 10.0 + 5, 5.0), label=label)
+            for k, label in enumerate(labels, start=int(i[-1]) * 10)
+        ]
+        return Evidence(
+            id=i, kind="tool", tool=tool, step=0, summary="s", regions=regions
+        ).model_dump(mode="json")
+
+    state: Any = {
+        "step": 1,
+        "evidence": [
+            ev("e1", "find_regions", ["dark region 1", "dark region 2"]),
+            ev("e2", "ground", ["Liver 1", "Liver 2", "Liver 3"]),
+            ev("e3", "ground", ["Spleen 1"]),
+        ],
+    }
+    boxes = regions_to_examine(state, Draft(), ["Liver", "Spleen"])
+    # each target's best box, then the others in order
+    assert boxes == [(200.0, 0.0, 205.0, 5.0), (300.0, 0.0, 305.0, 5.0), (210.0, 0.0, 215.0, 5.0)]
+    assert regions_to_examine(state, Draft())[0] == (100.0, 0.0, 105.0, 5.0)  # no targets

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from medloupe.agents.protocol import ChatMessage, ImagePart, TextPart, resolve_vlm
+from medloupe.config import Settings
 from medloupe.mini import BUNDLED
 from medloupe.mini.tool import GroundTool, target_from_question
 from tests.conftest import cli_env
@@ -142,13 +143,23 @@ def test_ground_tool_boxes_an_organ(shared_datasets: Path, tmp_path: Path) -> No
     assert tool.available().ok
     store = ArtifactStore(tmp_path / "s")
     record = ingest_image(load_image(shared_datasets / item["image"]), store)
-    args = tool.suggest(item["question"], record)
-    assert args == {"target": "liver", "modality": "CT"}
+    suggested = tool.suggest(item["question"], record)
+    assert suggested == [{"target": "Liver", "modality": "CT"}]
+    args = suggested[0]
     out = tool.run(tool.input_model.model_validate(args), ToolContext(image=record, store=store))
     assert out.label == "Liver" and out.modality == "CT" and out.boxes
     assert max(iou(out.boxes[0].box_xyxy, tuple(t)) for t in item["boxes_xyxy"]) >= 0.5
     assert 0.0 < out.confidence < 1.0 and out.regions[0].box_xyxy == out.boxes[0].box_xyxy
     assert tool.suggest("Where is the abnormality?", record) is None  # not a trained target
+    # an organ the question names, whatever it asks of it; both sides of a bare "lung"
+    named = tool.suggest("Does the liver look abnormal in this CT?", record)
+    assert named == [{"target": "Liver", "modality": "CT"}]
+    assert tool.targets("Is the lung healthy?") == ["Left Lung", "Right Lung"]
+    assert tool.targets("Where is the liver cancer? Is the liver enlarged?") == [
+        "Liver Cancer",
+        "Liver",
+    ]
+    assert tool.targets("Locate the spleen next to the liver") == ["Spleen", "Liver"]
     with pytest.raises(ValueError, match="nearest targets it knows"):
         tool.run(
             tool.input_model.model_validate({"target": "banana peel"}),
@@ -253,3 +264,40 @@ def test_only_box_requests_are_answered_with_a_box() -> None:
     assert asks_for_box("Locate the liver in this CT image and give its bounding box.")
     assert asks_for_box("This chest X-ray shows nodule. Locate it and give its bounding box.")
     assert not asks_for_box("Where is the spleen in this image, right or lower right?")
+
+
+def test_presence_wording() -> None:
+    from medloupe.mini.backend import presence_name, presupposes
+
+    assert presupposes("Does the liver look abnormal?")
+    assert presupposes("Is the left lung healthy?")
+    for q in (
+        "Does the picture contain liver?",
+        "Is there a liver?",
+        "Where is the liver?",
+        "Is the liver to the left of the spleen?",
+        "Locate the liver.",
+    ):
+        assert not presupposes(q), q
+    assert presence_name("Left Lung") == "lung" and presence_name("Liver") == "liver"
+
+
+@pytest.mark.slow
+def test_the_second_look_withholds_when_the_organ_asked_about_is_not_in_view(
+    shared_datasets: Path, tmp_path: Path, settings: Settings
+) -> None:
+    """A SLAKE chest CT slice (xmlab112; SLAKE: "Does the picture contain liver?" -> No):
+    asked how the liver looks, medloupe-mini grounds the liver, checks it is in view, finds it
+    is not and abstains with the reason; asked about the lung, it answers."""
+    from medloupe import ask
+
+    image = shared_datasets / "slake/imgs/xmlab112/source.jpg"
+    liver = ask(
+        image, "Does the liver look abnormal?", out=tmp_path / "a", vlm="mini:", settings=settings
+    )
+    assert liver.abstained and "liver does not appear to be in view" in liver.abstention_reason
+    trace = json.loads((tmp_path / "a" / "trace.json").read_text())
+    called = [e["name"] for e in trace["events"] if e["kind"] == "tool_call"]
+    assert "ground" in called
+    lung = ask(image, "Is the lung healthy?", out=tmp_path / "b", vlm="mini:", settings=settings)
+    assert not lung.abstained and lung.short_answer
