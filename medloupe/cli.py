@@ -48,6 +48,8 @@ err_console = Console(stderr=True)
 log = logging.getLogger("medloupe")
 
 DEMO_QUESTION = "What imaging modality and body part is this, and how large is the image?"
+# demo --all: a question whose answer needs looking (locate the lung, zoom in, judge it)
+DEMO_LOOK_QUESTION = "Does the right lung look normal?"
 # --vlm of ask, demo and eval
 VlmOption = Annotated[
     str | None,
@@ -173,7 +175,10 @@ def _run_and_report(
     resources: Resources | None = None,
     as_json: bool,
     resume: bool = False,
-) -> None:
+    emit_json: bool = True,
+) -> dict[str, Any]:
+    """Run to the answer with progress on stderr; print it (JSON when ``as_json``, unless
+    not ``emit_json``: the caller prints) and return it as JSON data."""
     from medloupe.errors import MedloupeError
     from medloupe.runner import execute
 
@@ -197,16 +202,12 @@ def _run_and_report(
             f"`medloupe resume {shown(run.run_id)}` (trace in {shown(run.dir / 'trace.json')})"
         )
         raise typer.Exit(130) from None
-    if as_json:
-        sys.stdout.write(
-            json.dumps(
-                {"run_id": run.run_id, "run_dir": str(run.dir), **answer.model_dump(mode="json")},
-                indent=2,
-            )
-            + "\n"
-        )
-    else:
+    doc = {"run_id": run.run_id, "run_dir": str(run.dir), **answer.model_dump(mode="json")}
+    if as_json and emit_json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    elif not as_json:
         _print_answer(answer, run)
+    return doc
 
 
 @app.command()
@@ -335,6 +336,15 @@ def demo(
         str,
         typer.Option(help="knowledge base to cite; 'default' (HPO + ICD-10-CM) or 'none'"),
     ] = "default",
+    all_questions: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help=f"also ask {DEMO_LOOK_QUESTION!r}: the grounder finds the lung, the second "
+            "look zooms into it (--json: a list of both answers; --out: the second run in "
+            "OUT/look)",
+        ),
+    ] = False,
 ) -> None:
     """Ask a question about a bundled real chest radiograph (no network, no GPU)."""
     from medloupe.api import prepare_run
@@ -342,19 +352,30 @@ def demo(
 
     settings = _settings()
     image = demo_image()
-    err_console.print(
-        f"[dim]demo image: {image.name} (pydicom-data); question: {DEMO_QUESTION}[/dim]"
-    )
     use_kb = None if kb == "none" else kb
     if use_kb == "default":
         _prepare_default_kb()
-    try:
-        run, resources = prepare_run(
-            image, DEMO_QUESTION, settings=settings, out=out, vlm=vlm, kb=use_kb
+    asked = [(DEMO_QUESTION, out)]
+    if all_questions:
+        asked.append((DEMO_LOOK_QUESTION, out / "look" if out else None))
+    docs = []
+    for question, run_out in asked:
+        err_console.print(
+            f"[dim]demo image: {image.name} (pydicom-data); question: {question}[/dim]"
         )
-    except MedloupeError as exc:
-        raise _fail(exc) from None
-    _run_and_report(run, settings, resources=resources, as_json=as_json)
+        try:
+            run, resources = prepare_run(
+                image, question, settings=settings, out=run_out, vlm=vlm, kb=use_kb
+            )
+        except MedloupeError as exc:
+            raise _fail(exc) from None
+        docs.append(
+            _run_and_report(
+                run, settings, resources=resources, as_json=as_json, emit_json=not all_questions
+            )
+        )
+    if as_json and all_questions:
+        sys.stdout.write(json.dumps(docs, indent=2) + "\n")
 
 
 @app.command()

@@ -45,6 +45,25 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "find_regions" in shown and "rethink_round" in shown
 
 
+def test_demo_all_shows_the_second_look_at_the_organ_asked_about(tmp_path: Path) -> None:
+    """``demo --all`` also asks how the right lung looks: the grounder boxes the right lung
+    (the patient's right: the image's left half), the second look zooms into it alone, and
+    the answer cites that look."""
+    env = cli_env(tmp_path / "home")
+    out = tmp_path / "demo"
+    proc = medloupe("demo", "--all", "--json", "--out", str(out), "--kb", "none", env=env)
+    header, look = json.loads(proc.stdout)
+    assert header["short_answer"].startswith("computed radiography")
+    assert look["question"] == "Does the right lung look normal?"
+    assert look["short_answer"] and look["provenance"]["answer_source"] == "vlm"
+    assert "ground" in look["provenance"]["tools"]
+    trace = json.loads((out / "look" / "trace.json").read_text())
+    (rnd,) = [e for e in trace["events"] if e["kind"] == "rethink_round"]
+    (box,) = rnd["payload"]["boxes"]
+    assert (box[0] + box[2]) / 2 < 1841 / 2  # the right lung is on the image's left
+    assert any(r["label"] == "Right Lung 1, looked at closely" for r in look["regions"])
+
+
 def test_help_is_fast_and_imports_nothing_heavy(tmp_path: Path) -> None:
     code = "import sys, medloupe.cli; print(sorted(m for m in ('torch', 'langgraph', 'pydicom', 'transformers') if m in sys.modules))"
     out = subprocess.run(

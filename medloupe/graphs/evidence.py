@@ -167,13 +167,14 @@ def passage_evidence(
 def regions_to_examine(
     state: State, draft: Draft, targets: Sequence[str] = ()
 ) -> list[tuple[float, float, float, float]]:
-    """The boxes the second look zooms into (at most :data:`MAX_RETHINK_REGIONS`): first the
-    best region of each of the question's ``targets`` (a region labelled with its name, as a
-    grounder labels "Liver 1"), then the first look's regions, then the last round's other
-    regions, in order."""
+    """The boxes the second look zooms into (at most :data:`MAX_RETHINK_REGIONS`). When a
+    tool found one of the question's ``targets`` (a region labelled with its name, as the
+    grounder labels "Liver 1"): the best region of each target, then the first look's
+    regions — where the question points, nothing else. Otherwise the first look's regions,
+    then the last round's, in order."""
     names = [t.lower() for t in targets]
     # (group, target index, order): 0 a target's best region, 1 the first look's, 2 a
-    # target's further regions, 3 the rest
+    # target's further regions, 3 the rest (2 and 3 only when no target was located)
     ranked: list[tuple[int, int, int, tuple[float, float, float, float]]] = []
     for roi in draft.regions:
         ranked.append((1, 0, len(ranked), roi.box_xyxy))
@@ -191,6 +192,8 @@ def regions_to_examine(
                 else:
                     ranked.append((2 if hit in found else 0, hit, len(ranked), r.box_xyxy))
                     found.add(hit)
+    if found:  # the question's targets were located: look there (and where the model looked)
+        ranked = [r for r in ranked if r[0] <= 1]
     seen: list[tuple[float, float, float, float]] = []
     for *_, b in sorted(ranked):
         if b not in seen:

@@ -378,6 +378,12 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
         "rethink_round", node="rethink", status="ok", step=step, **rnd.model_dump(mode="json")
     )
     looked: list[Evidence] = []
+    named = {  # a box's name where a tool gave one ("Right Lung 1")
+        r.box_xyxy: r.label
+        for ev in reversed(evidence_of(state))
+        for r in ev.regions
+        if ev.status == "ok" and r.label and ev.kind == "tool" and r.label != "crop"
+    }
     if ctx.vlm is not None and decision.answer is not None and not notes:
         looked.append(
             observation(
@@ -386,7 +392,10 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
                 step,
                 f"second look ({ctx.vlm.spec}) at {len(crop_ids)} crop(s): {decision.answer!r}, "
                 f"confidence {decision.confidence:.2f}",
-                [(b, f"region {i + 1}, looked at closely") for i, b in enumerate(boxes)],
+                [
+                    (b, f"{named.get(b, f'region {i + 1}')}, looked at closely")
+                    for i, b in enumerate(boxes)
+                ],
                 crop_ids,
             )
         )

@@ -387,6 +387,7 @@ def test_the_second_look_zooms_where_the_question_points_first() -> None:
         ],
     }
     boxes = regions_to_examine(state, Draft(), ["Liver", "Spleen"])
-    # each target's best box, then the others in order
-    assert boxes == [(200.0, 0.0, 205.0, 5.0), (300.0, 0.0, 305.0, 5.0), (210.0, 0.0, 215.0, 5.0)]
+    # each target's best box, and nothing the question does not point to
+    assert boxes == [(200.0, 0.0, 205.0, 5.0), (300.0, 0.0, 305.0, 5.0)]
+    assert regions_to_examine(state, Draft(), ["Heart"])[0] == (100.0, 0.0, 105.0, 5.0)
     assert regions_to_examine(state, Draft())[0] == (100.0, 0.0, 105.0, 5.0)  # no targets
