@@ -104,6 +104,28 @@ def _binary(
     )
 
 
+def _interval_only(
+    measure: str, group: str, n: int, va: float, vb: float, ci: tuple[float, float]
+) -> PairedDifference:
+    """B minus A with its bootstrap interval and no test: significant when the interval
+    excludes 0."""
+    lo, hi = ci
+    return PairedDifference(
+        measure=measure,
+        group=group,
+        items=n,
+        a=va,
+        b=vb,
+        difference=vb - va,
+        ci_low=lo,
+        ci_high=hi,
+        p_value=None,
+        only_a=None,
+        only_b=None,
+        significant=bool(lo > 0 or hi < 0),
+    )
+
+
 def _continuous(
     measure: str,
     stat: Callable[[Sequence[Record]], float | None],
@@ -120,21 +142,8 @@ def _continuous(
         sa, sb = stat([a[i] for i in idx]), stat([b[i] for i in idx])
         return math.nan if sa is None or sb is None else sb - sa
 
-    lo, hi = bootstrap_interval(resampled, len(a), seed=seed)
-    return PairedDifference(
-        measure=measure,
-        group=group,
-        items=len(a),
-        a=va,
-        b=vb,
-        difference=vb - va,
-        ci_low=lo,
-        ci_high=hi,
-        p_value=None,
-        only_a=None,
-        only_b=None,
-        significant=bool(lo > 0 or hi < 0),
-    )
+    ci = bootstrap_interval(resampled, len(a), seed=seed)
+    return _interval_only(measure, group, len(a), va, vb, ci)
 
 
 def _mean_difference(
@@ -142,23 +151,8 @@ def _mean_difference(
 ) -> PairedDifference:
     va = np.array([float(r.get(key) or 0.0) for r in a])
     vb = np.array([float(r.get(key) or 0.0) for r in b])
-    lo, hi = bootstrap_interval(
-        lambda idx: float(vb[idx].mean() - va[idx].mean()), len(a), seed=seed
-    )
-    return PairedDifference(
-        measure=measure,
-        group=group,
-        items=len(a),
-        a=float(va.mean()),
-        b=float(vb.mean()),
-        difference=float(vb.mean() - va.mean()),
-        ci_low=lo,
-        ci_high=hi,
-        p_value=None,
-        only_a=None,
-        only_b=None,
-        significant=bool(lo > 0 or hi < 0),
-    )
+    ci = bootstrap_interval(lambda idx: float(vb[idx].mean() - va[idx].mean()), len(a), seed=seed)
+    return _interval_only(measure, group, len(a), float(va.mean()), float(vb.mean()), ci)
 
 
 def _ece(rs: Sequence[Record]) -> float | None:
