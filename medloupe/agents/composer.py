@@ -21,6 +21,7 @@ from medloupe.schemas import (
     Provenance,
     Region,
 )
+from medloupe.text import tokens
 from medloupe.tools.base import Statement
 from medloupe.tools.registry import ToolRegistry
 
@@ -72,6 +73,23 @@ def question_targets(question: str, registry: ToolRegistry, image: ImageRecord) 
             out.extend(x for x in t.targets(question) if x not in out)
     return out
 
+
+
+def withheld_reason(question: str, targets: list[str], reason: str | None) -> str | None:
+    """A second look's "not in view" ``reason``, kept only when it names what the question
+    asks about: one of its ``targets`` (:func:`question_targets`) or, where no tool knows
+    one, a word of four letters or more of the question (plurals matched). A reason naming
+    neither (a model's noise: random weights fill every field) is dropped (``None``), so the
+    answer goes ahead rather than abstaining for nothing."""
+    if not reason or not reason.strip():
+        return None
+
+    def stems(text: str) -> list[str]:
+        return [w.removesuffix("s") for w in tokens(text)]
+
+    said = set(stems(reason))
+    names = [stems(t) for t in targets] or [[w] for w in stems(question) if len(w) >= 4]
+    return reason if any(n and all(w in said for w in n) for n in names) else None
 
 def statements(question: str, evidence: list[Evidence], registry: ToolRegistry) -> list[Statement]:
     """What the tools' evidence states outright, in registry order; one located answer (the

@@ -19,6 +19,7 @@ from medloupe.agents.composer import (
     question_targets,
     uninformative_image,
     withheld_answer,
+    withheld_reason,
 )
 from medloupe.agents.protocol import DEFAULT_CROP_SIDE
 from medloupe.agents.structured import validation_problems
@@ -361,6 +362,11 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
             confidence=conf_before,
             note="no VLM: crops stored for review; the answer is unchanged",
         )
+    withheld = withheld_reason(state["question"], state.get("targets", []), decision.withheld)
+    if decision.withheld and withheld is None:
+        notes.append(f"the second look withheld its answer for a reason that names nothing the "
+                     f"question asks about ({decision.withheld[:80]!r}); ignored")
+    decision = decision.model_copy(update={"withheld": withheld})
     rnd = RethinkRound(
         round=step,
         crops=crop_ids,
@@ -377,28 +383,11 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
     ctx.trace.record(
         "rethink_round", node="rethink", status="ok", step=step, **rnd.model_dump(mode="json")
     )
-    looked: list[Evidence] = []
-    named = {  # a box's name where a tool gave one ("Right Lung 1")
-        r.box_xyxy: r.label
-        for ev in reversed(evidence_of(state))
-        for r in ev.regions
-        if ev.status == "ok" and r.label and ev.kind == "tool" and r.label != "crop"
-    }
-    if ctx.vlm is not None and decision.answer is not None and not notes:
-        looked.append(
-            observation(
-                state,
-                "rethink",
-                step,
-                f"second look ({ctx.vlm.spec}) at {len(crop_ids)} crop(s): {decision.answer!r}, "
-                f"confidence {decision.confidence:.2f}",
-                [
-                    (b, f"{named.get(b, f'region {i + 1}')}, looked at closely")
-                    for i, b in enumerate(boxes)
-                ],
-                crop_ids,
-            )
-        )
+    looked = (
+        [second_look(state, ctx.vlm.spec, step, decision, boxes, crop_ids)]
+        if ctx.vlm is not None and decision.answer is not None and not notes
+        else []
+    )
     return {
         "rethinks": [rnd.model_dump(mode="json")],
         "evidence": [e.model_dump(mode="json") for e in [*crops, *looked]],
@@ -410,6 +399,30 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
         >= options(state).time_budget_s,
         "notes": notes,
     }
+
+
+def second_look(
+    state: State, model: str, step: int, decision: RethinkDecision,
+    boxes: list[tuple[float, float, float, float]],
+    crop_ids: list[str],
+) -> Evidence:
+    """The observation a second look adds: its answer, each box named as a tool named it
+    ("Right Lung 1") or by its number, and the crops it looked at."""
+    named = {
+        r.box_xyxy: r.label
+        for ev in reversed(evidence_of(state))
+        for r in ev.regions
+        if ev.status == "ok" and r.label and ev.kind == "tool" and r.label != "crop"
+    }
+    return observation(
+        state,
+        "rethink",
+        step,
+        f"second look ({model}) at {len(crop_ids)} crop(s): {decision.answer!r}, "
+        f"confidence {decision.confidence:.2f}",
+        [(b, f"{named.get(b, f'region {i + 1}')}, looked at closely") for i, b in enumerate(boxes)],
+        crop_ids,
+    )
 
 
 async def answer(state: State, ctx: RunContext) -> dict[str, Any]:

@@ -32,11 +32,12 @@ def run_graph(
     *,
     registry: Any = None,
     review: Any = None,
+    question: str = "Is there a nodule?",
     **options: Any,
 ) -> tuple[Any, Any, list]:
     run = create_run(
         load_image(image),
-        "Is there a nodule?",
+        question,
         settings=settings,
         out_dir=tmp_path / "run",
         options=options,
@@ -355,7 +356,9 @@ def test_a_second_look_that_withholds_makes_the_answer_abstain_with_its_reason(
             withheld="the liver does not appear to be in view",
         )
     )
-    run, answer, events = run_graph(settings, chest_dcm, vlm, tmp_path)
+    run, answer, events = run_graph(
+        settings, chest_dcm, vlm, tmp_path, question="Does the liver look abnormal?"
+    )
     assert answer.abstained and answer.confidence == 0.0
     assert "the liver does not appear to be in view" in answer.abstention_reason
     assert "fake:scripted" in answer.abstention_reason
@@ -364,6 +367,21 @@ def test_a_second_look_that_withholds_makes_the_answer_abstain_with_its_reason(
     rounds = [e for e in events if e.kind == "rethink_round"]
     assert rounds[0].payload["withheld"] == "the liver does not appear to be in view"
 
+
+
+def test_a_withheld_reason_that_names_nothing_asked_about_is_ignored(
+    settings: Settings, chest_dcm: Path, tmp_path: Path
+) -> None:
+    """FAKE VLM: a model with random weights fills every field; a 'not in view' that names
+    nothing the question asks about does not make the run abstain: the answer role is asked."""
+    vlm = ScriptedFakeVLM(
+        rethink=lambda m, n: RethinkDecision(answer="yes", confidence=0.6, withheld="qz vx")
+    )
+    run, answer, events = run_graph(settings, chest_dcm, vlm, tmp_path)
+    assert "answer" in [r for r, _ in vlm.calls]
+    assert "qz vx" not in (answer.abstention_reason or "")
+    rounds = [e for e in events if e.kind == "rethink_round"]
+    assert rounds[0].payload["withheld"] is None
 
 def test_the_second_look_zooms_where_the_question_points_first() -> None:
     from medloupe.graphs.evidence import regions_to_examine
