@@ -44,6 +44,7 @@ from medloupe.config import env_name
 from medloupe.errors import BackendError, BackendSpecError, InputError
 from medloupe.mini import BUNDLED, model_folder
 from medloupe.mini.answerer import MiniAnswerer, Prediction
+from medloupe.mini.tool import relation_from_question
 from medloupe.schemas import Claim, Draft, RethinkDecision
 
 # Presence check of the second look: "no" at this confidence or more means "not in view".
@@ -69,6 +70,12 @@ def presence_name(target: str) -> str:
     "lung")."""
     return target.lower().removeprefix("left ").removeprefix("right ")
 
+# on relative-position questions the answerer, trained on upright slices, was below chance
+# (MIRP rotates and flips slices): the grounder's boxes decide, or the answer abstains
+RELATIVE_NOTE = (
+    "medloupe-mini does not judge relative positions from the whole image: the grounder's "
+    "boxes of both structures decide"
+)
 
 class MiniBackend(VLMBackend):
     """The answerer of ``folder`` behind the VLM backend contract."""
@@ -149,11 +156,21 @@ class MiniBackend(VLMBackend):
         """Play a graph role from its typed request (the prompt's prose is not read)."""
         started = time.perf_counter()
         reply: BaseModel
+        positional = relation_from_question(request.question) is not None
         if request.role == "think" and schema is Draft and request.images:
-            p = await asyncio.to_thread(self._predict, store, request.images[0], request.question)
-            reply = Draft(answer=p.answer, confidence=p.confidence, note=p.basis)
+            if positional:
+                reply = Draft(note=RELATIVE_NOTE)
+            else:
+                p = await asyncio.to_thread(
+                    self._predict, store, request.images[0], request.question
+                )
+                reply = Draft(answer=p.answer, confidence=p.confidence, note=p.basis)
         elif request.role == "rethink" and schema is RethinkDecision and request.images:
-            reply = await self._rethink(request, store)
+            reply = (
+                RethinkDecision(note=RELATIVE_NOTE)
+                if positional
+                else await self._rethink(request, store)
+            )
         elif request.role == "answer" and schema is AnswerDraft:
             reply = _answer(request)
         else:
@@ -216,6 +233,13 @@ def _answer(request: RoleRequest) -> AnswerDraft:
     """The final answer: the current answer, its claim citing the model's own looks."""
     current, conf = request.answer, request.confidence
     cited = request.observation_ids
+    if relation_from_question(request.question) is not None:
+        return AnswerDraft(
+            confidence=0.0,
+            abstained=True,
+            abstention_reason=f"{RELATIVE_NOTE}, and it did not locate both (it finds only "
+            "the organs and findings it was trained on: see the ground tool's targets)",
+        )
     if current is None or not cited:
         return AnswerDraft(
             confidence=0.0,

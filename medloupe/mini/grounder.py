@@ -23,6 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from medloupe.mini.orientation import MODALITIES as ORIENTED
+from medloupe.mini.orientation import TRUST_AT, Orientation, d4, d4_inverse
+
 GRID = 28
 DECODE = 112  # the heatmap is upsampled to this grid before thresholding
 MODALITIES = ("CT", "MRI", "X-Ray", "microscopy")
@@ -179,12 +182,17 @@ def decode(
 class Grounding:
     """What the grounder found: the label it matched, the modality it assumed, and boxes
     (XYXY pixels of the input image) with their peak scores, best first; ``confidence`` is the
-    calibrated chance that the first box has IoU >= 0.5 with the truth."""
+    calibrated chance that the first box has IoU >= 0.5 with the truth. ``orientation``: the
+    D4 element (:mod:`medloupe.mini.orientation`) the slice was found displayed under and
+    grounded back from (0: as displayed), with the estimate's probability (``None``: not
+    estimated)."""
 
     label: str
     modality: str | None
     boxes: list[tuple[tuple[float, float, float, float], float]]
     confidence: float
+    orientation: int = 0
+    orientation_probability: float | None = None
 
 
 class UnknownTarget(ValueError):
@@ -199,6 +207,7 @@ class MiniGrounder:
         self._lock = threading.Lock()
         self._meta: dict[str, Any] | None = None
         self._loaded: tuple[Any, Any, Any, np.ndarray] | None = None
+        self.orientation = Orientation(self.folder)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -278,10 +287,16 @@ class MiniGrounder:
         li = meta["labels"].index(label)
         mi = MODALITIES.index(mod) if mod else len(MODALITIES)
         prior = priors[li, mi]
+        k, k_prob = 0, None
+        if mod in ORIENTED and self.orientation.available():
+            k, k_prob = self.orientation.estimate(rgb, backbone)
+            k = k if k_prob >= TRUST_AT else 0
+        view = d4(rgb, d4_inverse(k)) if k else rgb  # the standard display the prior knows
         with torch.inference_mode():
-            feats = backbone.pyramid(torch.from_numpy(preprocess(rgb))[None])
+            feats = backbone.pyramid(torch.from_numpy(preprocess(view))[None])
             logits = head(feats, torch.from_numpy(cond)[None], torch.from_numpy(prior)[None])
         prob = torch.sigmoid(logits)[0].numpy()
+        prob = d4(prob, k) if k else prob  # back to the image as shown
         h, w = rgb.shape[:2]
         boxes = [
             ((b[0] * w, b[1] * h, b[2] * w, b[3] * h), s)
@@ -289,4 +304,4 @@ class MiniGrounder:
         ]
         a, c = meta["calibration"]
         confidence = float(1.0 / (1.0 + np.exp(-(a * boxes[0][1] + c)))) if boxes else 0.0
-        return Grounding(label, mod, boxes, confidence)
+        return Grounding(label, mod, boxes, confidence, k, k_prob)

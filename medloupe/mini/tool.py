@@ -77,6 +77,41 @@ def target_from_question(question: str) -> str | None:
     return None
 
 
+_RELATION = re.compile(
+    r"^\s*(?:is|are) (?:the )?(?P<a>[a-z][a-z -]*?) (?:(?:located|positioned|situated|seen) )?"
+    r"(?P<rel>(?:to|on) the (?:left|right)(?: side)? of|(?:left|right) of|above|below|over|"
+    r"under(?:neath)?|higher than|lower than) (?:the )?(?P<b>[a-z][a-z -]*?)"
+    r"\s*(?:[?.,;]|\b(?:in|on) (?:this|the)\b|$)",
+    re.I,
+)
+_AXES = {
+    **dict.fromkeys(("left",), ("x", True)),
+    **dict.fromkeys(("right",), ("x", False)),
+    **dict.fromkeys(("above", "over", "higher"), ("y", True)),
+    **dict.fromkeys(("below", "under", "underneath", "lower"), ("y", False)),
+}
+
+
+def relation_from_question(question: str) -> tuple[str, str, str] | None:
+    """``(a, relation, b)`` of a relative-position question, the relation one of ``left``,
+    ``right``, ``above``, ``below`` in the image as shown: "Is the aorta to the left of the
+    spleen?" -> ``("aorta", "left", "spleen")``; ``None`` for other questions."""
+    m = _RELATION.search(question)
+    if not m or re.search(r"\b(image|picture|scan|body|slice)\b", m.group("b"), re.I):
+        return None
+    word = next(w for w in re.findall(r"[a-z]+", m.group("rel").lower()) if w in _AXES)
+    axis, smaller = _AXES[word]
+    rel = {("x", True): "left", ("x", False): "right", ("y", True): "above"}.get(
+        (axis, smaller), "below"
+    )
+    return m.group("a").strip(), rel, m.group("b").strip()
+
+
+def centre(box: Sequence[float]) -> tuple[float, float]:
+    """The centre ``(x, y)`` of an XYXY box, in its pixels."""
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
 _SIDES = ("left ", "right ")
 MAX_SUGGESTED = 3  # targets the rule-based plan grounds for one question
 
@@ -219,7 +254,11 @@ class GroundTool(Tool):
 
     def states(self, question: str, evidence: list[Evidence]) -> Statement | None:
         """The box of what a "locate the X" question asks a box for ("where is the spleen,
-        right or lower right?" asks for words: the box stays evidence, not the answer)."""
+        right or lower right?" asks for words: the box stays evidence, not the answer); the
+        answer of a relative-position question both of whose targets were grounded."""
+        relation = relation_from_question(question)
+        if relation is not None:
+            return self._relative(relation, evidence)
         target = target_from_question(question)
         if target is None or not asks_for_box(question):
             return None
@@ -249,6 +288,54 @@ class GroundTool(Tool):
                 confidence=confidence,
             )
         return None
+
+    def _relative(
+        self, relation: tuple[str, str, str], evidence: list[Evidence]
+    ) -> Statement | None:
+        """Yes or no from the centres of the two targets' best boxes, in the image as shown
+        (no atlas: a rotated or flipped slice is read as displayed). ``None`` unless each
+        side names exactly one trained target and both were found."""
+        a, rel, b = relation
+        labels = self.grounder.labels
+        found: list[tuple[str, Evidence]] = []
+        for phrase in (a, b):
+            named = named_targets(phrase, labels)
+            if len(named) != 1:
+                return None
+            hit = next(
+                (
+                    e
+                    for e in successful(evidence, self.name)
+                    if str((e.output or {}).get("label")) == named[0] and e.regions
+                ),
+                None,
+            )
+            if hit is None:
+                return None
+            found.append((named[0], hit))
+        (la, ea), (lb, eb) = found
+        (ax, ay), (bx, by) = centre(ea.regions[0].box_xyxy), centre(eb.regions[0].box_xyxy)
+        yes = {"left": ax < bx, "right": ax > bx, "above": ay < by, "below": ay > by}[rel]
+        both = float((ea.output or {}).get("confidence", 0.0)) * float(
+            (eb.output or {}).get("confidence", 0.0)
+        )
+        confidence = both + (1.0 - both) * 0.5  # a missed box leaves a coin flip
+        where = "to the left of" if rel == "left" else "to the right of" if rel == "right" else rel
+        claim = Claim(
+            text=(
+                f"In the image as shown, the centre of the {la.lower()}'s box "
+                f"({ax:.0f}, {ay:.0f}) is {'' if yes else 'not '}{where} the centre of the "
+                f"{lb.lower()}'s box ({bx:.0f}, {by:.0f}) (medloupe-mini's grounder; both boxes "
+                f"right with calibrated chance {both:.2f})."
+            ),
+            evidence_ids=[ea.id, eb.id],
+        )
+        return Statement(
+            parts=("yes" if yes else "no",),
+            claims=(claim,),
+            regions=(ea.regions[0], eb.regions[0]),
+            confidence=confidence,
+        )
 
     def run(self, args: BaseModel, ctx: ToolContext) -> GroundResult:
         a: Any = args

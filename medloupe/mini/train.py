@@ -25,10 +25,12 @@ from medloupe.mini import yesno
 from medloupe.mini.answerer import FORMAT, build_head, plain_yes_no
 from medloupe.mini.data import Example, every_kth, fold, held_out, training_examples
 from medloupe.mini.features import Progress, image_features
+from medloupe.mini.orientation import train_orientation
 from medloupe.mini.train_grounder import train_grounder
 
 log = logging.getLogger(__name__)
 ANSWERER_FILES = ("answerer.pt", "yesno.pt", "answerer.json")
+GROUNDER_FILES = ("grounder.pt", "grounder.json", "orientation.pt", "orientation.json")
 
 
 def train_answerer(
@@ -286,9 +288,12 @@ def train_mini(
     max_examples: int | None = None,
     on_progress: Progress | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train the answerer and the grounder into ``out`` and write ``MODEL_CARD.md``; returns
-    both metadata documents. Every file is written to a temporary folder first and moved into
-    ``out`` only when both models are trained, so a failed run leaves ``out`` as it was."""
+    """Train the answerer, the grounder and its orientation estimate into ``out`` and write
+    ``MODEL_CARD.md``; returns the answerer's and the grounder's metadata (the latter with the
+    orientation model's under ``"orientation"``). Every file is written to a temporary
+    folder first and moved into ``out`` only when all are trained, so a failed run leaves
+    ``out`` as it was. ``max_examples`` caps each model's examples (a slice gives the
+    orientation model eight)."""
     import shutil
     import tempfile
 
@@ -301,8 +306,14 @@ def train_mini(
         grounder = train_grounder(
             datasets, tmp, seed=seed, max_examples=max_examples, on_progress=on_progress
         )
+        grounder["orientation"] = train_orientation(
+            datasets,
+            tmp,
+            max_slices=None if max_examples is None else max(10, max_examples // 8),
+            on_progress=on_progress,
+        )
         (Path(tmp) / "MODEL_CARD.md").write_text(model_card(answerer, grounder), encoding="utf-8")
-        for f in (*ANSWERER_FILES, "grounder.pt", "grounder.json", "MODEL_CARD.md"):
+        for f in (*ANSWERER_FILES, *GROUNDER_FILES, "MODEL_CARD.md"):
             shutil.move(str(Path(tmp) / f), str(folder / f))
     return answerer, grounder
 
@@ -365,6 +376,11 @@ use only; not a medical device.**
   targets on {gd["images"]} images ({", ".join(f"{k} {v}" for k, v in gd["sources"].items())}).
 - Held-out hit rate (IoU >= 0.5 of the top box): {gh["hit_rate_iou50"]:.3f} ({by_source});
   the prior alone: {gh["prior_only_hit_rate"]:.3f}.
+- Orientation (`orientation.pt`): CT and MR slices are first checked for rotation or mirroring
+  (the eight symmetries of a square) by {orientation_line(grounder.get("orientation"))}; a slice
+  found turned is grounded in the standard display and its boxes mapped back to the image as
+  shown, so relative positions ("Is the spleen to the left of the liver?") are read from the two
+  boxes' centres as displayed, never from the atlas.
 
 ## Data and licences
 - VQA-RAD (Lau et al., 2018), CC0 1.0. SLAKE (Liu et al., ISBI 2021), CC BY 4.0. NIH
@@ -387,6 +403,23 @@ lesions are found far less reliably than organs. Left and right are as the image
 Confidences are calibrated on held-out training images only.
 """
 
+
+
+def orientation_line(meta: dict[str, Any] | None) -> str:
+    """The model card's words for the orientation estimate's recipe and out-of-fold figures."""
+    if not meta:
+        return "nothing (no orientation model in this folder)"
+    figures = "; ".join(
+        f"{mod} {v['slices']} slices: accuracy {v['accuracy']:.3f}, trusted (p >= "
+        f"{meta['trust_at']}) on {v['trusted_share']:.0%} of them with accuracy "
+        f"{v['trusted_accuracy']:.3f}"
+        for mod, v in meta["out_of_fold"].items()
+        if v.get("accuracy") is not None and v.get("trusted_accuracy") is not None
+    )
+    return (
+        f"a softmax regression over pooled EfficientNet-Lite0 features, trained on {meta['data']}"
+        f"; out of fold ({meta['folds']} folds by image): {figures}"
+    )
 
 def fit_temperature(logits: Any, labels: Any) -> float:
     """The temperature minimising the negative log-likelihood of ``labels`` (LBFGS, log-space)."""

@@ -178,12 +178,15 @@ def test_quick_training_run_is_seeded_and_loads(shared_datasets: Path, tmp_path:
     for key in ("labels", "threshold", "calibration", "epochs", "held_out"):
         assert ground_a[key] == ground_b[key]
     assert "White Blood Cell" in ground_a["labels"] and "Liver" in ground_a["labels"]
+    orient_a = json.loads((tmp_path / "a" / "orientation.json").read_text())
+    orient_b = json.loads((tmp_path / "b" / "orientation.json").read_text())
+    assert orient_a["out_of_fold"] == orient_b["out_of_fold"] and orient_a["slices"] <= 25
     sizes = sum(p.stat().st_size for p in (tmp_path / "a").iterdir() if p.is_file())
     assert sizes < 25 * 1024 * 1024
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".training")]
     card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert "CC0 1.0" in card and "CC BY 4.0" in card and "test split" in card
-    assert "grounder" in card and "hit rate" in card
+    assert "grounder" in card and "hit rate" in card and "Orientation" in card
     answerer = MiniAnswerer(tmp_path / "a")
     rgb = np.full((64, 64, 3), 90, np.uint8)
     p = answerer.predict(rgb, "Is there a mass in the left lung?")

@@ -1,0 +1,91 @@
+"""medloupe-mini's orientation estimate and the relative-position answer read from the
+grounder's boxes in the image as shown (real shipped weights; SLAKE and MIRP images from
+../shared)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medloupe.evaluation.scoring import iou
+from medloupe.mini import BUNDLED
+from medloupe.mini.grounder import MiniGrounder
+from medloupe.mini.orientation import d4, d4_inverse
+from medloupe.mini.tool import centre, relation_from_question
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_each_d4_element_is_undone_by_its_inverse(k: int) -> None:
+    a = np.arange(2 * 3 * 3).reshape(2, 3, 3)  # not square: rotations swap the axes
+    assert np.array_equal(d4(d4(a, k), d4_inverse(k)), a)
+    assert len({d4(np.arange(6).reshape(2, 3), j).tobytes() + bytes(j >= 4) for j in range(8)}) == 8
+
+
+@pytest.mark.parametrize(
+    ("question", "relation"),
+    [
+        ("Is the aorta to the left of the spleen? Answer yes or no.", ("aorta", "left", "spleen")),
+        ("Is the spleen below the stomach?", ("spleen", "below", "stomach")),
+        ("Is the liver above the right kidney in this image?", ("liver", "above", "right kidney")),
+        ("Are the kidneys on the right side of the liver?", ("kidneys", "right", "liver")),
+        ("Is the heart underneath the lung?", ("heart", "below", "lung")),
+        ("What is the organ on the left side of this image?", None),  # asks a name
+        ("Is the liver on the left of the image?", None),  # a side of the image
+        ("Is there a nodule in the left lung?", None),
+    ],
+)
+def test_relation_from_question(question: str, relation: tuple[str, str, str] | None) -> None:
+    assert relation_from_question(question) == relation
+
+
+def test_a_flipped_slice_is_grounded_in_the_standard_view_and_boxed_where_shown(
+    shared_datasets: Path,
+) -> None:
+    """A SLAKE training CT slice (the orientation model saw it: this checks the mapping
+    back, not generalisation) mirrored and rotated: the liver's box follows the liver."""
+    image = shared_datasets / "slake/imgs/xmlab100/source.jpg"
+    if not image.is_file():
+        pytest.skip(f"{image} is not in this copy of ../shared")
+    g = MiniGrounder(BUNDLED)
+    rgb = np.asarray(Image.open(image).convert("RGB"))
+    upright = g.ground(rgb, "liver", "CT")
+    assert upright.orientation == 0
+    h, w = rgb.shape[:2]
+    for k in (2, 4, 5):
+        shown = d4(rgb, k)
+        found = g.ground(shown, "liver", "CT")
+        assert found.orientation == k and (found.orientation_probability or 0) >= 0.9
+        # the upright box carried through the same transform, as a mask's bounding box
+        mask = np.zeros((h, w), bool)
+        x0, y0, x1, y1 = (int(v) for v in upright.boxes[0][0])
+        mask[y0:y1, x0:x1] = True
+        ys, xs = np.nonzero(d4(mask, k))
+        expected = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert iou(found.boxes[0][0], expected) >= 0.7, (k, found.boxes[0][0], expected)
+
+
+@pytest.mark.slow
+def test_relative_position_is_read_from_both_boxes_or_abstains(
+    shared_datasets: Path, tmp_path: Path
+) -> None:
+    """MIRP slices (rotated or flipped): the answer compares the two grounded centres and
+    cites both boxes; with a structure the grounder does not know, it abstains and says why."""
+    from tests.mini.test_mini_shipped import _ask_json
+
+    rq1 = shared_datasets / "mirp_sample/1_dataset_guide/RQ1"
+    rows = {r["filename"]: r for r in json.loads((rq1 / "qa.json").read_text())}
+    qa = rows["amos_img3_slice68.png"]["question_answer"][0]
+    answer = _ask_json(tmp_path / "a", rq1 / "images/amos_img3_slice68.png", qa["question"])
+    assert not answer["abstained"]
+    assert answer["short_answer"] == "yes"
+    assert "In the image as shown" in answer["claims"][0]["text"]
+    assert {r["label"] for r in answer["regions"][:2]} == {"Spleen 1", "Left Kidney 1"}
+    (a_box, b_box) = (answer["regions"][0]["box_xyxy"], answer["regions"][1]["box_xyxy"])
+    assert centre(a_box)[0] > centre(b_box)[0]
+    other = rows["btcv_img61_slice111.png"]["question_answer"][0]  # the aorta: not trained
+    answer = _ask_json(tmp_path / "b", rq1 / "images/btcv_img61_slice111.png", other["question"])
+    assert answer["abstained"] and "relative positions" in answer["abstention_reason"]
