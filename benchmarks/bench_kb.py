@@ -151,7 +151,7 @@ def scale(sizes: list[int], dim: int = 384, nq: int = 200) -> list[tuple[str, ..
         vecs = clustered(n, dim, rng, centers)
         queries = clustered(nq, dim, rng, centers)
         t0 = time.perf_counter()
-        cpu_index = build_faiss_index(vecs)
+        cpu_index, _ = build_faiss_index(vecs)
         index = to_device(cpu_index)
         build_s = time.perf_counter() - t0
         on_gpu = index is not cpu_index

@@ -138,7 +138,7 @@ def _write_kb(
         )
     con.close()
     np.save(folder / "vectors.npy", vectors)
-    index = build_faiss_index(vectors)
+    index, recall = build_faiss_index(vectors)
     faiss.write_index(index, str(folder / "text.faiss"))
     image_meta = None
     if image_embedder is not None and figure_rows is not None and figure_vectors is not None:
@@ -164,6 +164,7 @@ def _write_kb(
             "approx_min_vectors": APPROX_MIN_VECTORS,
             "nlist": getattr(index, "nlist", None),
             "nprobe": getattr(index, "nprobe", None),
+            "recall": recall,
         },
         "count": len(passages),
         "figures": sum(1 for f in figure_names if f),

@@ -16,8 +16,9 @@ A query is text, an image crop, or both: text ranks passages by their text vecto
 ranks figure passages by their image vectors, and both are fused by reciprocal rank fusion.
 
 Index: exact inner product (``IndexFlatIP``) below :data:`APPROX_MIN_VECTORS` vectors, an
-IVF index (``IndexIVFFlat``, ``nlist = 4 sqrt(n)``, ``nprobe`` = :func:`default_nprobe`) from
-there; both move to the GPU when ``faiss.get_num_gpus() > 0``. Building and adding:
+IVF index (``IndexIVFFlat``, ``nlist = 4 sqrt(n)``, ``nprobe`` the smallest that reaches
+recall@10 >= 0.95 on the corpus's own vectors, :func:`tune_nprobe`, recorded in the manifest)
+from there; both move to the GPU when ``faiss.get_num_gpus() > 0``. Building and adding:
 :mod:`.build`.
 """
 
@@ -32,7 +33,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -66,21 +67,95 @@ CREATE TABLE IF NOT EXISTS passages (
 """
 
 
-def default_nprobe(nlist: int) -> int:
-    """IVF cells searched per query: enough for recall@10 >= 0.95 on embedding-like data
-    (see ``benchmarks/bench_kb.py``)."""
-    return max(16, nlist // 8)
+TARGET_RECALL = 0.95
+RECALL_K = 10
+RECALL_QUERIES = 500
 
 
-def build_faiss_index(vectors: np.ndarray) -> Any:
+class BuiltIndex(NamedTuple):
+    """A FAISS index and, for an IVF index, how its ``nprobe`` was chosen (:func:`tune_nprobe`;
+    ``None`` for an exact index)."""
+
+    index: Any
+    recall: dict[str, Any] | None
+
+
+def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    """``(len(queries), k)`` rows of the ``k`` largest inner products, best first, computed in
+    chunks of 65,536 vectors (no second copy of a large corpus)."""
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    for start in range(0, len(vectors), 65_536):
+        s = queries @ np.asarray(vectors[start : start + 65_536]).T
+        cat_s = np.concatenate([best_s, s], axis=1)
+        ids = np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)
+        cat_i = np.concatenate([best_i, ids], axis=1)
+        top = np.argsort(-cat_s, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
+    return best_i
+
+
+def tune_nprobe(
+    index: Any,
+    vectors: np.ndarray,
+    *,
+    target: float = TARGET_RECALL,
+    k: int = RECALL_K,
+    queries: int = RECALL_QUERIES,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Set an IVF ``index``'s ``nprobe`` to the smallest power of two (at most ``nlist``) whose
+    recall@``k`` against exact search reaches ``target``, measured on a held-back sample of
+    the corpus itself: ``queries`` of its own vectors, each query's own row left out of both
+    neighbour lists. Returns what the manifest records (``nprobe``, ``recall_at_k``, ``k``,
+    ``target``, ``queries``, and each tried ``nprobe``'s recall)."""
+    n = len(vectors)
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(n, size=min(queries, n), replace=False)
+    q = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+
+    def others(found: np.ndarray) -> list[set[int]]:  # each query's k best but itself
+        return [
+            set([int(r) for r in f if r != own and r >= 0][:k])
+            for f, own in zip(found, rows, strict=True)
+        ]
+
+    truth = others(exact_neighbours(q, vectors, k + 1))
+    tried: dict[int, float] = {}
+    nprobe = 1
+    while True:
+        index.nprobe = nprobe
+        _, got = index.search(q, k + 1)
+        got_sets = others(got)
+        tried[nprobe] = float(
+            np.mean([len(g & t) / max(len(t), 1) for g, t in zip(got_sets, truth, strict=True)])
+        )
+        if tried[nprobe] >= target or nprobe >= index.nlist:
+            break
+        nprobe = min(nprobe * 2, int(index.nlist))
+    return {
+        "nprobe": nprobe,
+        "recall_at_k": round(tried[nprobe], 4),
+        "k": k,
+        "target": target,
+        "queries": len(rows),
+        "tried": {str(p): round(r, 4) for p, r in tried.items()},
+    }
+
+
+def build_faiss_index(vectors: np.ndarray, *, target_recall: float = TARGET_RECALL) -> BuiltIndex:
     """An index over ``vectors`` (float32, normalised): flat below the approximate threshold,
-    IVF above it (trained on the vectors)."""
+    IVF above it (trained on the vectors, ``nprobe`` tuned to ``target_recall``:
+    :func:`tune_nprobe`)."""
     import faiss
 
     n, dim = vectors.shape
     index: Any
+    recall = None
     if n < APPROX_MIN_VECTORS:
         index = faiss.IndexFlatIP(dim)
+        if n:
+            index.add(vectors)
     else:
         nlist = int(4 * math.sqrt(n))
         quantizer = faiss.IndexFlatIP(dim)
@@ -88,10 +163,9 @@ def build_faiss_index(vectors: np.ndarray) -> Any:
         rng = np.random.default_rng(0)
         sample = vectors[rng.choice(n, size=min(n, 64 * nlist), replace=False)]
         index.train(sample)
-        index.nprobe = default_nprobe(nlist)
-    if n:
         index.add(vectors)
-    return index
+        recall = tune_nprobe(index, vectors, target=target_recall)
+    return BuiltIndex(index, recall)
 
 
 def faiss_gpus() -> int:

@@ -271,8 +271,13 @@ def test_approximate_index_above_threshold_keeps_recall(monkeypatch: pytest.Monk
     vecs = centers[rng.integers(0, 40, 4000)] + 0.35 * rng.normal(size=(4000, 64))
     vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
     monkeypatch.setattr(kb_index, "APPROX_MIN_VECTORS", 1000)
-    approx = kb_index.build_faiss_index(vecs)
+    approx, tuning = kb_index.build_faiss_index(vecs)
     assert isinstance(approx, faiss.IndexIVFFlat)
+    # nprobe: the smallest power of two reaching recall@10 >= 0.95 on the corpus's own vectors
+    assert tuning is not None and tuning["recall_at_k"] >= 0.95 and tuning["k"] == 10
+    assert approx.nprobe == tuning["nprobe"] <= approx.nlist
+    below = [p for p in map(int, tuning["tried"]) if p < approx.nprobe]
+    assert all(tuning["tried"][str(p)] < 0.95 for p in below)
     exact = faiss.IndexFlatIP(64)
     exact.add(vecs)
     queries = vecs[rng.choice(4000, 100, replace=False)] + 0.05 * rng.normal(size=(100, 64)).astype(
