@@ -104,8 +104,9 @@ def tune_nprobe(
     queries: int = RECALL_QUERIES,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Set an IVF ``index``'s ``nprobe`` to the smallest power of two (at most ``nlist``) whose
-    recall@``k`` against exact search reaches ``target``, measured on a held-back sample of
+    """Set an IVF ``index``'s ``nprobe`` to the smallest (doubling from 1, then bisecting; at
+    most ``nlist``) whose recall@``k`` against exact search reaches ``target``, measured on a
+    held-back sample of
     the corpus itself: ``queries`` of its own vectors, each query's own row left out of both
     neighbour lists. Returns what the manifest records (``nprobe``, ``recall_at_k``, ``k``,
     ``target``, ``queries``, and each tried ``nprobe``'s recall)."""
@@ -122,17 +123,26 @@ def tune_nprobe(
 
     truth = others(exact_neighbours(q, vectors, k + 1))
     tried: dict[int, float] = {}
+
+    def recall(nprobe: int) -> float:
+        if nprobe not in tried:
+            index.nprobe = nprobe
+            _, got = index.search(q, k + 1)
+            tried[nprobe] = float(
+                np.mean(
+                    [len(g & t) / max(len(t), 1) for g, t in zip(others(got), truth, strict=True)]
+                )
+            )
+        return tried[nprobe]
+
     nprobe = 1
-    while True:
-        index.nprobe = nprobe
-        _, got = index.search(q, k + 1)
-        got_sets = others(got)
-        tried[nprobe] = float(
-            np.mean([len(g & t) / max(len(t), 1) for g, t in zip(got_sets, truth, strict=True)])
-        )
-        if tried[nprobe] >= target or nprobe >= index.nlist:
-            break
+    while recall(nprobe) < target and nprobe < index.nlist:
         nprobe = min(nprobe * 2, int(index.nlist))
+    low = nprobe // 2  # below target (or 0): bisect to the smallest nprobe that reaches it
+    while recall(nprobe) >= target and nprobe - low > 1:
+        mid = (low + nprobe) // 2
+        low, nprobe = (low, mid) if recall(mid) >= target else (mid, nprobe)
+    index.nprobe = nprobe
     return {
         "nprobe": nprobe,
         "recall_at_k": round(tried[nprobe], 4),

@@ -273,7 +273,7 @@ def test_approximate_index_above_threshold_keeps_recall(monkeypatch: pytest.Monk
     monkeypatch.setattr(kb_index, "APPROX_MIN_VECTORS", 1000)
     approx, tuning = kb_index.build_faiss_index(vecs)
     assert isinstance(approx, faiss.IndexIVFFlat)
-    # nprobe: the smallest power of two reaching recall@10 >= 0.95 on the corpus's own vectors
+    # nprobe: the smallest reaching recall@10 >= 0.95 on the corpus's own vectors
     assert tuning is not None and tuning["recall_at_k"] >= 0.95 and tuning["k"] == 10
     assert approx.nprobe == tuning["nprobe"] <= approx.nlist
     below = [p for p in map(int, tuning["tried"]) if p < approx.nprobe]
