@@ -20,6 +20,7 @@ from medloupe.mini.grounder import (
     modality_key,
     normalise_target,
 )
+from medloupe.mini.orientation import NAMES as ORIENTATIONS
 from medloupe.schemas import Box, Claim, Evidence, Region
 from medloupe.tools.base import (
     Availability,
@@ -178,15 +179,22 @@ class GroundResult(ToolResult):
         "held-out training images)",
     )
     method: str
+    orientation: str | None = Field(
+        default=None,
+        description="how the slice was found displayed (rotated or mirrored) when it was "
+        "grounded in the standard view and its boxes mapped back; null: as displayed",
+    )
 
     def summary(self) -> str:
+        turned = f"; slice found {self.orientation}" if self.orientation else ""
         if not self.boxes:
-            return f"{self.label}: nothing found"
+            return f"{self.label}: nothing found{turned}"
         b = self.boxes[0].box_xyxy
         return (
             f"{self.label} ({self.modality or 'modality unknown'}): box "
             f"[{b[0]:.0f}, {b[1]:.0f}, {b[2]:.0f}, {b[3]:.0f}] (confidence {self.confidence:.2f})"
             + (f", {len(self.boxes) - 1} more" if len(self.boxes) > 1 else "")
+            + turned
         )
 
 
@@ -352,6 +360,11 @@ class GroundTool(Tool):
             boxes=boxes,
             confidence=found.confidence,
             method="medloupe-mini grounder (heatmap head on EfficientNet-Lite0 features)",
+            orientation=(
+                f"{ORIENTATIONS[found.orientation]} (p {found.orientation_probability:.2f})"
+                if found.orientation
+                else None
+            ),
             regions=[
                 Region(id="pending", box_xyxy=b.box_xyxy, label=f"{found.label} {i + 1}")
                 for i, b in enumerate(boxes)

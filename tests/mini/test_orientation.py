@@ -89,3 +89,24 @@ def test_relative_position_is_read_from_both_boxes_or_abstains(
     other = rows["btcv_img61_slice111.png"]["question_answer"][0]  # the aorta: not trained
     answer = _ask_json(tmp_path / "b", rq1 / "images/btcv_img61_slice111.png", other["question"])
     assert answer["abstained"] and "relative positions" in answer["abstention_reason"]
+
+
+def test_the_ground_tool_says_when_it_found_the_slice_turned(
+    shared_datasets: Path, tmp_path: Path
+) -> None:
+    """A MIRP slice shown mirrored: the tool's result and summary say so (the trace and the
+    review page show how the boxes were obtained)."""
+    from medloupe.artifacts import ArtifactStore
+    from medloupe.io import load_image
+    from medloupe.mini.tool import GroundTool
+    from medloupe.runner import ingest_image
+    from medloupe.tools.base import ToolContext
+
+    image = shared_datasets / "mirp_sample/1_dataset_guide/RQ1/images/btcv_img73_slice85.png"
+    store = ArtifactStore(tmp_path / "s")
+    record = ingest_image(load_image(image), store)
+    tool = GroundTool()
+    args = tool.input_model.model_validate({"target": "spleen", "modality": "CT"})
+    out = tool.run(args, ToolContext(image=record, store=store))
+    assert out.orientation is not None and out.orientation.startswith("mirrored left-right")
+    assert "slice found mirrored left-right" in out.summary()
