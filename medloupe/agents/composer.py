@@ -74,7 +74,6 @@ def question_targets(question: str, registry: ToolRegistry, image: ImageRecord) 
     return out
 
 
-
 def withheld_reason(question: str, targets: list[str], reason: str | None) -> str | None:
     """A second look's "not in view" ``reason``, kept only when it names what the question
     asks about: one of its ``targets`` (:func:`question_targets`) or, where no tool knows
@@ -90,6 +89,7 @@ def withheld_reason(question: str, targets: list[str], reason: str | None) -> st
     said = set(stems(reason))
     names = [stems(t) for t in targets] or [[w] for w in stems(question) if len(w) >= 4]
     return reason if any(n and all(w in said for w in n) for n in names) else None
+
 
 def statements(question: str, evidence: list[Evidence], registry: ToolRegistry) -> list[Statement]:
     """What the tools' evidence states outright, in registry order; one located answer (the

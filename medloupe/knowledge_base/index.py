@@ -106,10 +106,9 @@ def tune_nprobe(
 ) -> dict[str, Any]:
     """Set an IVF ``index``'s ``nprobe`` to the smallest (doubling from 1, then bisecting; at
     most ``nlist``) whose recall@``k`` against exact search reaches ``target``, measured on a
-    held-back sample of
-    the corpus itself: ``queries`` of its own vectors, each query's own row left out of both
-    neighbour lists. Returns what the manifest records (``nprobe``, ``recall_at_k``, ``k``,
-    ``target``, ``queries``, and each tried ``nprobe``'s recall)."""
+    held-back sample of the corpus itself: ``queries`` of its own vectors, each query's own
+    row left out of both neighbour lists. Returns what the manifest records (``nprobe``,
+    ``recall_at_k``, ``k``, ``target``, ``queries``, and each tried ``nprobe``'s recall)."""
     n = len(vectors)
     rng = np.random.default_rng(seed)
     rows = rng.choice(n, size=min(queries, n), replace=False)

@@ -288,12 +288,14 @@ class MiniGrounder:
         mi = MODALITIES.index(mod) if mod else len(MODALITIES)
         prior = priors[li, mi]
         k, k_prob = 0, None
-        if mod in ORIENTED and self.orientation.available():
-            k, k_prob = self.orientation.estimate(rgb, backbone)
-            k = k if k_prob >= TRUST_AT else 0
-        view = d4(rgb, d4_inverse(k)) if k else rgb  # the standard display the prior knows
         with torch.inference_mode():
-            feats = backbone.pyramid(torch.from_numpy(preprocess(view))[None])
+            feats = backbone.pyramid(torch.from_numpy(preprocess(rgb))[None])
+            if mod in ORIENTED and self.orientation.available():
+                k, k_prob = self.orientation.estimate(feats)
+                k = k if k_prob >= TRUST_AT else 0
+            if k:  # ground in the standard display the prior knows
+                view = d4(rgb, d4_inverse(k))
+                feats = backbone.pyramid(torch.from_numpy(preprocess(view))[None])
             logits = head(feats, torch.from_numpy(cond)[None], torch.from_numpy(prior)[None])
         prob = torch.sigmoid(logits)[0].numpy()
         prob = d4(prob, k) if k else prob  # back to the image as shown

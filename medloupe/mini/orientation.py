@@ -65,13 +65,20 @@ def slice_features(rgb: np.ndarray, backbone: Any, ks: tuple[int, ...] = (0,)) -
     """``(len(ks), 5120)`` float32: pooled stride-32 features of ``rgb`` (``(H, W, 3)`` uint8
     RGB) under each D4 element of ``ks``."""
     import torch
-    from torch.nn import functional as F
 
     from medloupe.knowledge_base.backbone import preprocess
 
     x = torch.from_numpy(np.stack([preprocess(d4(rgb, k)) for k in ks]))
     with torch.inference_mode():
-        f = F.adaptive_avg_pool2d(backbone.pyramid(x)[:, STRIDE32], POOL)
+        return pooled(backbone.pyramid(x))
+
+
+def pooled(pyramid: Any) -> np.ndarray:
+    """``(N, 5120)`` float32 from the backbone's ``(N, 472, G, G)`` pyramid tensor: its
+    stride-32 channels mean-pooled to 4x4."""
+    from torch.nn import functional as F
+
+    f = F.adaptive_avg_pool2d(pyramid[:, STRIDE32], POOL)
     return f.flatten(1).numpy().astype(np.float32)
 
 
@@ -216,10 +223,11 @@ class Orientation:
                 self._tensors = {k: v.float().numpy() for k, v in state.items()}
             return self._tensors
 
-    def estimate(self, rgb: np.ndarray, backbone: Any) -> tuple[int, float]:
-        """``(k, probability)``: the D4 element the slice ``rgb`` (``(H, W, 3)`` uint8 RGB)
-        shows the standard display under (``rgb`` is ``d4(standard, k)``; ``d4(rgb,
-        d4_inverse(k))`` is the standard view), and the model's probability for it."""
-        p = _predict(self._load(), slice_features(rgb, backbone))[0]
+    def estimate(self, pyramid: Any) -> tuple[int, float]:
+        """``(k, probability)`` from the backbone's pyramid of one slice (``(1, 472, G, G)``,
+        as the grounder computes it): the D4 element the slice shows the standard display
+        under (the slice is ``d4(standard, k)``; ``d4(slice, d4_inverse(k))`` is the standard
+        view), and the model's probability for it."""
+        p = _predict(self._load(), pooled(pyramid))[0]
         k = int(p.argmax())
         return k, float(p[k])

@@ -85,11 +85,11 @@ _RELATION = re.compile(
     r"\s*(?:[?.,;]|\b(?:in|on) (?:this|the)\b|$)",
     re.I,
 )
-_AXES = {
-    **dict.fromkeys(("left",), ("x", True)),
-    **dict.fromkeys(("right",), ("x", False)),
-    **dict.fromkeys(("above", "over", "higher"), ("y", True)),
-    **dict.fromkeys(("below", "under", "underneath", "lower"), ("y", False)),
+_RELATIONS = {  # the relation's word -> the relation in the image as shown
+    "left": "left",
+    "right": "right",
+    **dict.fromkeys(("above", "over", "higher"), "above"),
+    **dict.fromkeys(("below", "under", "underneath", "lower"), "below"),
 }
 
 
@@ -100,12 +100,8 @@ def relation_from_question(question: str) -> tuple[str, str, str] | None:
     m = _RELATION.search(question)
     if not m or re.search(r"\b(image|picture|scan|body|slice)\b", m.group("b"), re.I):
         return None
-    word = next(w for w in re.findall(r"[a-z]+", m.group("rel").lower()) if w in _AXES)
-    axis, smaller = _AXES[word]
-    rel = {("x", True): "left", ("x", False): "right", ("y", True): "above"}.get(
-        (axis, smaller), "below"
-    )
-    return m.group("a").strip(), rel, m.group("b").strip()
+    word = next(w for w in re.findall(r"[a-z]+", m.group("rel").lower()) if w in _RELATIONS)
+    return m.group("a").strip(), _RELATIONS[word], m.group("b").strip()
 
 
 def centre(box: Sequence[float]) -> tuple[float, float]:
