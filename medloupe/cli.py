@@ -409,18 +409,36 @@ def serve_api(
         ),
     ] = None,
     kb: Annotated[str | None, typer.Option(help="knowledge base: 'default' or a folder")] = None,
+    lease: Annotated[
+        float | None,
+        typer.Option(
+            min=1.0,
+            help="seconds a killed replica's runs wait before another replica takes them over "
+            "(default 20)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the HTTP API: runs with streamed steps, traces, artifacts, review pages.
 
     Runs are kept under MEDLOUPE_HOME and survive a restart (unfinished runs are resumed).
-    A non-loopback --host requires MEDLOUPE_API_TOKEN. OpenAPI docs at /docs.
+    With MEDLOUPE_DATABASE_URL (PostgreSQL), several replicas share the runs. A non-loopback
+    --host requires MEDLOUPE_API_TOKEN. OpenAPI docs at /docs.
     """
 
     from medloupe.errors import MedloupeError
     from medloupe.service import serve
 
     try:
-        serve(host, port, workers=workers, queue_size=queue, vlm=vlm, kb=kb, settings=_settings())
+        serve(
+            host,
+            port,
+            workers=workers,
+            queue_size=queue,
+            vlm=vlm,
+            kb=kb,
+            lease_s=lease,
+            settings=_settings(),
+        )
     except MedloupeError as exc:
         raise _fail(exc) from None
 
@@ -757,14 +775,19 @@ def runs_list(limit: Annotated[int, typer.Option(min=1)] = 20) -> None:
     """Recent runs: id, status, question, answer."""
     from rich.table import Table
 
+    from medloupe.errors import MedloupeError
     from medloupe.runner import RunIndex
 
     settings = _settings()
-    if not settings.index_path.exists():
+    try:
+        rows = RunIndex(settings).list(limit)
+    except MedloupeError as exc:
+        raise _fail(exc) from None
+    if not rows:
         err_console.print(f"no runs yet under {shown(settings.home)}")
         return
     table = Table("run", "status", "question", "answer", "dir")
-    for r in RunIndex(settings.index_path).list(limit):
+    for r in rows:
         table.add_row(
             shown(r["run_id"]),
             shown(r["status"]),
@@ -787,7 +810,7 @@ def trace_show(run_id: Annotated[str, typer.Argument(help="run id or run directo
     settings = _settings()
     try:
         run = find_run(run_id, settings)
-        rec = TraceRecorder(run.trace_path)
+        rec = TraceRecorder(run.trace_path, settings=settings, run_id=run.run_id)
     except MedloupeError as exc:
         raise _fail(exc) from None
     try:
@@ -845,10 +868,10 @@ def trace_export(
     try:
         run = find_run(run_id, settings)
         if html:
-            path = export_review_html(run.dir, out)
+            path = export_review_html(run.dir, out, settings)
             out_console.print(f"review page: {shown(path)}", highlight=False)
             return
-        text = read_trace(run.dir, run.run_id).model_dump_json(indent=2)
+        text = read_trace(run.dir, run.run_id, settings=settings).model_dump_json(indent=2)
     except (MedloupeError, OSError) as exc:
         raise _fail(exc) from None
     if out is None:

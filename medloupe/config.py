@@ -51,6 +51,7 @@ ENV_VARS: dict[str, str] = {
     "MEDLOUPE_MCP_SERVERS": "mcp_servers",
     "MEDLOUPE_MCP_ROOTS": "mcp_roots",
     "MEDLOUPE_LOG_LEVEL": "log_level",
+    "MEDLOUPE_DATABASE_URL": "database_url",
 }
 #: variables read by medloupe that belong to other software
 FOREIGN_VARS = ("OPENAI_API_KEY", "HF_HUB_OFFLINE")
@@ -155,6 +156,10 @@ class Settings:
         mcp_roots: folders ``medloupe mcp serve`` reads ``image_path`` files from
             (``os.pathsep``-separated in the variable); empty: the working directory.
         log_level: the command line's logging level (``DEBUG`` ... ``CRITICAL``).
+        database_url: ``postgresql://...``: the run index, service queue, checkpoints,
+            trace events and reviews live in this database, shared by replicas of
+            ``medloupe serve`` (``home`` then on storage they share); ``None``: SQLite files
+            under ``home``.
     """
 
     home: Path = field(default_factory=lambda: Path.home() / ".medloupe")
@@ -182,6 +187,7 @@ class Settings:
     mcp_servers: str | None = None
     mcp_roots: tuple[Path, ...] = ()
     log_level: str = "WARNING"
+    database_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -227,15 +233,12 @@ class Settings:
                 if p.strip()
             ),
             log_level=_log_level(e),
+            database_url=_text(e, env_name("database_url")),
         )
 
     @property
     def runs_dir(self) -> Path:
         return self.home / "runs"
-
-    @property
-    def index_path(self) -> Path:
-        return self.home / "runs.sqlite"
 
     @property
     def weights_dir(self) -> Path:

@@ -9,23 +9,35 @@ A run directory holds ``run.json`` (question, options, image record, backend spe
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.types import Command
 from pydantic import BaseModel, Field
 
 from medloupe.artifacts import ArtifactStore, atomic_write_bytes, strict_json
 from medloupe.config import Settings
+from medloupe.db import (
+    POSTGRES_ERRORS,
+    DatabaseError,
+    Table,
+    check_database_url,
+    first_line,
+    safe_url,
+)
 from medloupe.errors import InputError, MedloupeError, RunNotFoundError, RunStateError
 from medloupe.graphs.context import (
     Resources,
@@ -42,6 +54,12 @@ from medloupe.overlay import draw_overlay
 from medloupe.schemas import GroundedAnswer
 from medloupe.trace import TraceRecorder, read_trace
 
+try:  # the `postgres` extra
+    from langgraph.checkpoint.postgres import PostgresSaver
+    from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+except ImportError:  # pragma: no cover - SQLite checkpoints need none of it
+    AsyncPostgresSaver = PostgresSaver = None  # type: ignore[assignment,misc]
+
 log = logging.getLogger(__name__)
 
 ReviewCallback = Callable[[dict[str, Any]], dict[str, Any]]
@@ -55,69 +73,43 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (strict_json(data, indent=2) + "\n").encode())
 
 
-def connect_wal(path: Path, *, rows_as_dicts: bool = False) -> sqlite3.Connection:
-    """A SQLite connection in WAL mode (readers never block the writer), 30 s busy timeout."""
-    conn = sqlite3.connect(path, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    if rows_as_dicts:
-        conn.row_factory = sqlite3.Row
-    return conn
+class RunIndex(Table):
+    """The run index: run id -> directory, question, status (``runs.sqlite`` under
+    ``Settings.home``, or ``medloupe_runs`` in the shared database)."""
 
-
-class SqliteTable:
-    """A SQLite file holding one table, created on first use (``SCHEMA``)."""
-
-    SCHEMA = ""
-    ROWS_AS_DICTS = False
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._conn() as c:
-            c.execute(self.SCHEMA)
-
-    def _conn(self) -> sqlite3.Connection:
-        return connect_wal(self.path, rows_as_dicts=self.ROWS_AS_DICTS)
-
-
-class RunIndex(SqliteTable):
-    """``runs.sqlite`` under ``Settings.home``: run id -> directory, question, status."""
-
+    SQLITE_FILE = "runs.sqlite"
+    SQLITE_NAME = "runs"
+    PG_NAME = "medloupe_runs"
     SCHEMA = (
-        "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, dir TEXT NOT NULL, "
-        "question TEXT, created REAL, updated REAL, status TEXT, answer TEXT, error TEXT)"
+        "CREATE TABLE IF NOT EXISTS {t} (run_id TEXT PRIMARY KEY, dir TEXT NOT NULL, "
+        "question TEXT, created DOUBLE PRECISION, updated DOUBLE PRECISION, status TEXT, "
+        "answer TEXT, error TEXT)"
     )
 
     def add(self, run_id: str, run_dir: Path, question: str) -> None:
         now = time.time()
-        with self._conn() as c:
-            c.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, 'created', NULL, NULL)",
-                (run_id, str(run_dir.resolve()), question, now, now),
-            )
+        self.run(
+            "INSERT INTO {t} VALUES (?, ?, ?, ?, ?, 'created', NULL, NULL) "
+            "ON CONFLICT (run_id) DO UPDATE SET dir=excluded.dir, question=excluded.question, "
+            "created=excluded.created, updated=excluded.updated, status='created', "
+            "answer=NULL, error=NULL",
+            (run_id, str(run_dir.resolve()), question, now, now),
+        )
 
     def update(
         self, run_id: str, status: str, answer: str | None = None, error: str | None = None
     ) -> None:
-        with self._conn() as c:
-            c.execute(
-                "UPDATE runs SET status=?, answer=?, error=?, updated=? WHERE run_id=?",
-                (status, answer, error, time.time(), run_id),
-            )
+        self.run(
+            "UPDATE {t} SET status=?, answer=?, error=?, updated=? WHERE run_id=?",
+            (status, answer, error, time.time(), run_id),
+        )
 
     def get(self, run_id: str) -> dict[str, Any] | None:
-        with self._conn() as c:
-            c.row_factory = sqlite3.Row
-            row = c.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
-        return dict(row) if row else None
+        found = self.rows("SELECT * FROM {t} WHERE run_id=?", (run_id,))
+        return found[0] if found else None
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
-        with self._conn() as c:
-            c.row_factory = sqlite3.Row
-            rows = c.execute(
-                "SELECT * FROM runs ORDER BY created DESC LIMIT ?", (limit,)
-            ).fetchall()
-        return [dict(r) for r in rows]
+        return self.rows("SELECT * FROM {t} ORDER BY created DESC LIMIT ?", (limit,))
 
 
 class RunSpec(BaseModel):
@@ -211,18 +203,19 @@ def create_run(
         created=datetime.now(UTC).isoformat(),
     )
     write_json(run_dir / "run.json", spec.model_dump(mode="json"))
-    RunIndex(settings.index_path).add(run_id, run_dir, question)
+    RunIndex(settings).add(run_id, run_dir, question)
     return Run(dir=run_dir, spec=spec)
 
 
 def find_run(ref: str, settings: Settings) -> Run:
     """A run by id (from the index) or by directory."""
-    entry = RunIndex(settings.index_path).get(ref) if settings.index_path.exists() else None
+    index = RunIndex(settings)
+    entry = index.get(ref)
     run_dir = Path(entry["dir"]) if entry else Path(ref)
     meta_path = run_dir / "run.json"
     if not meta_path.is_file():
         raise RunNotFoundError(
-            f"no run {ref!r}: not in the index at {settings.index_path} and not a run directory"
+            f"no run {ref!r}: not in the index at {index.where} and not a run directory"
         )
     try:
         spec = RunSpec.model_validate_json(meta_path.read_bytes())
@@ -243,7 +236,7 @@ async def execute(
     review: ReviewCallback | None = None,
     on_event: Callable[[Any], None] | None = None,
 ) -> GroundedAnswer:
-    """Run (or resume) the graph for ``run`` with a SQLite checkpointer; write the outputs.
+    """Run (or resume) the graph for ``run`` with its checkpointer; write the outputs.
 
     Args:
         resources: registry, backend and KB (default: the shared ones ``run.json`` names).
@@ -254,13 +247,16 @@ async def execute(
     On failure the run is marked failed in the index, the error is recorded, and
     ``trace.json`` is still written; ``answer.json`` is only written for a finished answer.
     """
-    index = RunIndex(settings.index_path)
-    trace = TraceRecorder(run.trace_path)
+    # the index, the trace and the outputs are files or a database: off the event loop
+    index = await asyncio.to_thread(RunIndex, settings)
+    trace = await asyncio.to_thread(
+        TraceRecorder, run.trace_path, settings=settings, run_id=run.run_id
+    )
     unsubscribe = trace.subscribe(on_event) if on_event else None
     spec = run.spec
     try:
         if resources is None:
-            resources = shared_resources(spec.resources())
+            resources = await asyncio.to_thread(shared_resources, spec.resources())
         context = build_context(run.store, trace, resources, settings)
         trace.set_meta(
             run_id=run.run_id,
@@ -271,53 +267,106 @@ async def execute(
             kb=spec.kb,
         )
         trace.record("resume" if resume else "run_start", status="started")
-        index.update(run.run_id, "running")
-        values = await _drive(run, context, resume=resume, review=review)
+        await asyncio.to_thread(index.update, run.run_id, "running")
+        values = await _drive(run, context, settings, resume=resume, review=review)
         if "answer" not in values:
             raise MedloupeError("the graph ended without an answer")
         answer = GroundedAnswer.model_validate(values["answer"])
-        _write_outputs(run, answer)
+        await asyncio.to_thread(_write_outputs, run, answer)
         trace.record("run_end", status="ok", abstained=answer.abstained)
-        index.update(run.run_id, "done", answer=answer.short_answer or "(abstained)")
-        write_json(
-            run.dir / "trace.json",
-            read_trace(
-                run.dir,
-                run.run_id,
-                values["answer"],
-                [*values.get("evidence", []), *values.get("passages", [])],
-            ).model_dump(mode="json"),
-        )
+        short = answer.short_answer or "(abstained)"
+        await asyncio.to_thread(index.update, run.run_id, "done", answer=short)
+        evidence = [*values.get("evidence", []), *values.get("passages", [])]
+        await asyncio.to_thread(_write_trace, run, settings, values["answer"], evidence)
         return answer
     except BaseException as exc:
         trace.record("run_error", status="error", error=f"{type(exc).__name__}: {exc}")
-        index.update(run.run_id, "failed", error=f"{type(exc).__name__}: {exc}")
-        write_json(run.dir / "trace.json", read_trace(run.dir, run.run_id).model_dump(mode="json"))
+        error = f"{type(exc).__name__}: {exc}"
+        await asyncio.to_thread(index.update, run.run_id, "failed", error=error)
+        await asyncio.to_thread(_write_trace, run, settings)
         raise
     finally:
         if unsubscribe:
             unsubscribe()
-        trace.close()
+        await asyncio.to_thread(trace.close)
+
+
+def _write_trace(
+    run: Run,
+    settings: Settings,
+    answer: dict[str, Any] | None = None,
+    evidence: list[dict[str, Any]] | None = None,
+) -> None:
+    """Write ``trace.json`` (every recorded event is written first)."""
+    doc = read_trace(run.dir, run.run_id, answer, evidence, settings=settings)
+    write_json(run.dir / "trace.json", doc.model_dump(mode="json"))
+
+
+@contextlib.asynccontextmanager
+async def checkpointer(run: Run, settings: Settings) -> AsyncIterator[BaseCheckpointSaver[Any]]:
+    """The run's LangGraph checkpointer (the run id is the thread id): ``checkpoints.sqlite``
+    in its directory, or the shared PostgreSQL of ``settings.database_url`` (its tables
+    created or migrated first, one replica at a time)."""
+    if settings.database_url is None:
+        async with AsyncSqliteSaver.from_conn_string(str(run.checkpoint_path)) as saver:
+            yield saver
+        return
+    if AsyncPostgresSaver is None:
+        raise DatabaseError(
+            "checkpoints in PostgreSQL need langgraph-checkpoint-postgres; "
+            "pip install 'medloupe[postgres]'"
+        )
+    url = check_database_url(settings.database_url)
+    await asyncio.to_thread(_setup_checkpoints, url)
+    async with AsyncPostgresSaver.from_conn_string(url) as pg:
+        yield pg
+
+
+@functools.cache  # once per process and database
+def _setup_checkpoints(url: str) -> None:
+    """Create or migrate LangGraph's checkpoint tables, one replica at a time."""
+    with PostgresSaver.from_conn_string(url) as saver:
+        conn: Any = saver.conn  # from_conn_string: one connection, not a pool
+        conn.execute("SELECT pg_advisory_lock(hashtext('medloupe_checkpoints'))")
+        try:
+            saver.setup()
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtext('medloupe_checkpoints'))")
 
 
 async def _drive(
-    run: Run, context: RunContext, *, resume: bool, review: ReviewCallback | None
+    run: Run,
+    context: RunContext,
+    settings: Settings,
+    *,
+    resume: bool,
+    review: ReviewCallback | None,
 ) -> dict[str, Any]:
     """Invoke (or resume) the checkpointed graph until it ends; the final state values."""
     try:
-        return await _drive_graph(run, context, resume=resume, review=review)
+        return await _drive_graph(run, context, settings, resume=resume, review=review)
     except sqlite3.DatabaseError as exc:
         raise RunStateError(
             f"the checkpoints {run.checkpoint_path} are unreadable ({exc}); "
             "the run cannot go on from them; start a new one"
         ) from None
+    except POSTGRES_ERRORS as exc:
+        raise DatabaseError(
+            f"the checkpoint database {safe_url(settings.database_url or '')} failed "
+            f"({first_line(exc)}); the run can be resumed once it is reachable"
+        ) from None
 
 
 async def _drive_graph(
-    run: Run, context: RunContext, *, resume: bool, review: ReviewCallback | None
+    run: Run,
+    context: RunContext,
+    settings: Settings,
+    *,
+    resume: bool,
+    review: ReviewCallback | None,
 ) -> dict[str, Any]:
     config: RunnableConfig = {"configurable": {"thread_id": run.run_id}, "recursion_limit": 100}
-    async with AsyncSqliteSaver.from_conn_string(str(run.checkpoint_path)) as saver:
+    async with checkpointer(run, settings) as saver:
         app = builder.compile(checkpointer=saver)
         start: Any = run.spec.graph_input()
         payload: Any = start

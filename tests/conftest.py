@@ -8,6 +8,7 @@ import pytest
 
 from medloupe.config import Settings
 from tests.plugin_dist import install_plugin
+from tests.postgres_helpers import Postgres
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -69,3 +70,22 @@ def cli_env(home: Path, extra_path: Path | None = None) -> dict[str, str]:
     if extra_path is not None:
         env["PYTHONPATH"] = str(extra_path) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A real PostgreSQL server for the session (tests/postgres_helpers.py)."""
+    try:
+        server = Postgres().start()
+    except FileNotFoundError as exc:
+        pytest.skip(f"SKIPPED LOUDLY: PostgreSQL cannot be had here: no {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: Postgres) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL."""
+    return postgres.create_database()

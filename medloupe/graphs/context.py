@@ -233,7 +233,7 @@ def open_default_context(
     settings = Settings.from_env()
     root = settings.home / "threads" / thread_dir_name(thread_id)
     resources = shared_resources(context_resources(dict(context or {}), settings))
-    trace = TraceRecorder(root / "trace.sqlite")
+    trace = TraceRecorder(root / "trace.sqlite", settings=settings, run_id=thread_id)
     return build_context(ArtifactStore(root), trace, resources, settings)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from medloupe.artifacts import ArtifactStore
+from medloupe.config import Settings
 from medloupe.trace import TraceDocument, TraceEvent
 
 _MAX_EMBED_BYTES = 8_000_000  # per artifact; larger ones are left out with a note
@@ -508,9 +509,12 @@ def _asset(name: str) -> string.Template:
     return string.Template(_asset_text(name))
 
 
-def export_review_html(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def export_review_html(
+    run_dir: str | Path, out: str | Path | None = None, settings: Settings | None = None
+) -> Path:
     """Write the self-contained review page of the run in ``run_dir`` (default
-    ``<run_dir>/review.html``), atomically; returns the path written."""
+    ``<run_dir>/review.html``), atomically; returns the path written. ``settings``: where
+    the trace is (a shared database), when not in the run directory."""
     from medloupe.artifacts import atomic_write_bytes
     from medloupe.errors import RunNotFoundError
     from medloupe.trace import read_trace
@@ -520,7 +524,7 @@ def export_review_html(run_dir: str | Path, out: str | Path | None = None) -> Pa
     if not meta_path.is_file():
         raise RunNotFoundError(f"{run_dir} is not a run directory (no run.json)")
     meta = json.loads(meta_path.read_text())
-    doc = read_trace(run_dir, meta["run_id"])
+    doc = read_trace(run_dir, meta["run_id"], settings=settings)
     status, error = _status_from_events(doc)
     target = Path(out) if out else run_dir / "review.html"
     atomic_write_bytes(

@@ -51,8 +51,9 @@ def check_binding(host: str, token: str | None) -> None:
 
 @contextlib.contextmanager
 def home_lock(settings: Settings) -> Iterator[None]:
-    """Hold ``<home>/serve.lock`` while serving: a second ``medloupe serve`` on the same home
-    (which would run the first one's queued runs again) is refused.
+    """Hold ``<home>/serve.lock`` while serving on SQLite: a second ``medloupe serve`` on the
+    same home is refused (SQLite files are one machine's; replicas share a PostgreSQL
+    database instead, ``Settings.database_url``).
 
     Raises:
         InputError: another server holds the home.
@@ -89,12 +90,14 @@ def serve(
     queue_size: int = 16,
     vlm: str | None = None,
     kb: str | None = None,
+    lease_s: float | None = None,
     settings: Settings | None = None,
     log_level: str = "info",
 ) -> None:
     """Serve the API until interrupted (blocking). ``vlm``: the backend spec of every run
     (``None``: the settings' or the default, ``"none"``: the evidence-only path); ``kb``:
-    ``"default"`` or a folder."""
+    ``"default"`` or a folder; ``lease_s``: see :class:`~medloupe.service.manager.RunManager`.
+    """
     import uvicorn
 
     from medloupe.graphs.context import resolve_resources, shared_resources
@@ -107,7 +110,9 @@ def serve(
     resources = resolve_resources(vlm, kb, settings)
     # a bad spec or KB fails here, not in every run; the runs reuse what this loads
     shared_resources(resources)
-    manager = RunManager(settings, workers=workers, queue_size=queue_size, resources=resources)
+    manager = RunManager(
+        settings, workers=workers, queue_size=queue_size, resources=resources, lease_s=lease_s
+    )
     app = create_app(
         manager,
         token=token,
@@ -116,7 +121,9 @@ def serve(
     )
     log.info("medloupe serve on http://%s:%d (runs in %s)", host, port, settings.runs_dir)
     logging.getLogger("uvicorn.access").addFilter(TokenLogFilter())  # ?access_token= masked
-    with home_lock(settings):
+    # SQLite: one server per home; PostgreSQL: replicas share the home and claim runs
+    lock = home_lock(settings) if settings.database_url is None else contextlib.nullcontext()
+    with lock:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 

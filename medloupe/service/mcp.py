@@ -382,7 +382,8 @@ def build_server(bridge: McpBridge) -> Server[Any]:
 
         def page() -> str:
             with tempfile.TemporaryDirectory(dir=bridge.scratch.parent) as tmp:
-                return export_review_html(run_dir, Path(tmp) / "review.html").read_text()
+                target = Path(tmp) / "review.html"
+                return export_review_html(run_dir, target, bridge.settings).read_text()
 
         html = await asyncio.to_thread(page)
         return types.ReadResourceResult(

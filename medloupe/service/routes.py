@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from pydantic import BaseModel, Field, ValidationError
 
 from medloupe.artifacts import ArtifactStore
+from medloupe.config import Settings
 from medloupe.errors import InputError, UnsupportedImageError
 from medloupe.io.intake import read_input
 from medloupe.options import RunOptions
@@ -91,7 +92,7 @@ def _row(manager: RunManager, run_id: str) -> dict[str, Any]:
     return row
 
 
-def _info(row: dict[str, Any]) -> RunInfo:
+def _info(row: dict[str, Any], settings: Settings) -> RunInfo:
     run_dir = Path(row["dir"])
     question = None
     with contextlib.suppress(OSError, ValueError):
@@ -111,7 +112,7 @@ def _info(row: dict[str, Any]) -> RunInfo:
         resumes=row["resumes"],
         error=row["error"],
         answer=answer,
-        reviews=load_reviews(run_dir),
+        reviews=load_reviews(run_dir, settings),
         links=links(row["run_id"]),
     )
 
@@ -169,13 +170,13 @@ async def create_run_endpoint(
         except UnsupportedImageError as exc:
             raise HTTPException(415, str(exc)) from None
         await image.seek(0)
-        tmp = await asyncio.to_thread(_upload_dir, manager.settings.home / "uploads")
+        tmp = await asyncio.to_thread(_upload_dir, manager.uploads_dir)
         target = tmp / f"upload{suffix}"
         await asyncio.to_thread(copy_upload, image, target)
         # read the image before admission: a bad upload is a 4xx whatever the load
         loaded = await asyncio.to_thread(read_input, target, opts, manager.settings.max_pixels)
         try:
-            manager.admit()
+            await asyncio.to_thread(manager.admit)
         except QueueFullError as exc:
             raise HTTPException(429, str(exc), headers={"Retry-After": "5"}) from None
         admitted = True
@@ -191,7 +192,7 @@ async def create_run_endpoint(
     finally:
         if tmp is not None:
             await asyncio.to_thread(shutil.rmtree, tmp, ignore_errors=True)
-    manager.submit(run)
+    await asyncio.to_thread(manager.submit, run)
     return RunCreated(run_id=run.run_id, status="queued", links=links(run.run_id))
 
 
@@ -206,20 +207,21 @@ def _upload_dir(uploads: Path) -> Path:
 def list_runs(manager: Manager, limit: int = 50, status: str | None = None) -> list[RunInfo]:
     """Runs this server accepted, newest first (also those of earlier server processes)."""
     limit = max(1, min(limit, 500))
-    return [_info(r) for r in manager.db.recent(limit, status)]
+    return [_info(r, manager.settings) for r in manager.db.recent(limit, status)]
 
 
 @runs.get("/{run_id}", response_model=RunInfo)
 def get_run(manager: Manager, run_id: str) -> RunInfo:
     """Status, failure reason, answer and reviews of one run."""
-    return _info(_row(manager, run_id))
+    return _info(_row(manager, run_id), manager.settings)
 
 
 @runs.get("/{run_id}/trace")
 def get_trace(manager: Manager, run_id: str) -> JSONResponse:
     """The run's trace document (events so far, evidence, answer, reviews)."""
     row = _row(manager, run_id)
-    return JSONResponse(read_trace(row["dir"], run_id).model_dump(mode="json"))
+    doc = read_trace(row["dir"], run_id, settings=manager.settings)
+    return JSONResponse(doc.model_dump(mode="json"))
 
 
 @runs.get("/{run_id}/artifacts/{artifact_id}")
@@ -237,7 +239,7 @@ def get_artifact(manager: Manager, run_id: str, artifact_id: str) -> FileRespons
 @runs.get("/{run_id}/events")
 async def events(manager: Manager, run_id: str, request: Request) -> StreamingResponse:
     """Server-sent events of the run, from the start or after ``Last-Event-ID``."""
-    row = _row(manager, run_id)
+    row = await asyncio.to_thread(_row, manager, run_id)
     try:
         after = int(request.headers.get("last-event-id") or 0)
     except ValueError:
@@ -261,9 +263,11 @@ async def _event_stream(
             return
         # the status is read before the events: a run is marked done or failed only
         # after its last event is written, so this read then drains the trace
-        current = manager.db.get(run_id) or {}
+        current = await asyncio.to_thread(manager.db.get, run_id) or {}
         finished = current.get("status") in TERMINAL
-        batch = await asyncio.to_thread(events_after, trace_path, seq)
+        batch = await asyncio.to_thread(
+            events_after, trace_path, seq, settings=manager.settings, run_id=run_id
+        )
         for e in batch:
             seq = e.seq
             yield f"id: {e.seq}\nevent: {e.kind}\ndata: {e.model_dump_json()}\n\n"
@@ -271,7 +275,7 @@ async def _event_stream(
             quiet = 0.0
             continue
         if finished:
-            info = _info(current)
+            info = await asyncio.to_thread(_info, current, manager.settings)
             if info.status == "done":
                 yield f"event: answer\ndata: {json.dumps(info.answer)}\n\n"
             else:
@@ -287,13 +291,13 @@ async def _event_stream(
 
 @reviews.get("/{run_id}/reviews", response_model=list[Review])
 def get_reviews(manager: Manager, run_id: str) -> list[Review]:
-    return load_reviews(_row(manager, run_id)["dir"])
+    return load_reviews(_row(manager, run_id)["dir"], manager.settings)
 
 
 @reviews.post("/{run_id}/reviews", response_model=Review, status_code=201)
 def post_review(manager: Manager, run_id: str, review: ReviewIn) -> Review:
     """Record a reviewer's verdict (agree/disagree) and comment with the run."""
-    return add_review(_row(manager, run_id)["dir"], review)
+    return add_review(_row(manager, run_id)["dir"], review, manager.settings)
 
 
 @tools.get("")
@@ -312,7 +316,7 @@ def review_page(manager: Manager, run_id: str) -> HTMLResponse:
     """The trace-review page of a run (image with overlays, timeline, claims, reviews)."""
     row = _row(manager, run_id)
     page = render_review_page(
-        read_trace(row["dir"], run_id),
+        read_trace(row["dir"], run_id, settings=manager.settings),
         row["dir"],
         status=row["status"],
         error=row["error"],
@@ -327,7 +331,7 @@ def index_page(manager: Manager) -> HTMLResponse:
     rows = "".join(
         f"<tr><td><a href='/runs/{html.escape(r['run_id'])}'>{html.escape(r['run_id'])}"
         f"</a></td><td>{html.escape(r['status'])}</td>"
-        f"<td>{html.escape(_info(r).question or '')}</td></tr>"
+        f"<td>{html.escape(_info(r, manager.settings).question or '')}</td></tr>"
         for r in manager.db.recent(100)
     )
     return HTMLResponse(
