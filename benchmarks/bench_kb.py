@@ -35,7 +35,7 @@ from PIL import Image
 
 from medloupe.knowledge_base import KnowledgeBase, build_kb
 from medloupe.knowledge_base.index import (
-    APPROX_MIN_VECTORS,
+    RerankedIndex,
     build_faiss_index,
     faiss_gpus,
     to_device,
@@ -151,11 +151,15 @@ def scale(sizes: list[int], dim: int = 384, nq: int = 200) -> list[tuple[str, ..
         vecs = clustered(n, dim, rng, centers)
         queries = clustered(nq, dim, rng, centers)
         t0 = time.perf_counter()
-        cpu_index, _ = build_faiss_index(vecs)
-        index = to_device(cpu_index)
+        built = build_faiss_index(vecs)
+        if built.kind == "ivfpq":  # compressed, re-ranked from the vectors, on the CPU
+            cpu_index = index = RerankedIndex(built.index, vecs)
+        else:
+            cpu_index = built.index
+            index = to_device(cpu_index)
         build_s = time.perf_counter() - t0
         on_gpu = index is not cpu_index
-        kind = "IVF" if n >= APPROX_MIN_VECTORS else "flat"
+        kind = {"flat": "flat", "ivf": "IVF", "ivfpq": "IVF-PQ"}[built.kind]
         lat = []
         got = np.empty((nq, 10), dtype=np.int64)
         for i in range(nq):
@@ -180,7 +184,7 @@ def scale(sizes: list[int], dim: int = 384, nq: int = 200) -> list[tuple[str, ..
                 f" (CPU {cpu_batch_ms:.1f} ms); top-10 shared with the same index on the CPU "
                 f"{agree:.3f}"
             )
-        if kind == "IVF":
+        if kind != "flat":
             exact = faiss.IndexFlatIP(dim)
             exact.add(vecs)
             lat_exact = []

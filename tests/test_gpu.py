@@ -118,7 +118,7 @@ def test_faiss_index_on_the_gpu_finds_what_the_cpu_finds(n: int) -> None:
     queries = vecs[rng.choice(n, 100, replace=False)] + 0.05 * rng.standard_normal(
         (100, dim)
     ).astype(np.float32)
-    cpu, _ = build_faiss_index(vecs)
+    cpu = build_faiss_index(vecs).index
     gpu = to_device(cpu)
     assert "Gpu" in type(gpu).__name__ or "Gpu" in type(faiss.downcast_index(gpu)).__name__
     assert (n >= APPROX_MIN_VECTORS) == ("IVF" in type(cpu).__name__)

@@ -26,6 +26,7 @@ from medloupe.knowledge_base.image_embedders import ImageEmbedder, image_embedde
 from medloupe.knowledge_base.index import (
     _SCHEMA,
     APPROX_MIN_VECTORS,
+    COMPRESS_MIN_VECTORS,
     FIGURE_MAX_SIDE,
     FORMAT,
     KnowledgeBase,
@@ -138,7 +139,8 @@ def _write_kb(
         )
     con.close()
     np.save(folder / "vectors.npy", vectors)
-    index, recall = build_faiss_index(vectors)
+    # a compressed index re-ranks from the saved vectors: tune it on the memory map
+    index, recall, kind = build_faiss_index(np.load(folder / "vectors.npy", mmap_mode="r"))
     faiss.write_index(index, str(folder / "text.faiss"))
     image_meta = None
     if image_embedder is not None and figure_rows is not None and figure_vectors is not None:
@@ -160,8 +162,9 @@ def _write_kb(
         "image_embedder": image_meta,
         "figures_embedded": 0 if figure_rows is None else len(figure_rows),
         "index": {
-            "type": "flat" if vectors.shape[0] < APPROX_MIN_VECTORS else "ivf",
+            "type": kind,
             "approx_min_vectors": APPROX_MIN_VECTORS,
+            "compress_min_vectors": COMPRESS_MIN_VECTORS,
             "nlist": getattr(index, "nlist", None),
             "nprobe": getattr(index, "nprobe", None),
             "recall": recall,

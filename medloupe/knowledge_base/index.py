@@ -18,8 +18,13 @@ ranks figure passages by their image vectors, and both are fused by reciprocal r
 Index: exact inner product (``IndexFlatIP``) below :data:`APPROX_MIN_VECTORS` vectors, an
 IVF index (``IndexIVFFlat``, ``nlist = 4 sqrt(n)``, ``nprobe`` the smallest that reaches
 recall@10 >= 0.95 on the corpus's own vectors, :func:`tune_nprobe`, recorded in the manifest)
-from there; both move to the GPU when ``faiss.get_num_gpus() > 0``. Building and adding:
-:mod:`.build`.
+from there, and from :data:`COMPRESS_MIN_VECTORS` a compressed one: IVF with 4-bit product
+quantisation scanned with SIMD (``IndexIVFPQFastScan``, 4 bits per :data:`PQ_DIMS`
+dimensions) whose :data:`RERANK_PER_K` x k
+best candidates are re-scored exactly against ``vectors.npy``, memory-mapped
+(:class:`RerankedIndex`), its ``nprobe`` tuned on the re-ranked recall. Flat and IVF indexes
+move to the GPU when ``faiss.get_num_gpus() > 0`` (the compressed one stays on the CPU: it
+is small and its re-ranking reads the mapped vectors). Building and adding: :mod:`.build`.
 """
 
 from __future__ import annotations
@@ -67,17 +72,68 @@ CREATE TABLE IF NOT EXISTS passages (
 """
 
 
+COMPRESS_MIN_VECTORS = 500_000
+PQ_DIMS = 2  # dimensions per 4-bit code of the compressed index (96 bytes a 384-d vector)
+RERANK_PER_K = 30  # candidates re-scored exactly per result asked for
 TARGET_RECALL = 0.95
 RECALL_K = 10
 RECALL_QUERIES = 500
 
 
 class BuiltIndex(NamedTuple):
-    """A FAISS index and, for an IVF index, how its ``nprobe`` was chosen (:func:`tune_nprobe`;
-    ``None`` for an exact index)."""
+    """A FAISS index, its kind (``flat``, ``ivf``, ``ivfpq``) and, for an IVF index, how its
+    ``nprobe`` was chosen (:func:`tune_nprobe`; ``None`` for an exact index)."""
 
     index: Any
     recall: dict[str, Any] | None
+    kind: str = "flat"
+
+
+class RerankedIndex:
+    """A compressed IVF-PQ index whose candidates are re-scored exactly.
+
+    Args:
+        index: the ``IndexIVFPQFastScan`` (inner product).
+        vectors: ``(n, dim)`` float32 normalised vectors, row i = FAISS id i (a memory map
+            of ``vectors.npy``: only the candidates' rows are read).
+        per_k: candidates fetched per result asked for.
+
+    :meth:`search` has FAISS's signature: ``(scores, rows)`` of shape ``(len(queries), k)``,
+    exact inner products, best first, rows -1 when fewer.
+    """
+
+    def __init__(self, index: Any, vectors: np.ndarray, per_k: int = RERANK_PER_K) -> None:
+        self.index = index
+        self.vectors = vectors
+        self.per_k = per_k
+
+    @property
+    def nprobe(self) -> int:
+        return int(self.index.nprobe)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        self.index.nprobe = value
+
+    @property
+    def nlist(self) -> int:
+        return int(self.index.nlist)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        _, candidates = self.index.search(queries, max(k * self.per_k, k))
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        rows = np.full((len(queries), k), -1, np.int64)
+        for i, hits in enumerate(candidates):
+            found = np.sort(hits[hits >= 0])  # ascending rows: sequential reads of the map
+            exact = np.asarray(self.vectors[found]) @ queries[i]
+            best = np.argsort(-exact)[:k]
+            scores[i, : len(best)], rows[i, : len(best)] = exact[best], found[best]
+        return scores, rows
 
 
 def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
@@ -105,10 +161,12 @@ def tune_nprobe(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Set an IVF ``index``'s ``nprobe`` to the smallest (doubling from 1, then bisecting; at
-    most ``nlist``) whose recall@``k`` against exact search reaches ``target``, measured on a
-    held-back sample of the corpus itself: ``queries`` of its own vectors, each query's own
-    row left out of both neighbour lists. Returns what the manifest records (``nprobe``,
-    ``recall_at_k``, ``k``, ``target``, ``queries``, and each tried ``nprobe``'s recall)."""
+    most ``nlist``) whose recall@``k`` against exact search reaches ``target`` with a margin
+    for the sample: the mean less two standard errors, measured on a held-back sample of
+    the corpus itself (``queries`` of its own vectors, each query's own row left out of both
+    neighbour lists). Returns what the manifest records (``nprobe``, ``recall_at_k``,
+    ``recall_lower_bound``, ``k``, ``target``, ``queries``, and each tried ``nprobe``'s
+    recall and lower bound)."""
     n = len(vectors)
     rng = np.random.default_rng(seed)
     rows = rng.choice(n, size=min(queries, n), replace=False)
@@ -122,17 +180,19 @@ def tune_nprobe(
 
     truth = others(exact_neighbours(q, vectors, k + 1))
     tried: dict[int, float] = {}
+    bounds: dict[int, float] = {}
 
     def recall(nprobe: int) -> float:
+        """The lower bound (mean less two standard errors) of recall@k at ``nprobe``."""
         if nprobe not in tried:
             index.nprobe = nprobe
             _, got = index.search(q, k + 1)
-            tried[nprobe] = float(
-                np.mean(
-                    [len(g & t) / max(len(t), 1) for g, t in zip(others(got), truth, strict=True)]
-                )
+            each = np.array(
+                [len(g & t) / max(len(t), 1) for g, t in zip(others(got), truth, strict=True)]
             )
-        return tried[nprobe]
+            tried[nprobe] = float(each.mean())
+            bounds[nprobe] = float(each.mean() - 2 * each.std() / math.sqrt(len(each)))
+        return bounds[nprobe]
 
     nprobe = 1
     while recall(nprobe) < target and nprobe < index.nlist:
@@ -145,36 +205,68 @@ def tune_nprobe(
     return {
         "nprobe": nprobe,
         "recall_at_k": round(tried[nprobe], 4),
+        "recall_lower_bound": round(bounds[nprobe], 4),
         "k": k,
         "target": target,
         "queries": len(rows),
         "tried": {str(p): round(r, 4) for p, r in tried.items()},
+        "lower_bounds": {str(p): round(r, 4) for p, r in bounds.items()},
     }
 
 
-def build_faiss_index(vectors: np.ndarray, *, target_recall: float = TARGET_RECALL) -> BuiltIndex:
+def index_kind(n: int, *, compress_from: int | None = None) -> str:
+    """The index built for ``n`` vectors: ``flat``, ``ivf`` or ``ivfpq`` (compressed from
+    ``compress_from``, default :data:`COMPRESS_MIN_VECTORS`)."""
+    if n < APPROX_MIN_VECTORS:
+        return "flat"
+    return "ivfpq" if n >= (compress_from or COMPRESS_MIN_VECTORS) else "ivf"
+
+
+def build_faiss_index(
+    vectors: np.ndarray,
+    *,
+    target_recall: float = TARGET_RECALL,
+    compress_from: int | None = None,
+) -> BuiltIndex:
     """An index over ``vectors`` (float32, normalised): flat below the approximate threshold,
-    IVF above it (trained on the vectors, ``nprobe`` tuned to ``target_recall``:
-    :func:`tune_nprobe`)."""
+    IVF above it, compressed IVF-PQ from ``compress_from`` (:func:`index_kind`); an IVF
+    index is trained on a sample of the vectors and its ``nprobe`` tuned to
+    ``target_recall`` (:func:`tune_nprobe`; for IVF-PQ, the recall after re-ranking, so
+    ``vectors`` must stay where :class:`RerankedIndex` reads them)."""
     import faiss
 
     n, dim = vectors.shape
-    index: Any
-    recall = None
-    if n < APPROX_MIN_VECTORS:
-        index = faiss.IndexFlatIP(dim)
+    kind = index_kind(n, compress_from=compress_from)
+    if kind == "flat":
+        flat = faiss.IndexFlatIP(dim)
         if n:
-            index.add(vectors)
-    else:
-        nlist = int(4 * math.sqrt(n))
-        quantizer = faiss.IndexFlatIP(dim)
+            flat.add(vectors)
+        return BuiltIndex(flat, None, kind)
+    nlist = int(4 * math.sqrt(n))
+    quantizer = faiss.IndexFlatIP(dim)
+    index: Any
+    if kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(0)
-        sample = vectors[rng.choice(n, size=min(n, 64 * nlist), replace=False)]
-        index.train(sample)
-        index.add(vectors)
-        recall = tune_nprobe(index, vectors, target=target_recall)
-    return BuiltIndex(index, recall)
+    else:
+        if dim % PQ_DIMS:
+            raise KnowledgeBaseError(
+                f"a compressed index needs a dimension divisible by {PQ_DIMS}; the embedder "
+                f"gives {dim}"
+            )
+        m = dim // PQ_DIMS
+        index = faiss.IndexIVFPQFastScan(
+            quantizer, dim, nlist, m, 4, faiss.METRIC_INNER_PRODUCT
+        )
+    rng = np.random.default_rng(0)
+    sample = vectors[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    for start in range(0, n, 100_000):  # a memory map is read in slices
+        index.add(np.ascontiguousarray(vectors[start : start + 100_000], dtype=np.float32))
+    tuned = index if kind == "ivf" else RerankedIndex(index, vectors)
+    recall = tune_nprobe(tuned, vectors, target=target_recall)
+    if kind == "ivfpq":
+        recall["rerank_per_k"] = RERANK_PER_K
+    return BuiltIndex(index, recall, kind)
 
 
 def faiss_gpus() -> int:
@@ -292,8 +384,13 @@ class KnowledgeBase:
             if self._index is None:
                 import faiss
 
-                self._index = to_device(faiss.read_index(str(self.path / "text.faiss")))
+                index = faiss.read_index(str(self.path / "text.faiss"))
                 self._vectors = np.load(self.path / "vectors.npy", mmap_mode="r")
+                if self.manifest.get("index", {}).get("type") == "ivfpq":
+                    per_k = int(self.manifest["index"]["recall"]["rerank_per_k"])
+                    self._index = RerankedIndex(index, self._vectors, per_k)
+                else:
+                    self._index = to_device(index)
             assert self._vectors is not None
             return self._index, self._vectors
 
