@@ -27,13 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_report import append_section, machine
 
-from tests.postgres_helpers import Postgres
+from tests.postgres_helpers import Postgres, wait_owning
 from tests.service_helpers import Server, post_run, wait_done
 
 
@@ -104,24 +103,6 @@ def _throughput(
     return args.runs / wall, cores
 
 
-def _owning(url: str, server: Server) -> bool:
-    assert server.proc is not None
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM medloupe_service_runs WHERE status='running' AND owner LIKE %s",
-            (f"%:{server.proc.pid}:%",),
-        ).fetchone()
-    return bool(row and row[0])
-
-
-def _wait_owning(url: str, server: Server) -> None:
-    deadline = time.monotonic() + 300
-    while not _owning(url, server):
-        if time.monotonic() > deadline:
-            raise AssertionError("the replica never claimed a run")
-        time.sleep(0.1)
-
-
 def _tally(final: list[dict[str, object]], ends: list[int]) -> tuple[int, int, int, int, int]:
     done = sum(f["status"] == "done" for f in final)
     failed = sum(f["status"] == "failed" and bool(f["error"]) for f in final)
@@ -148,7 +129,7 @@ def main() -> None:
             url = pg.create_database()
             servers = _start(root / "kill", 3, args, url)
             ids = _submit(servers, image, args.runs, "kill")
-            _wait_owning(url, servers[0])
+            wait_owning(url, servers[0])
             t_kill = time.perf_counter()
             servers[0].kill()
             final = _settle(servers[1], ids)
@@ -156,7 +137,7 @@ def main() -> None:
             kill_one = _tally(final, _run_ends(servers[2], ids))
 
             ids_b = _submit(servers[1:], image, args.runs, "all")
-            _wait_owning(url, servers[1])
+            wait_owning(url, servers[1])
             for s in servers:
                 s.kill()
             t_restart = time.perf_counter()

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.service_helpers import free_port
+from tests.service_helpers import Server, free_port
 
 
 def postgres_bin() -> Path | None:
@@ -96,3 +96,23 @@ class Postgres:
         while (self.data / "postmaster.pid").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def wait_owning(url: str, server: Server, timeout_s: float = 300) -> list[str]:
+    """The ids of the runs the ``medloupe serve`` replica ``server`` holds, once it holds
+    one (it is then worth killing)."""
+    import psycopg
+
+    assert server.proc is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with psycopg.connect(url) as conn:
+            rows = conn.execute(
+                "SELECT run_id FROM medloupe_service_runs WHERE status='running' "
+                "AND owner LIKE %s",
+                (f"%:{server.proc.pid}:%",),
+            ).fetchall()
+        if rows:
+            return [r[0] for r in rows]
+        time.sleep(0.1)
+    raise AssertionError("the replica never claimed a run")

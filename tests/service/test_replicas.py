@@ -4,7 +4,6 @@ is lost or completed twice, and every replica serves every run."""
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import httpx
 import psycopg
 import pytest
 
+from tests.postgres_helpers import wait_owning
 from tests.service_helpers import Server, post_run, sse_events, wait_done
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -28,25 +28,6 @@ def _start(home: Path, url: str, n: int) -> list[Server]:
     with ThreadPoolExecutor(n) as pool:
         list(pool.map(lambda s: s.start(timeout_s=180), servers))
     return servers
-
-
-def _owned(url: str, server: Server) -> list[str]:
-    assert server.proc is not None
-    with psycopg.connect(url) as conn:
-        rows = conn.execute(
-            "SELECT run_id FROM medloupe_service_runs WHERE status='running' AND owner LIKE %s",
-            (f"%:{server.proc.pid}:%",),
-        ).fetchall()
-    return [r[0] for r in rows]
-
-
-def _wait_owning(url: str, server: Server, timeout_s: float = 120) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if owned := _owned(url, server):
-            return owned
-        time.sleep(0.1)
-    raise AssertionError("the replica never claimed a run")
 
 
 def _submit(servers: list[Server], image: bytes, n: int, tag: str) -> dict[str, Server]:
@@ -76,7 +57,7 @@ def test_replicas_share_runs_and_lose_none_when_killed(
     try:
         accepted = _submit(servers, image, 12, "Batch A")
         victim = servers[0]
-        killed_owning = _wait_owning(pg_url, victim)
+        killed_owning = wait_owning(pg_url, victim)
         victim.kill()
         survivors = servers[1:]
         with httpx.Client(base_url=survivors[0].url, timeout=120) as c:
@@ -113,7 +94,7 @@ def test_replicas_share_runs_and_lose_none_when_killed(
 
         # every replica killed mid-load; new ones resume everything
         batch = _submit(survivors, image, 6, "Batch B")
-        _wait_owning(pg_url, survivors[0])
+        wait_owning(pg_url, survivors[0])
         for s in survivors:
             s.kill()
         fresh = _start(home, pg_url, 2)
