@@ -53,6 +53,11 @@ def is_postgres(url: str | None) -> bool:
     return bool(url) and urlsplit(str(url)).scheme in _POSTGRES_SCHEMES
 
 
+def uses_database(settings: Settings | None) -> bool:
+    """Whether ``settings`` put runs' traces and reviews in the shared database."""
+    return settings is not None and settings.database_url is not None
+
+
 def safe_url(url: str) -> str:
     """``url`` with its password replaced by ``***`` (for messages and logs)."""
     parts = urlsplit(url)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from medloupe.artifacts import atomic_write_bytes
 from medloupe.config import Settings
-from medloupe.db import Table
+from medloupe.db import Table, uses_database
 from medloupe.errors import InputError
 
 REVIEWS_FILE = "reviews.json"
@@ -73,7 +73,8 @@ def load_reviews(run_dir: str | Path, settings: Settings | None = None) -> list[
     """The reviews of a run, oldest first (empty when none); from the shared database
     when ``settings.database_url`` is set."""
     run_dir = Path(run_dir)
-    if settings is not None and settings.database_url is not None:
+    if uses_database(settings):
+        assert settings is not None
         rows = ReviewTable(settings).rows(
             "SELECT id, created, verdict, comment, reviewer FROM {t} WHERE run_id=? "
             "ORDER BY added, id",
@@ -101,7 +102,7 @@ def add_review(
         id=f"rev-{secrets.token_hex(4)}",
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    shared = settings is not None and settings.database_url is not None
+    shared = uses_database(settings)
     with open(run_dir / ".reviews.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if shared:

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from medloupe.artifacts import strict_json
 from medloupe.config import Settings
-from medloupe.db import SQL_ERRORS, Table
+from medloupe.db import SQL_ERRORS, Table, uses_database
 from medloupe.errors import RunStateError
 from medloupe.reviews import load_reviews
 
@@ -149,7 +149,7 @@ class TraceMeta(Table):
 
 def _shared(settings: Settings | None, run_id: str | None) -> bool:
     """Whether a run's trace lives in the shared database rather than its own file."""
-    if settings is None or settings.database_url is None:
+    if not uses_database(settings):
         return False
     if not run_id:
         raise RunStateError("a trace in the shared database needs the run id")

@@ -119,10 +119,6 @@ class RerankedIndex:
     def nlist(self) -> int:
         return int(self.index.nlist)
 
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         _, candidates = self.index.search(queries, max(k * self.per_k, k))

@@ -199,6 +199,7 @@ class RunManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake: asyncio.Event | None = None
+        self._claimer: asyncio.Task[None] | None = None
         self._beat_stop = threading.Event()
         self._beat: threading.Thread | None = None
         self._shared: Resources | None = None
@@ -228,9 +229,8 @@ class RunManager:
             self._wake = asyncio.Event()
             self._shared_lock = asyncio.Lock()
             ready.set()
-            claimer = loop.create_task(self._claim_loop())
+            self._claimer = loop.create_task(self._claim_loop())  # stop() cancels it
             loop.run_forever()
-            claimer.cancel()
             loop.close()
 
         waiting = self.db.claimable()
@@ -305,18 +305,22 @@ class RunManager:
 
     # -- admission --------------------------------------------------------------------------
 
+    def _slots_left(self, queued: int) -> int:
+        """Slots left with ``queued`` runs in the shared queue (hold ``self._lock``)."""
+        return self.workers + self.queue_size - self._reserved - len(self._tasks) - queued
+
     def capacity_left(self) -> int:
         """Runs this replica would still accept (blocking: reads the shared queue)."""
         queued = self.db.counts().get("queued", 0)
         with self._lock:
-            return self.workers + self.queue_size - self._reserved - len(self._tasks) - queued
+            return self._slots_left(queued)
 
     def admit(self) -> None:
         """Reserve a slot or raise :class:`QueueFullError` (call before writing a run;
         blocking: reads the shared queue)."""
         queued = self.db.counts().get("queued", 0)
         with self._lock:
-            if self._reserved + len(self._tasks) + queued >= self.workers + self.queue_size:
+            if self._slots_left(queued) <= 0:
                 raise QueueFullError(
                     f"all {self.workers} workers are busy and {self.queue_size} runs are "
                     "queued; retry later"
