@@ -310,8 +310,10 @@ class _progress_bars:
     def __call__(self, stage: str, done: int, total: int) -> None:
         labels = {"load": "reading sources", "embed": "embedding text", "figures": "figures"}
         if stage not in self._tasks:
-            self._tasks[stage] = self._progress.add_task(labels.get(stage, stage), total=total)
-        self._progress.update(self._tasks[stage], completed=done, total=total)
+            self._tasks[stage] = self._progress.add_task(
+                labels.get(stage, stage), total=total or None
+            )
+        self._progress.update(self._tasks[stage], completed=done, total=total or None)
 
     def __exit__(self, *exc: object) -> None:
         self._progress.__exit__(None, None, None)
@@ -913,6 +915,12 @@ def kb_build(
     text_embedder: Annotated[
         str | None, typer.Option(help="sentence-transformers id or folder (default MiniLM)")
     ] = None,
+    text_backend: Annotated[
+        str,
+        typer.Option(
+            help="torch | onnx-int8 | auto (int8 ONNX Runtime on a CPU where it is installed)"
+        ),
+    ] = "auto",
     image_embedder: Annotated[
         str | None,
         typer.Option(
@@ -936,7 +944,7 @@ def kb_build(
             stats = build_kb(
                 list(sources),
                 out,
-                embedder=TextEmbedder(text_embedder),
+                embedder=TextEmbedder(text_embedder, backend=text_backend),
                 image_embedder=image_embedder_from_spec(image_embedder),
                 name=name,
                 attribution=attribution,

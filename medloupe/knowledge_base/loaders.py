@@ -438,47 +438,60 @@ def load_markdown(path: Path, report: LoadReport) -> Iterator[SourcePassage]:
 
 def load_jsonl(path: Path, report: LoadReport) -> Iterator[SourcePassage]:
     """Pages from JSONL: ``document`` and ``text`` required; ``id``, ``section``, ``page``,
-    ``figures`` (``[{"path", "caption"}]``, paths relative to the file) optional."""
+    ``figures`` (``[{"path", "caption"}]``, paths relative to the file) optional.
+
+    Read line by line (a corpus may be larger than memory); a line that is not UTF-8 JSON is
+    reported and skipped."""
     doc_slug = slug(path.stem)
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            report.warn(f"{path}:{n}: not JSON ({exc.msg}); line skipped")
-            continue
-        if not isinstance(item, dict) or not {"document", "text"} <= item.keys():
-            report.warn(f"{path}:{n}: a page needs `document` and `text`; line skipped")
-            continue
-        base = str(item.get("id") or f"{doc_slug}:{n}")
-        page = str(item["page"]) if item.get("page") is not None else None
-        chunks = pack_paragraphs(str(item["text"]).split("\n\n"))
-        for i, chunk in enumerate(chunks, 1):
-            yield SourcePassage(
-                id=base if len(chunks) == 1 else f"{base}:{i}",
-                document=str(item["document"]),
-                section=item.get("section"),
-                page=page,
-                kind="text",
-                text=chunk,
-                source=str(path),
-            )
-        for j, fig in enumerate(item.get("figures") or [], 1):
-            fpath = (path.parent / str(fig.get("path", ""))).resolve()
-            caption = clean(str(fig.get("caption", "")))
-            if not fpath.is_file():
-                report.warn(f"{path}:{n}: figure {fig.get('path')} is missing; kept as text only")
-            yield SourcePassage(
-                id=f"{base}:fig{j}",
-                document=str(item["document"]),
-                section=item.get("section"),
-                page=page,
-                kind="figure" if fpath.is_file() else "text",
-                text=caption or f"Figure {j} of {item['document']}",
-                source=str(path),
-                figure_file=str(fpath) if fpath.is_file() else None,
-            )
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            yield from _jsonl_line(path, n, raw, doc_slug, report)
+
+
+def _jsonl_line(
+    path: Path, n: int, raw: bytes, doc_slug: str, report: LoadReport
+) -> Iterator[SourcePassage]:
+    if not raw.strip():
+        return
+    try:
+        item = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        report.warn(f"{path}:{n}: not UTF-8 ({exc.reason}); line skipped")
+        return
+    except json.JSONDecodeError as exc:
+        report.warn(f"{path}:{n}: not JSON ({exc.msg}); line skipped")
+        return
+    if not isinstance(item, dict) or not {"document", "text"} <= item.keys():
+        report.warn(f"{path}:{n}: a page needs `document` and `text`; line skipped")
+        return
+    base = str(item.get("id") or f"{doc_slug}:{n}")
+    page = str(item["page"]) if item.get("page") is not None else None
+    chunks = pack_paragraphs(str(item["text"]).split("\n\n"))
+    for i, chunk in enumerate(chunks, 1):
+        yield SourcePassage(
+            id=base if len(chunks) == 1 else f"{base}:{i}",
+            document=str(item["document"]),
+            section=item.get("section"),
+            page=page,
+            kind="text",
+            text=chunk,
+            source=str(path),
+        )
+    for j, fig in enumerate(item.get("figures") or [], 1):
+        fpath = (path.parent / str(fig.get("path", ""))).resolve()
+        caption = clean(str(fig.get("caption", "")))
+        if not fpath.is_file():
+            report.warn(f"{path}:{n}: figure {fig.get('path')} is missing; kept as text only")
+        yield SourcePassage(
+            id=f"{base}:fig{j}",
+            document=str(item["document"]),
+            section=item.get("section"),
+            page=page,
+            kind="figure" if fpath.is_file() else "text",
+            text=caption or f"Figure {j} of {item['document']}",
+            source=str(path),
+            figure_file=str(fpath) if fpath.is_file() else None,
+        )
 
 
 # --- dispatch -------------------------------------------------------------------------------
@@ -525,6 +538,9 @@ def load_source(path: str | Path, report: LoadReport) -> Iterator[SourcePassage]
             "jsonl": load_jsonl,
         }
         loader = loaders[kind]
+        if kind == "jsonl":  # a corpus, streamed: its bad lines are skipped one by one
+            yield from loader(p, report)
+            return
         # the whole document first: one that fails half-way contributes nothing
         passages = list(loader(p, report))
     except FileNotFoundError:

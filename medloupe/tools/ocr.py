@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 REDACTED = "[redacted]"
 
+
 def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
