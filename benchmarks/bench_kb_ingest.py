@@ -29,6 +29,8 @@ from pathlib import Path
 
 from bench_report import append_section, machine
 
+from medloupe.config import env_name
+
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT.parent / "shared" / "textbooks" / "openstax-ap2e"
 
@@ -62,7 +64,7 @@ def write_corpus(path: Path, n: int) -> None:
 
 def build(corpus: Path, out: Path, backend: str, *, kill_after: float | None = None) -> dict:
     """Run one ``kb build`` in a child process; its result line (or ``killed``)."""
-    env = {**os.environ, "MEDLOUPE_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, env_name("log_level"): "WARNING"}
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(corpus), str(out), backend],
         stdout=subprocess.DEVNULL,

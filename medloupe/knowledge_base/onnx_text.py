@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from medloupe.config import env_name
 from medloupe.errors import KnowledgeBaseError
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ class OnnxTextModel:
                 if not path.exists():  # a concurrent export that won the rename is fine
                     raise KnowledgeBaseError(
                         f"could not write the ONNX export into {folder} ({exc}); "
-                        "set MEDLOUPE_CACHE to a writable folder"
+                        f"set {env_name('cache')} to a writable folder"
                     ) from None
             except (RuntimeError, ValueError, TypeError, AttributeError, ImportError) as exc:
                 raise KnowledgeBaseError(
