@@ -273,7 +273,10 @@ async def execute(
             raise MedloupeError("the graph ended without an answer")
         answer = GroundedAnswer.model_validate(values["answer"])
         await asyncio.to_thread(_write_outputs, run, answer)
-        trace.record("run_end", status="ok", abstained=answer.abstained)
+        # a run ends once: a takeover of a run whose holder was killed after tracing its end
+        # (before the queue marked it done) only publishes the outputs again
+        if not await asyncio.to_thread(trace.events, {"run_end"}):
+            trace.record("run_end", status="ok", abstained=answer.abstained)
         short = answer.short_answer or "(abstained)"
         await asyncio.to_thread(index.update, run.run_id, "done", answer=short)
         evidence = [*values.get("evidence", []), *values.get("passages", [])]

@@ -58,3 +58,27 @@ def test_resume_of_a_thread_that_ended_without_an_answer_starts_over(
     asyncio.run(leave_a_dead_end())
     answer = asyncio.run(execute(run, settings=settings, resume=True))
     assert answer.claims and (tmp_path / "run" / "answer.json").is_file()
+
+
+def test_resume_of_a_run_that_ended_but_was_not_marked_done_ends_it_once(
+    settings: Settings, chest_dcm: Path, tmp_path: Path
+) -> None:
+    """A worker killed after the run's end was traced but before the queue marked it done:
+    the replica taking it over rewrites the outputs, and the trace still ends once."""
+    import asyncio
+
+    from medloupe.io import load_image
+    from medloupe.runner import create_run, execute
+
+    run = create_run(
+        load_image(chest_dcm), "What body part is imaged?", settings=settings,
+        out_dir=tmp_path / "run",
+    )  # fmt: skip
+    first = asyncio.run(execute(run, settings=settings))
+    (tmp_path / "run" / "answer.json").unlink()
+    again = asyncio.run(execute(run, settings=settings, resume=True))
+    assert again.short_answer == first.short_answer
+    assert (tmp_path / "run" / "answer.json").is_file()
+    with TraceRecorder(run.trace_path) as trace:
+        kinds = [e.kind for e in trace.events()]
+    assert kinds.count("run_end") == 1 and kinds.count("resume") == 1
