@@ -128,9 +128,7 @@ async def diagnose_vs_ask(item: Path, question: str, env: dict[str, str]) -> tup
             times = []
             for _ in range(2):
                 t0 = time.perf_counter()
-                r = await client.call_tool(
-                    "diagnose", {"image_path": str(item), "question": question}
-                )
+                r = await client.call_tool("diagnose", {"image_path": str(item), "question": question})
                 times.append(time.perf_counter() - t0)
                 assert not r.is_error, r.content
     return times[-1], local

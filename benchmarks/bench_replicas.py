@@ -45,16 +45,7 @@ def _image() -> bytes:
 def _start(home: Path, n: int, args: argparse.Namespace, url: str | None) -> list[Server]:
     env = {"MEDLOUPE_DATABASE_URL": url} if url else {}
     servers = [
-        Server(
-            home,
-            "--workers",
-            str(args.workers),
-            "--queue",
-            "256",
-            "--lease",
-            str(args.lease),
-            env=env,
-        )
+        Server(home, "--workers", str(args.workers), "--queue", "256", "--lease", str(args.lease), env=env)
         for _ in range(n)
     ]
     with ThreadPoolExecutor(n) as pool:
@@ -163,32 +154,12 @@ def main() -> None:
         return f"{t[0]} / {t[1]} / {t[2]} / {t[3]}"
 
     rows = [
-        (
-            "runs per phase, workers per replica",
-            f"{args.runs}, {args.workers}",
-            f"lease {args.lease:g} s",
-        ),
+        ("runs per phase, workers per replica", f"{args.runs}, {args.workers}", f"lease {args.lease:g} s"),
         ("throughput, 1 server on SQLite", f"{sqlite_rate:.2f} runs/s", "the embedded default"),
-        (
-            "throughput, 1 replica on PostgreSQL",
-            f"{one:.2f} runs/s",
-            f"{one / sqlite_rate:.2f}x SQLite; the replica kept {one_cores:.2f} of {os.cpu_count()} cores busy",
-        ),
-        (
-            "throughput, 3 replicas on PostgreSQL",
-            f"{three:.2f} runs/s",
-            f"{three / one:.2f}x one replica (goal 2x); {three_cores:.2f} cores busy, so at most {os.cpu_count() / one_cores:.2f}x was to be had",
-        ),
-        (
-            "1 of 3 killed: done / failed / lost / completed twice",
-            tally(kill_one),
-            f"{kill_one[4]} taken over; all settled {settle_one:.1f} s after the kill; goal 0 lost, 0 twice",
-        ),
-        (
-            "all killed, 3 new: done / failed / lost / completed twice",
-            tally(kill_all),
-            f"{kill_all[4]} resumed; all settled {settle_all:.1f} s after the restart began",
-        ),
+        ("throughput, 1 replica on PostgreSQL", f"{one:.2f} runs/s", f"{one / sqlite_rate:.2f}x SQLite; the replica kept {one_cores:.2f} of {os.cpu_count()} cores busy"),
+        ("throughput, 3 replicas on PostgreSQL", f"{three:.2f} runs/s", f"{three / one:.2f}x one replica (goal 2x); {three_cores:.2f} cores busy, so at most {os.cpu_count() / one_cores:.2f}x was to be had"),
+        ("1 of 3 killed: done / failed / lost / completed twice", tally(kill_one), f"{kill_one[4]} taken over; all settled {settle_one:.1f} s after the kill; goal 0 lost, 0 twice"),
+        ("all killed, 3 new: done / failed / lost / completed twice", tally(kill_all), f"{kill_all[4]} resumed; all settled {settle_all:.1f} s after the restart began"),
     ]
     note = (
         "Runs: medloupe-mini on the bundled chest radiograph (pydicom-data RG1_UNCR.dcm), "

@@ -52,11 +52,7 @@ def main() -> None:
             (0.0 - d["ci_high"], 0.0 - d["ci_low"]) if d["ci_low"] is not None else (None, None)
         )
         p = "" if d["p_value"] is None else f"; McNemar p {d['p_value']:.3g}"
-        flips = (
-            ""
-            if d["only_a"] is None
-            else f" (right only on: {d['only_a']}, only off: {d['only_b']})"
-        )
+        flips = "" if d["only_a"] is None else f" (right only on: {d['only_a']}, only off: {d['only_b']})"
         rows.append(
             (
                 f"{d['group']}, {d['measure']} ({d['items']} items)",

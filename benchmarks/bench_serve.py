@@ -91,11 +91,7 @@ def _malformed(srv: Server, image: bytes) -> list[tuple[str, int, int]]:
             ("JSON body, not multipart", 422, c.post("/v1/runs", json={"question": q})),
             ("not an image", 415, post_run(c, b"%PDF-1.7" + b"x" * 900, q)),
             ("truncated DICOM", 400, post_run(c, image[: len(image) // 3], q)),
-            (
-                "upload over the limit",
-                413,
-                post_run(c, b"\x89PNG\r\n\x1a\n" + b"\0" * (70 << 20), q),
-            ),
+            ("upload over the limit", 413, post_run(c, b"\x89PNG\r\n\x1a\n" + b"\0" * (70 << 20), q)),
             ("wrong option type", 422, post_run(c, image, q, {"max_steps": "many"})),
             ("unknown option", 422, post_run(c, image, q, {"no_such": 1})),
             ("empty question", 422, post_run(c, image, "  ")),
@@ -121,15 +117,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         # -- phase 1: load
-        srv = Server(
-            Path(tmp) / "load",
-            "--vlm",
-            "none",
-            "--workers",
-            str(args.workers),
-            "--queue",
-            str(args.queue),
-        )
+        srv = Server(Path(tmp) / "load", "--vlm", "none", "--workers", str(args.workers), "--queue", str(args.queue))
         srv.start()
         assert srv.proc is not None
         results: list[dict[str, object]] = []
@@ -159,9 +147,7 @@ def main() -> None:
 
         # -- phase 2: crash and restart
         home = Path(tmp) / "crash"
-        srv = Server(
-            home, "--vlm", "none", "--workers", str(args.workers), "--queue", str(args.crash_runs)
-        ).start()
+        srv = Server(home, "--vlm", "none", "--workers", str(args.workers), "--queue", str(args.crash_runs)).start()
         with httpx.Client(base_url=srv.url, timeout=120) as c:
             ids = [
                 post_run(c, image, f"What organ is shown? (crash run {i})").json()["run_id"]
@@ -182,41 +168,16 @@ def main() -> None:
 
     bad = [m for m in malformed if m[1] != m[2]]
     rows = [
-        (
-            "clients x runs each",
-            f"{args.clients} x {args.runs_per_client}",
-            f"workers {args.workers}, queue {args.queue}",
-        ),
-        (
-            "runs accepted / completed",
-            f"{len(accepted)} / {len(done)}",
-            f"429 answers retried: {throttled}",
-        ),
+        ("clients x runs each", f"{args.clients} x {args.runs_per_client}", f"workers {args.workers}, queue {args.queue}"),
+        ("runs accepted / completed", f"{len(accepted)} / {len(done)}", f"429 answers retried: {throttled}"),
         ("runs failed with a reason", str(len(failed)), ""),
         ("runs lost", str(lost), "goal 0"),
         ("throughput", f"{len(done) / wall:.2f} runs/s", f"{wall:.1f} s wall"),
-        (
-            "latency p50 / p95 (post -> answer)",
-            f"{statistics.median(lat):.2f} s / {p95:.2f} s" if lat else "n/a",
-            "includes queueing",
-        ),
+        ("latency p50 / p95 (post -> answer)", f"{statistics.median(lat):.2f} s / {p95:.2f} s" if lat else "n/a", "includes queueing"),
         ("peak server memory (VmHWM)", f"{peak_mb:.0f} MB", ""),
-        (
-            "malformed requests with the right 4xx",
-            f"{len(malformed) - len(bad)}/{len(malformed)}",
-            "; ".join(f"{w}: want {a} got {b}" for w, a, b in bad) or "server healthy after",
-        ),
-        (
-            "crash: runs accepted before SIGKILL",
-            str(len(ids)),
-            f"{c_resumed} resumed after restart",
-        ),
-        (
-            "crash: completed / failed with reason / lost",
-            f"{c_done} / {c_failed} / {c_lost}",
-            f"all settled {recover_s:.1f} s after restart; goal 0 lost"
-            + "".join(f"; failed: {r}" for r in c_reasons),
-        ),
+        ("malformed requests with the right 4xx", f"{len(malformed) - len(bad)}/{len(malformed)}", "; ".join(f"{w}: want {a} got {b}" for w, a, b in bad) or "server healthy after"),
+        ("crash: runs accepted before SIGKILL", str(len(ids)), f"{c_resumed} resumed after restart"),
+        ("crash: completed / failed with reason / lost", f"{c_done} / {c_failed} / {c_lost}", f"all settled {recover_s:.1f} s after restart; goal 0 lost" + "".join(f"; failed: {r}" for r in c_reasons)),
     ]
     note = (
         "Runs use the bundled CT slice (pydicom-data 693_UNCR.dcm) with no VLM and no KB, so "

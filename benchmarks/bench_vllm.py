@@ -69,25 +69,16 @@ def engine_rate(url: str, concurrency: int, n: int) -> float:
     payload = {
         "model": "tiny",
         "max_tokens": 512,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": uri}},
-                    {"type": "text", "text": "Question: Is there a nodule? Reply with JSON."},
-                ],
-            }
-        ],
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {"name": "Draft", "schema": Draft.model_json_schema()},
-        },
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uri}},
+            {"type": "text", "text": "Question: Is there a nodule? Reply with JSON."}]}],
+        "response_format": {"type": "json_schema", "json_schema": {
+            "name": "Draft", "schema": Draft.model_json_schema()}},
     }
 
     async def run() -> float:
         sem = asyncio.Semaphore(concurrency)
         async with httpx.AsyncClient(timeout=300) as client:
-
             async def one() -> None:
                 async with sem:
                     (await client.post(f"{url}/chat/completions", json=payload)).raise_for_status()
@@ -110,19 +101,12 @@ def own_time_share(eval_dir: Path) -> tuple[float, float]:
             continue
         outside = 0.0
         for node in {e["node"] for e in events if e["kind"] == "node_end"}:
-            node_ms = sum(
-                e["duration_ms"] for e in events if e["kind"] == "node_end" and e["node"] == node
-            )
-            model_ms = sum(
-                e["duration_ms"] or 0
-                for e in events
-                if e["kind"] == "model_call" and e["node"] == node
-            )
-            tools = [
-                e["duration_ms"] or 0
-                for e in events
-                if e["kind"] in ("tool_call", "retrieval") and e["node"] == node
-            ]
+            node_ms = sum(e["duration_ms"] for e in events
+                          if e["kind"] == "node_end" and e["node"] == node)
+            model_ms = sum(e["duration_ms"] or 0 for e in events
+                           if e["kind"] == "model_call" and e["node"] == node)
+            tools = [e["duration_ms"] or 0 for e in events
+                     if e["kind"] in ("tool_call", "retrieval") and e["node"] == node]
             outside += max(0.0, node_ms - model_ms - max(tools, default=0.0))  # tools overlap
         own.append(outside / 1000.0 + 0.0)
         totals.append(end - start)
@@ -148,30 +132,13 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/v1"
     log = (tmp / "vllm.log").open("wb")
     server = subprocess.Popen(
-        [
-            str(python),
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model),
-            "--served-model-name",
-            "tiny",
-            "--dtype",
-            "float32",
-            "--enforce-eager",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--max-model-len",
-            "8192",
-            "--structured-outputs-config",
-            '{"backend": "xgrammar", "disable_any_whitespace": true}',
-        ],
+        [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+         "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager",
+         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "8192",
+         "--structured-outputs-config",
+         '{"backend": "xgrammar", "disable_any_whitespace": true}'],
         env={**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         t0 = time.monotonic()
@@ -186,13 +153,11 @@ def main() -> None:
             time.sleep(0.5)
         rows = []
         raw = {c: engine_rate(url, c, 8) for c in (1, 4)}
-        rows.append(
-            (
-                "vLLM alone, first-look-sized requests at 1 / 4 concurrent: requests/s",
-                f"{raw[1]:.2f} / {raw[4]:.2f} ({raw[4] / raw[1]:.2f}x)",
-                "reference",
-            )
-        )
+        rows.append((
+            "vLLM alone, first-look-sized requests at 1 / 4 concurrent: requests/s",
+            f"{raw[1]:.2f} / {raw[4]:.2f} ({raw[4] / raw[1]:.2f}x)",
+            "reference",
+        ))
         rates: dict[int, float] = {}
         share_row = None
         for workers in [int(w) for w in args.workers.split(",")]:
@@ -200,24 +165,10 @@ def main() -> None:
             before = served_requests(url)
             started = time.monotonic()
             done = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "medloupe",
-                    "eval",
-                    str(DEV),
-                    "--out",
-                    str(out),
-                    "--vlm",
-                    f"openai:{url}#tiny",
-                    "--workers",
-                    str(workers),
-                    "--limit",
-                    str(args.items),
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
+                [sys.executable, "-m", "medloupe", "eval", str(DEV), "--out", str(out),
+                 "--vlm", f"openai:{url}#tiny", "--workers", str(workers),
+                 "--limit", str(args.items)],
+                capture_output=True, text=True, check=False,
                 env={**os.environ, "MEDLOUPE_HOME": str(tmp / f"home-{workers}")},
             )
             wall = time.monotonic() - started
@@ -226,26 +177,20 @@ def main() -> None:
             served = served_requests(url) - before
             metrics = json.loads((out / "metrics.json").read_text())
             rates[workers] = args.items / wall
-            rows.append(
-                (
-                    f"{workers} worker(s): questions/s; engine requests/s; run errors",
-                    f"{rates[workers]:.3f} q/s; {served / wall:.2f} req/s "
-                    f"({served:.0f} requests); {metrics.get('run_errors', 0)}",
-                    "",
-                )
-            )
+            rows.append((
+                f"{workers} worker(s): questions/s; engine requests/s; run errors",
+                f"{rates[workers]:.3f} q/s; {served / wall:.2f} req/s "
+                f"({served:.0f} requests); {metrics.get('run_errors', 0)}",
+                "",
+            ))
             if workers == 1:
                 mid, share = own_time_share(out)
-                share_row = (
-                    "medloupe's own time per question outside model/tool calls "
-                    "(1 worker, median; share of all question time)",
-                    f"{mid * 1000:.0f} ms; {share * 100:.2f} %",
-                    "<= 1 %",
-                )
+                share_row = ("medloupe's own time per question outside model/tool calls "
+                             "(1 worker, median; share of all question time)",
+                             f"{mid * 1000:.0f} ms; {share * 100:.2f} %", "<= 1 %")
         if 1 in rates and 4 in rates:
-            rows.append(
-                ("4 workers / 1 worker, questions/s", f"{rates[4] / rates[1]:.2f}x", ">= 2.5x")
-            )
+            rows.append(("4 workers / 1 worker, questions/s", f"{rates[4] / rates[1]:.2f}x",
+                         ">= 2.5x"))
         if share_row:
             rows.append(share_row)
         append_section(

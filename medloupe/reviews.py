@@ -90,7 +90,9 @@ def load_reviews(run_dir: str | Path, settings: Settings | None = None) -> list[
         raise InputError(f"{path} is not a reviews file: {exc}") from exc
 
 
-def add_review(run_dir: str | Path, review: ReviewIn, settings: Settings | None = None) -> Review:
+def add_review(
+    run_dir: str | Path, review: ReviewIn, settings: Settings | None = None
+) -> Review:
     """Append ``review`` to the run's reviews (in the shared database when
     ``settings.database_url`` is set); returns the stored review."""
     run_dir = Path(run_dir)
@@ -108,22 +110,17 @@ def add_review(run_dir: str | Path, review: ReviewIn, settings: Settings | None 
             ReviewTable(settings).run(
                 "INSERT INTO {t}(id, run_id, created, verdict, comment, reviewer, added) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    stored.id,
-                    run_id,
-                    stored.created,
-                    stored.verdict,
-                    stored.comment,
-                    stored.reviewer,
-                    time.time(),
-                ),
+                (stored.id, run_id, stored.created, stored.verdict, stored.comment,
+                 stored.reviewer, time.time()),
             )
             reviews = load_reviews(run_dir, settings)
         else:
             reviews = [*load_reviews(run_dir), stored]
         data = [r.model_dump(mode="json") for r in reviews]
         if not shared:
-            atomic_write_bytes(run_dir / REVIEWS_FILE, (json.dumps(data, indent=2) + "\n").encode())
+            atomic_write_bytes(
+                run_dir / REVIEWS_FILE, (json.dumps(data, indent=2) + "\n").encode()
+            )
         trace_json = run_dir / "trace.json"
         if trace_json.is_file():
             try:

@@ -57,20 +57,10 @@ class Postgres:
             shutil.chown(pwfile, "postgres", "postgres")
         subprocess.run(
             self._cmd(
-                str(self.bin / "initdb"),
-                "-D",
-                str(self.data),
-                "-U",
-                self.user,
-                "--auth=scram-sha-256",
-                f"--pwfile={pwfile}",
-                "-E",
-                "UTF8",
-                "--no-sync",
+                str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user,
+                "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync",
             ),
-            check=True,
-            capture_output=True,
-            timeout=120,
+            check=True, capture_output=True, timeout=120,
         )
         opts = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
@@ -78,21 +68,10 @@ class Postgres:
         )
         subprocess.run(
             self._cmd(
-                str(self.bin / "pg_ctl"),
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.root / "log"),
-                "-o",
-                opts,
-                "-w",
-                "-t",
-                "60",
-                "start",
+                str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"),
+                "-o", opts, "-w", "-t", "60", "start",
             ),
-            check=True,
-            capture_output=True,
-            timeout=90,
+            check=True, capture_output=True, timeout=90,
         )
         return self
 
@@ -111,8 +90,7 @@ class Postgres:
     def stop(self) -> None:
         subprocess.run(
             self._cmd(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"),
-            capture_output=True,
-            timeout=60,
+            capture_output=True, timeout=60,
         )
         deadline = time.monotonic() + 10
         while (self.data / "postmaster.pid").exists() and time.monotonic() < deadline:
@@ -130,7 +108,8 @@ def wait_owning(url: str, server: Server, timeout_s: float = 300) -> list[str]:
     while time.monotonic() < deadline:
         with psycopg.connect(url) as conn:
             rows = conn.execute(
-                "SELECT run_id FROM medloupe_service_runs WHERE status='running' AND owner LIKE %s",
+                "SELECT run_id FROM medloupe_service_runs WHERE status='running' "
+                "AND owner LIKE %s",
                 (f"%:{server.proc.pid}:%",),
             ).fetchall()
         if rows:

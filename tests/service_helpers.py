@@ -87,9 +87,7 @@ def post_run(
     )
 
 
-def sse_events(
-    client: httpx.Client, run_id: str, timeout_s: float = 180.0
-) -> Iterator[tuple[str, Any]]:
+def sse_events(client: httpx.Client, run_id: str, timeout_s: float = 180.0) -> Iterator[tuple[str, Any]]:
     """(event name, parsed data) of a run's event stream until ``end``."""
     with client.stream("GET", f"/v1/runs/{run_id}/events", timeout=timeout_s) as resp:
         assert resp.status_code == 200, resp.read()

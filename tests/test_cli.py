@@ -29,6 +29,7 @@ def medloupe(
     return proc
 
 
+
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     env = cli_env(tmp_path / "home")
     proc = medloupe("demo", "--json", "--out", str(tmp_path / "demo"), env=env)

@@ -12,6 +12,7 @@ from tests.conftest import cli_env
 pytestmark = pytest.mark.slow  # real subprocesses of the CLI
 
 
+
 def test_installed_plugin_tool_is_listed_by_the_cli(plugin_site: Path, tmp_path: Path) -> None:
     env = cli_env(tmp_path / "home", plugin_site)
     out = subprocess.run(

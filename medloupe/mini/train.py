@@ -404,6 +404,7 @@ Confidences are calibrated on held-out training images only.
 """
 
 
+
 def orientation_line(meta: dict[str, Any] | None) -> str:
     """The model card's words for the orientation estimate's recipe and out-of-fold figures."""
     if not meta:
@@ -419,7 +420,6 @@ def orientation_line(meta: dict[str, Any] | None) -> str:
         f"a softmax regression over pooled EfficientNet-Lite0 features, trained on {meta['data']}"
         f"; out of fold ({meta['folds']} folds by image): {figures}"
     )
-
 
 def fit_temperature(logits: Any, labels: Any) -> float:
     """The temperature minimising the negative log-likelihood of ``labels`` (LBFGS, log-space)."""

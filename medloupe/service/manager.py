@@ -90,11 +90,8 @@ class ServiceDB(Table):
             "UPDATE {t} SET status='running', owner=?, lease_until=?, updated=?, "
             "started=COALESCE(started, ?), attempts=attempts+1, "
             "resumes=resumes + CASE WHEN status='running' THEN 1 ELSE 0 END "
-            "WHERE run_id = (SELECT run_id FROM {t} WHERE "
-            + self._CLAIMABLE
-            + " ORDER BY created LIMIT 1"
-            + lock
-            + ") RETURNING *",
+            "WHERE run_id = (SELECT run_id FROM {t} WHERE " + self._CLAIMABLE
+            + " ORDER BY created LIMIT 1" + lock + ") RETURNING *",
             (owner, now + lease_s, now, now, now),
         )
         return found[0] if found else None
@@ -122,7 +119,9 @@ class ServiceDB(Table):
 
     def release(self, owner: str) -> int:
         """Let other replicas take over ``owner``'s runs at once (a clean stop)."""
-        return self.run("UPDATE {t} SET lease_until=0 WHERE owner=? AND status='running'", (owner,))
+        return self.run(
+            "UPDATE {t} SET lease_until=0 WHERE owner=? AND status='running'", (owner,)
+        )
 
     def expire_leases(self) -> int:
         """End every lease now (a lone SQLite server starting: no other process holds one)."""

@@ -130,7 +130,8 @@ class McpBridge:
                 "Answer a diagnostic question about a medical image with medloupe's whole "
                 "workflow (first look, instruments, a second look at the regions found, the "
                 "knowledge base): a grounded answer whose claims cite regions and pages, with "
-                "a confidence, or an abstention; the run's review page is a resource." + _IMAGE_NOTE
+                "a confidence, or an abstention; the run's review page is a resource."
+                + _IMAGE_NOTE
             ),
             input_schema={
                 "type": "object",
@@ -189,7 +190,9 @@ class McpBridge:
             types.ImageContent(data=base64.b64encode(data).decode("ascii"), mime_type="image/png"),
         ]
 
-    async def _diagnose(self, image: dict[str, Any], args: dict[str, Any]) -> types.CallToolResult:
+    async def _diagnose(
+        self, image: dict[str, Any], args: dict[str, Any]
+    ) -> types.CallToolResult:
         question = str(args.get("question") or "").strip()
         if not question:
             raise InputError("diagnose needs a question")

@@ -138,7 +138,9 @@ class McpConnection:
         self._client: Any = None
         self._stop: asyncio.Event | None = None
         self._ready: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._main, name=f"mcp-{spec.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._main, name=f"mcp-{spec.name}", daemon=True
+        )
 
     # --- life cycle -----------------------------------------------------------------
     def open(self, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> list[Any]:

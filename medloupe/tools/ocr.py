@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 REDACTED = "[redacted]"
 
-
 def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 

@@ -368,6 +368,7 @@ def test_a_second_look_that_withholds_makes_the_answer_abstain_with_its_reason(
     assert rounds[0].payload["withheld"] == "the liver does not appear to be in view"
 
 
+
 def test_a_withheld_reason_that_names_nothing_asked_about_is_ignored(
     settings: Settings, chest_dcm: Path, tmp_path: Path
 ) -> None:
@@ -381,7 +382,6 @@ def test_a_withheld_reason_that_names_nothing_asked_about_is_ignored(
     assert "qz vx" not in (answer.abstention_reason or "")
     rounds = [e for e in events if e.kind == "rethink_round"]
     assert rounds[0].payload["withheld"] is None
-
 
 def test_the_second_look_zooms_where_the_question_points_first() -> None:
     from medloupe.graphs.evidence import regions_to_examine

@@ -97,18 +97,9 @@ def test_no_blocking_call_on_the_event_loop(settings: Settings, chest_dcm: Path)
     from blockbuster import BlockBuster
 
     bb = BlockBuster()
-    allowed = (
-        "os.path.",
-        "os.stat",
-        "os.listdir",
-        "io.BufferedReader.read",
-        "io.TextIOWrapper.read",
-        "os.getcwd",
-        "os.readlink",
-        "os.scandir",
-        "threading.Lock",
-        "io.TextIOWrapper.write",
-    )
+    allowed = ("os.path.", "os.stat", "os.listdir", "io.BufferedReader.read",
+               "io.TextIOWrapper.read", "os.getcwd", "os.readlink", "os.scandir",
+               "threading.Lock", "io.TextIOWrapper.write")
     for name in list(bb.functions):
         # reading files and stat calls happen in imports and lazy loaders, writes to stderr
         # in logging, lock waits in thread pools: langgraph dev allows them too

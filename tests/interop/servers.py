@@ -75,10 +75,8 @@ def running(
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(
-                    f"{' '.join(cmd[:3])} not ready in {timeout_s:.0f} s:\n"
-                    f"{server.output()[-4000:]}"
-                )
+                pytest.fail(f"{' '.join(cmd[:3])} not ready in {timeout_s:.0f} s:\n"
+                            f"{server.output()[-4000:]}")
             time.sleep(0.5)
         yield server
     finally:
@@ -99,10 +97,8 @@ def vllm_python() -> Path:
     if problem is None and not _imports_vllm(str(path)):
         problem = f"the venv of {path} has no working vllm (a build that stopped half way?)"
     if problem:
-        msg = (
-            f"SKIPPED LOUDLY: {problem}; build it with `.ci/vllm-env` "
-            "(.ci/run does) or set MEDLOUPE_VLLM_PYTHON"
-        )
+        msg = (f"SKIPPED LOUDLY: {problem}; build it with `.ci/vllm-env` "
+               "(.ci/run does) or set MEDLOUPE_VLLM_PYTHON")
         print(msg, file=sys.stderr)
         pytest.skip(msg)
     return path
@@ -111,10 +107,8 @@ def vllm_python() -> Path:
 @functools.cache
 def _imports_vllm(python: str) -> bool:
     done = subprocess.run(
-        [python, "-c", "import vllm"],
-        env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"},
-        capture_output=True,
-        timeout=300,
+        [python, "-c", "import vllm"], env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"},
+        capture_output=True, timeout=300,
     )
     return done.returncode == 0
 
@@ -122,22 +116,11 @@ def _imports_vllm(python: str) -> bool:
 def vllm_command(model: Path, port: int, *extra: str) -> list[str]:
     """The documented CPU recipe (README, "Serving with vLLM")."""
     return [
-        str(vllm_python()),
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model),
-        "--served-model-name",
-        "tiny",
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--structured-outputs-config",
-        '{"backend": "xgrammar", "disable_any_whitespace": true}',
+        str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model), "--served-model-name", "tiny",
+        "--dtype", "float32", "--enforce-eager",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
         *extra,
     ]
 

@@ -49,9 +49,7 @@ def test_the_readme_section_runs_as_written(langgraph_dev) -> None:
     _, script = readme_section()
     done = subprocess.run(
         [sys.executable, "-c", script.replace("2024", str(port))],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:] + server.output()[-3000:]
     lines = done.stdout.splitlines()
@@ -77,22 +75,17 @@ def test_schemas_review_interrupt_and_input_errors(langgraph_dev, chest_dcm: Pat
         thread = await client.threads.create()
         tid = thread["thread_id"]
         await client.runs.wait(
-            tid,
-            "diagnose",
-            input={
-                "question": "What body part is imaged?",
-                "image_path": str(chest_dcm),
-                "options": {"review_plan": True},
-            },
+            tid, "diagnose",
+            input={"question": "What body part is imaged?", "image_path": str(chest_dcm),
+                   "options": {"review_plan": True}},
             context={"vlm": "none"},
         )
         state = await client.threads.get_state(tid)
         (task,) = [t for t in state["tasks"] if t.get("interrupts")]
         assert task["name"] == "review_plan"
         assert "image_info" in task["interrupts"][0]["value"]["tools"]
-        await client.runs.wait(
-            tid, "diagnose", command={"resume": {"action": "approve"}}, context={"vlm": "none"}
-        )
+        await client.runs.wait(tid, "diagnose", command={"resume": {"action": "approve"}},
+                               context={"vlm": "none"})
         state = await client.threads.get_state(tid)
         answer = state["values"]["answer"]
         assert answer["short_answer"] and "chest" in answer["short_answer"].lower()

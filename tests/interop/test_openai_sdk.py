@@ -44,15 +44,8 @@ def chest_uri(chest_dcm: Path) -> str:
 
 
 def question(uri: str, text: str = "Question: Is there a pneumothorax?") -> list[dict]:
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": uri}},
-                {"type": "text", "text": text},
-            ],
-        }
-    ]
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                         {"type": "text", "text": text}]}]
 
 
 def test_the_openai_client_against_serve_vlm(served_mini, chest_dcm: Path) -> None:
@@ -71,34 +64,20 @@ def test_the_openai_client_against_serve_vlm(served_mini, chest_dcm: Path) -> No
     assert cut.choices[0].message.content == answer[:1]
     assert cut.choices[0].finish_reason == "stop"
 
-    chunks = list(
-        client.chat.completions.create(
-            model="medloupe-mini",
-            messages=msgs,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
+    chunks = list(client.chat.completions.create(
+        model="medloupe-mini", messages=msgs, stream=True,
+        stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == answer
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
     assert any(c.choices and c.choices[0].finish_reason for c in chunks)
 
     structured = client.chat.completions.create(
-        model="medloupe-mini",
-        messages=msgs,
-        response_format={
-            "type": "json_schema",
-            "json_schema": {
-                "name": "a",
-                "schema": {
-                    "type": "object",
-                    "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"}},
-                    "required": ["answer", "confidence"],
-                },
-            },
-        },
-    )
+        model="medloupe-mini", messages=msgs,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {
+            "type": "object", "properties": {"answer": {"type": "string"},
+                                             "confidence": {"type": "number"}},
+            "required": ["answer", "confidence"]}}})
     assert json.loads(structured.choices[0].message.content)["answer"] == answer
 
 
@@ -123,28 +102,16 @@ def test_errors_are_openai_shaped(served_mini) -> None:
         assert r.status_code in (404, 405) and set(r.json()["error"]) >= {"message", "type"}
 
 
-def test_ask_through_serve_vlm_answers_like_mini(
-    served_mini, chest_dcm: Path, tmp_path: Path
-) -> None:
+def test_ask_through_serve_vlm_answers_like_mini(served_mini, chest_dcm: Path,
+                                                 tmp_path: Path) -> None:
     """`medloupe ask --vlm openai:URL` (the served mini) gives the answer `--vlm mini:` gives."""
     _, url = served_mini
     answers = []
     for spec in (f"openai:{url}", "mini:"):
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "medloupe",
-                "ask",
-                str(chest_dcm),
-                "Is there a pneumothorax?",
-                "--vlm",
-                spec,
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
+            [sys.executable, "-m", "medloupe", "ask", str(chest_dcm),
+             "Is there a pneumothorax?", "--vlm", spec, "--json"],
+            capture_output=True, text=True, timeout=300,
             env={**os.environ, "MEDLOUPE_HOME": str(tmp_path / spec.split(":")[0])},
         )
         assert done.returncode == 0, done.stderr[-3000:]

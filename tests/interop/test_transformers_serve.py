@@ -26,9 +26,8 @@ def serve(args: list[str], log: Path):
     port = free_port()
     exe = str(Path(sys.executable).parent / "transformers")
     cmd = [exe, "serve", *args, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    return running(
-        cmd, ready=f"http://127.0.0.1:{port}/health", log=log, env={"HF_HUB_OFFLINE": "1"}
-    ), f"http://127.0.0.1:{port}/v1"
+    return running(cmd, ready=f"http://127.0.0.1:{port}/health", log=log,
+                   env={"HF_HUB_OFFLINE": "1"}), f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.mark.parametrize("preloaded", [True, False], ids=["preloaded", "on-demand"])
@@ -38,19 +37,9 @@ def test_schema_reaches_a_server_that_ignores_response_format(
     ctx, url = serve([str(tiny_vlm)] if preloaded else [], tmp_path / "serve.log")
     with ctx as server:
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "medloupe",
-                "ask",
-                str(chest_dcm),
-                "Is there a nodule?",
-                "--vlm",
-                f"openai:{url}#{tiny_vlm}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
+            [sys.executable, "-m", "medloupe", "ask", str(chest_dcm), "Is there a nodule?",
+             "--vlm", f"openai:{url}#{tiny_vlm}"],
+            capture_output=True, text=True, timeout=600,
             env={**os.environ, "MEDLOUPE_HOME": str(tmp_path / "home")},
         )
         log = server.output()

@@ -77,41 +77,27 @@ def test_ask_with_two_images_per_prompt_and_a_4k_context(
         assert call["payload"]["prompt_tokens"] > 0  # vLLM's own usage
 
 
-def test_a_small_evaluation_against_vllm(vllm_two_images, dicom_dir: Path, tmp_path: Path) -> None:
+def test_a_small_evaluation_against_vllm(
+    vllm_two_images, dicom_dir: Path, tmp_path: Path
+) -> None:
     from pydicom.data import get_testdata_file
 
     items = tmp_path / "items.jsonl"
     found = {"RG1_UNCR.dcm": dicom_dir / "RG1_UNCR.dcm"}
     rows = [
-        {
-            "id": f"i{i}",
-            "task": "vqa",
-            "image": str(found.get(name) or get_testdata_file(name)),
-            "question": q,
-            "answer": a,
-            "answer_type": "closed",
-        }
+        {"id": f"i{i}", "task": "vqa",
+         "image": str(found.get(name) or get_testdata_file(name)), "question": q,
+         "answer": a, "answer_type": "closed"}
         for i, (name, q, a) in enumerate(
-            [
-                ("RG1_UNCR.dcm", "Is this a chest radiograph?", "yes"),
-                ("CT_small.dcm", "Is this an MRI?", "no"),
-                ("MR_small.dcm", "Is there a fracture?", "no"),
-            ]
+            [("RG1_UNCR.dcm", "Is this a chest radiograph?", "yes"),
+             ("CT_small.dcm", "Is this an MRI?", "no"),
+             ("MR_small.dcm", "Is there a fracture?", "no")]
         )
     ]
     items.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "eval"
-    done = medloupe(
-        "eval",
-        str(items),
-        "--out",
-        str(out),
-        "--vlm",
-        f"openai:{vllm_two_images.url}#tiny",
-        "--workers",
-        "2",
-        home=tmp_path,
-    )
+    done = medloupe("eval", str(items), "--out", str(out), "--vlm",
+                    f"openai:{vllm_two_images.url}#tiny", "--workers", "2", home=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["overall"]["run_errors"] == 0, metrics
@@ -139,20 +125,11 @@ def test_one_image_per_prompt_and_the_engine_killed_mid_run(
         # the engine dies while a run is going: the run ends, says why, within the retries
         killed = tmp_path / "killed"
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "medloupe",
-                "ask",
-                str(chest_dcm),
-                QUESTION,
-                "--vlm",
-                f"openai:{url}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "MEDLOUPE_HOME": str(killed), "MEDLOUPE_VLM_RETRIES": "2"},
+            [sys.executable, "-m", "medloupe", "ask", str(chest_dcm), QUESTION,
+             "--vlm", f"openai:{url}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "MEDLOUPE_HOME": str(killed),
+                 "MEDLOUPE_VLM_RETRIES": "2"},
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait for the first model call to be traced

@@ -28,15 +28,8 @@ from tests.service_helpers import free_port
 
 def test_the_checkpoints_ship_in_the_package_within_budget() -> None:
     files = {p.name: p.stat().st_size for p in BUNDLED.iterdir() if p.is_file()}
-    shipped = {
-        "answerer.pt",
-        "yesno.pt",
-        "answerer.json",
-        "grounder.pt",
-        "grounder.json",
-        "orientation.pt",
-        "orientation.json",
-    }
+    shipped = {"answerer.pt", "yesno.pt", "answerer.json", "grounder.pt", "grounder.json",
+               "orientation.pt", "orientation.json"}
     assert shipped | {"MODEL_CARD.md"} <= set(files)
     assert sum(files.values()) < 25 * 1024 * 1024
     card = (BUNDLED / "MODEL_CARD.md").read_text()

@@ -52,17 +52,13 @@ def _chromium() -> str:
         found = shutil.which("chromium")
         if found:
             return found
-        pytest.skip(
-            f"Chromium is not installed and apt-get could not install it: {proc.stderr[-300:]}"
-        )
+        pytest.skip(f"Chromium is not installed and apt-get could not install it: {proc.stderr[-300:]}")
     pytest.skip("no Chromium: install Debian's 'chromium' package or set MEDLOUPE_CHROMIUM")
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright (dev extra) is not installed"
-    )
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (dev extra) is not installed")
     executable = _chromium()
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
@@ -168,14 +164,7 @@ def test_exported_page_works_offline_with_the_review(
     text = out.read_text()
     assert "http://" not in text.split("<style>")[1]  # nothing fetched from a server
     page = browser.new_page()
-    page.route(
-        "**/*",
-        lambda route: (
-            route.abort()
-            if not route.request.url.startswith(("file:", "data:"))
-            else route.continue_()
-        ),
-    )
+    page.route("**/*", lambda route: route.abort() if not route.request.url.startswith(("file:", "data:")) else route.continue_())
     page.goto(out.as_uri())
     assert page.evaluate("document.querySelector('img.base').naturalWidth") == 480
     page.locator("button.claim").first.click()

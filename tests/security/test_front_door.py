@@ -93,12 +93,8 @@ def test_dns_rebinding_and_cross_site_posts_are_refused(server: Server) -> None:
             headers={"Origin": "http://attacker.example"},
         )
         assert evil.status_code == 403 and "cross-origin" in evil.json()["detail"]
-        assert (
-            c.post(
-                "/v1/runs", files={"image": ("a", b"", "x")}, headers={"Origin": "null"}
-            ).status_code
-            == 403
-        )
+        assert c.post("/v1/runs", files={"image": ("a", b"", "x")},
+                      headers={"Origin": "null"}).status_code == 403
         same = c.post(
             "/v1/runs",
             files={"image": ("a.dcm", small.read_bytes(), "application/octet-stream")},
@@ -135,9 +131,7 @@ def test_the_token_never_reaches_the_access_log(tmp_path: Path) -> None:
 def test_weak_tokens_are_refused(token: str, tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "medloupe", "serve", "--port", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        capture_output=True, text=True, timeout=120,
         env={**os.environ, "MEDLOUPE_HOME": str(tmp_path), "MEDLOUPE_API_TOKEN": token},
     )
     assert done.returncode == 2 and "too weak" in done.stderr, done.stderr[-2000:]
@@ -146,9 +140,7 @@ def test_weak_tokens_are_refused(token: str, tmp_path: Path) -> None:
 def test_a_second_server_on_the_same_home_is_refused(server: Server) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "medloupe", "serve", "--port", str(free_port()), "--vlm", "none"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        capture_output=True, text=True, timeout=120,
         env={**os.environ, "MEDLOUPE_HOME": str(server.home)},
     )
     assert done.returncode == 2, done.stderr[-2000:]

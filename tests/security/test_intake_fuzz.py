@@ -21,20 +21,12 @@ pytestmark = pytest.mark.slow
 
 MAX_BYTES = 600_000
 SWAPS = [
-    ("Rows", lambda v: v * 3),
-    ("Columns", lambda v: 0),
-    ("BitsAllocated", lambda v: 12),
-    ("BitsStored", lambda v: 40),
-    ("HighBit", lambda v: 99),
-    ("SamplesPerPixel", lambda v: 3),
-    ("PixelRepresentation", lambda v: 7),
-    ("PhotometricInterpretation", lambda v: "YBR_FULL"),
-    ("RescaleSlope", lambda v: "nan"),
-    ("RescaleIntercept", lambda v: "inf"),
-    ("WindowWidth", lambda v: 0),
-    ("WindowCenter", lambda v: "-inf"),
-    ("NumberOfFrames", lambda v: 0),
-    ("PlanarConfiguration", lambda v: 5),
+    ("Rows", lambda v: v * 3), ("Columns", lambda v: 0), ("BitsAllocated", lambda v: 12),
+    ("BitsStored", lambda v: 40), ("HighBit", lambda v: 99), ("SamplesPerPixel", lambda v: 3),
+    ("PixelRepresentation", lambda v: 7), ("PhotometricInterpretation", lambda v: "YBR_FULL"),
+    ("RescaleSlope", lambda v: "nan"), ("RescaleIntercept", lambda v: "inf"),
+    ("WindowWidth", lambda v: 0), ("WindowCenter", lambda v: "-inf"),
+    ("NumberOfFrames", lambda v: 0), ("PlanarConfiguration", lambda v: 5),
 ]
 
 

@@ -19,49 +19,15 @@ from medloupe.config import Settings
 from medloupe.tools.ocr import safe_text
 
 KEPT = [
-    "R",
-    "L",
-    "LT",
-    "AP PORTABLE",
-    "PA ERECT",
-    "SUPINE",
-    "120 kVp",
-    "2.5mm",
-    "5.0 mm",
-    "W: 400 L: 40",
-    "W:400 L:40",
-    "WW 1500 WL 300",
-    "Se: 3 Im: 12/40",
-    "T2 FLAIR",
-    "C+ AXIAL",
-    "x1.5",
-    "-40 HU",
+    "R", "L", "LT", "AP PORTABLE", "PA ERECT", "SUPINE", "120 kVp", "2.5mm", "5.0 mm",
+    "W: 400 L: 40", "W:400 L:40", "WW 1500 WL 300", "Se: 3 Im: 12/40", "T2 FLAIR", "C+ AXIAL",
+    "x1.5", "-40 HU",
 ]
 DROPPED = [
-    "ZANZIBAROV QUIXOTICA",
-    "03 MAR 1933",
-    "GRIMSDITCH HOSP",
-    "Smith, Alice",
-    "KOWALSKI",
-    "AB-4711",
-    "PATIENT: DOE JOHN",
-    "12 03 1933",
-    "12.03.1933",
-    "03 03 33",
-    "MRN 123456",
-    "ID: 4711",
-    "1933",
-    "Ex: 12345",
-    "DOB 1933-03-03",
-    "St Mary's",
-    "A 4711",
-    "",
-    "   ",
-    "R Smith",
-    "Acc# 99",
-    "4711 M",
-    "Dr. Who",
-    "RIGHT KNEE JONES",
+    "ZANZIBAROV QUIXOTICA", "03 MAR 1933", "GRIMSDITCH HOSP", "Smith, Alice", "KOWALSKI",
+    "AB-4711", "PATIENT: DOE JOHN", "12 03 1933", "12.03.1933", "03 03 33", "MRN 123456",
+    "ID: 4711", "1933", "Ex: 12345", "DOB 1933-03-03", "St Mary's", "A 4711", "", "   ",
+    "R Smith", "Acc# 99", "4711 M", "Dr. Who", "RIGHT KNEE JONES",
 ]
 
 
@@ -108,8 +74,7 @@ def leaks_in(blobs: dict[str, bytes]) -> list[tuple[str, str]]:
 
 def _fonts() -> list[ImageFont.FreeTypeFont | ImageFont.ImageFont]:
     fonts: list[ImageFont.FreeTypeFont | ImageFont.ImageFont] = [
-        ImageFont.load_default(size=22),
-        ImageFont.load_default(size=30),
+        ImageFont.load_default(size=22), ImageFont.load_default(size=30)
     ]
     for name in ("DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"):
         path = Path("/usr/share/fonts/truetype/dejavu") / name
@@ -136,9 +101,7 @@ def burned_in_image(path: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_run_that_reads_burned_in_text_leaks_none_of_it(
-    settings: Settings,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from medloupe.api import ask_async
@@ -154,17 +117,10 @@ def test_a_run_that_reads_burned_in_text_leaks_none_of_it(
 
     caplog.set_level(logging.DEBUG)
     run_dir = tmp_path / "run"
-    answer = asyncio.run(
-        ask_async(
-            image,
-            "What do the markers on this image say?",
-            out=run_dir,
-            vlm="none",
-            settings=settings,
-            review=reviewer,
-            review_plan=True,
-        )
-    )
+    answer = asyncio.run(ask_async(
+        image, "What do the markers on this image say?", out=run_dir, vlm="none",
+        settings=settings, review=reviewer, review_plan=True,
+    ))
     from medloupe.review.page import export_review_html
 
     export_review_html(run_dir)  # the review page a reviewer opens (the service renders it alike)

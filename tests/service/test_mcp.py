@@ -48,11 +48,8 @@ async def four_calls(client: Any, image: Path) -> None:
     assert not crop.is_error, texts(crop)
     seg = await client.call_tool(
         "segment",
-        {
-            "image_artifact": crop.structured_content["crop_artifact"],
-            "boxes_xyxy": [[40, 40, 400, 400]],
-            "model": "classical",
-        },
+        {"image_artifact": crop.structured_content["crop_artifact"],
+         "boxes_xyxy": [[40, 40, 400, 400]], "model": "classical"},
     )
     assert not seg.is_error and seg.structured_content["masks"], texts(seg)
     ground = await client.call_tool("ground", {"image_path": str(image), "target": "heart"})
@@ -74,9 +71,7 @@ def test_catalogue_calls_artifacts_and_errors_in_process(
             crop_tool = listed["crop"]
             props = crop_tool.input_schema["properties"]
             assert set(IMAGE_FIELDS) <= set(props) and "box_xyxy" in props
-            assert (
-                crop_tool.output_schema and "crop_artifact" in crop_tool.output_schema["properties"]
-            )
+            assert crop_tool.output_schema and "crop_artifact" in crop_tool.output_schema["properties"]
             assert listed["diagnose"].input_schema["required"] == ["question"]
 
             # crop of a DICOM named by path: structured output, the crop as image content
@@ -99,23 +94,16 @@ def test_catalogue_calls_artifacts_and_errors_in_process(
             assert seg.structured_content["model"] == "classical"
             assert seg.structured_content["masks"]
             ground = await client.call_tool(
-                "ground",
-                {
-                    "image_base64": base64.b64encode(chest_dcm.read_bytes()).decode(),
-                    "target": "left lung",
-                },
+                "ground", {"image_base64": base64.b64encode(chest_dcm.read_bytes()).decode(),
+                           "target": "left lung"}
             )
             assert not ground.is_error, texts(ground)
             assert "regions" in ground.structured_content
 
             # diagnose without a VLM (the evidence-only path): an answer or an abstention
             diag = await client.call_tool(
-                "diagnose",
-                {
-                    "image_path": str(chest_dcm),
-                    "question": "Is this a radiograph?",
-                    "options": {"max_steps": 1},
-                },
+                "diagnose", {"image_path": str(chest_dcm), "question": "Is this a radiograph?",
+                             "options": {"max_steps": 1}}
             )
             assert not diag.is_error, texts(diag)
             answer = diag.structured_content["answer"]
@@ -132,8 +120,8 @@ def test_catalogue_calls_artifacts_and_errors_in_process(
             )
             assert outside.is_error and "outside the folders" in texts(outside)
             junk = await client.call_tool(
-                "crop",
-                {"image_base64": base64.b64encode(b"hello").decode(), "box_xyxy": [0, 0, 1, 1]},
+                "crop", {"image_base64": base64.b64encode(b"hello").decode(),
+                         "box_xyxy": [0, 0, 1, 1]}
             )
             assert junk.is_error and "not an image medloupe reads" in texts(junk)
             bad = await client.call_tool("crop", {"image_path": str(ct_dcm), "box_xyxy": [5]})
@@ -175,28 +163,15 @@ def test_stdio_transport_lists_and_calls(tmp_path: Path, ct_dcm: Path, dicom_dir
 
 
 @contextmanager
-def _http_server(
-    home: Path, port: int, *args: str, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
+def _http_server(home: Path, port: int, *args: str, env: dict[str, str] | None = None
+                 ) -> Iterator[subprocess.Popen[bytes]]:
     log = home.parent / f"mcp-{port}.log"
     home.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "medloupe",
-                "mcp",
-                "serve",
-                "--transport",
-                "http",
-                "--port",
-                str(port),
-                *args,
-            ],
-            env={**_env(home), **(env or {})},
-            stdout=out,
-            stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "medloupe", "mcp", "serve", "--transport", "http",
+             "--port", str(port), *args],
+            env={**_env(home), **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 120
@@ -223,15 +198,8 @@ def test_streamable_http_transport_with_a_token(tmp_path: Path, chest_dcm: Path)
 
     token = "Xq3-vT9pL2mZ8rW5kY7b-mcp"
     port = free_port()
-    with _http_server(
-        tmp_path / "home",
-        port,
-        "--vlm",
-        "none",
-        "--root",
-        str(chest_dcm.parent),
-        env={"MEDLOUPE_API_TOKEN": token},
-    ):
+    with _http_server(tmp_path / "home", port, "--vlm", "none", "--root", str(chest_dcm.parent),
+                      env={"MEDLOUPE_API_TOKEN": token}):
         url = f"http://127.0.0.1:{port}/mcp"
         refused = httpx.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
         assert refused.status_code == 401
@@ -251,23 +219,9 @@ def test_streamable_http_transport_with_a_token(tmp_path: Path, chest_dcm: Path)
 def test_http_off_loopback_needs_a_token(tmp_path: Path) -> None:
     env = {k: v for k, v in _env(tmp_path / "home").items() if k != "MEDLOUPE_API_TOKEN"}
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medloupe",
-            "mcp",
-            "serve",
-            "--transport",
-            "http",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(free_port()),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", "medloupe", "mcp", "serve", "--transport", "http",
+         "--host", "0.0.0.0", "--port", str(free_port())],
+        env=env, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2
     assert "MEDLOUPE_API_TOKEN" in done.stderr

@@ -21,16 +21,8 @@ LEASE_S = "6"
 
 def _start(home: Path, url: str, n: int) -> list[Server]:
     servers = [
-        Server(
-            home,
-            "--workers",
-            "1",
-            "--queue",
-            "32",
-            "--lease",
-            LEASE_S,
-            env={"MEDLOUPE_DATABASE_URL": url},
-        )
+        Server(home, "--workers", "1", "--queue", "32", "--lease", LEASE_S,
+               env={"MEDLOUPE_DATABASE_URL": url})
         for _ in range(n)
     ]
     with ThreadPoolExecutor(n) as pool:
@@ -92,7 +84,9 @@ def test_replicas_share_runs_and_lose_none_when_killed(
             with httpx.Client(base_url=survivors[0].url, timeout=60) as c0:
                 r = c0.post(f"/v1/runs/{other}/reviews", json={"verdict": "agree"})
                 assert r.status_code == 201
-            assert [v["verdict"] for v in c.get(f"/v1/runs/{other}").json()["reviews"]] == ["agree"]
+            assert [v["verdict"] for v in c.get(f"/v1/runs/{other}").json()["reviews"]] == [
+                "agree"
+            ]
         with psycopg.connect(pg_url) as conn:
             dirs = [r[0] for r in conn.execute("SELECT dir FROM medloupe_service_runs")]
         for name in ("trace.sqlite", "checkpoints.sqlite"):

@@ -126,9 +126,7 @@ def test_run_streams_every_step_then_serves_answer_trace_artifacts_and_reviews(
     img = client.get(f"/v1/runs/{run_id}/artifacts/{image_id}")
     assert img.status_code == 200 and img.headers["content-type"] == "image/png"
     assert img.content.startswith(b"\x89PNG")
-    crop_ids = [
-        a for e in trace["events"] if e["kind"] == "rethink_round" for a in e["payload"]["crops"]
-    ]
+    crop_ids = [a for e in trace["events"] if e["kind"] == "rethink_round" for a in e["payload"]["crops"]]
     assert crop_ids and client.get(f"/v1/runs/{run_id}/artifacts/{crop_ids[0]}").status_code == 200
 
     page = client.get(f"/runs/{run_id}")
@@ -246,10 +244,7 @@ def test_restart_resumes_interrupted_runs_and_fails_unrecoverable_ones_with_a_re
     srv = Server(home, "--workers", "1", "--queue", "8").start()
     data = chest_dcm.read_bytes()
     with httpx.Client(base_url=srv.url, timeout=120) as c:
-        ids = [
-            post_run(c, data, f"Question {i}: what modality is this?").json()["run_id"]
-            for i in range(4)
-        ]
+        ids = [post_run(c, data, f"Question {i}: what modality is this?").json()["run_id"] for i in range(4)]
     srv.kill()  # a crash: no shutdown code runs
 
     db = sqlite3.connect(home / "service.sqlite")

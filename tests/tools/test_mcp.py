@@ -77,31 +77,18 @@ def test_lab_tools_join_the_registry_and_a_reviewed_plan_calls_them(
 
     def reviewer(payload: dict) -> dict:
         plans.append(payload)
-        return {
-            "action": "edit",
-            "plan": {
-                "calls": [
-                    {"tool": "lab_brightness", "arguments": {"threshold": 100}},
-                    {"tool": "lab_inverted", "arguments": {}},
-                    {"tool": "lab_broken", "arguments": {"reason": "no calibration"}},
-                    {"tool": "lab_stuck", "arguments": {}},
-                ]
-            },
-        }
+        return {"action": "edit", "plan": {"calls": [
+            {"tool": "lab_brightness", "arguments": {"threshold": 100}},
+            {"tool": "lab_inverted", "arguments": {}},
+            {"tool": "lab_broken", "arguments": {"reason": "no calibration"}},
+            {"tool": "lab_stuck", "arguments": {}},
+        ]}}
 
     started = time.monotonic()
-    answer = asyncio.run(
-        ask_async(
-            chest_dcm,
-            "Is this image bright?",
-            out=tmp_path / "run",
-            vlm="none",
-            settings=settings,
-            review=reviewer,
-            registry=registry,
-            review_plan=True,
-        )
-    )
+    answer = asyncio.run(ask_async(
+        chest_dcm, "Is this image bright?", out=tmp_path / "run", vlm="none",
+        settings=settings, review=reviewer, registry=registry, review_plan=True,
+    ))
     assert time.monotonic() - started < 60
     assert plans and answer.question == "Is this image bright?"
     run_id = json.loads((tmp_path / "run" / "run.json").read_text())["run_id"]
@@ -130,17 +117,10 @@ def test_tools_list_shows_origins_and_a_dead_server(tmp_path: Path) -> None:
 
     dead = {"name": "dead", "command": [sys.executable, "-c", "import sys; sys.exit(3)"]}
     servers = [*json.loads(lab_servers()), dead]
-    env = {
-        **os.environ,
-        "MEDLOUPE_HOME": str(tmp_path),
-        "MEDLOUPE_MCP_SERVERS": json.dumps(servers),
-    }
+    env = {**os.environ, "MEDLOUPE_HOME": str(tmp_path), "MEDLOUPE_MCP_SERVERS": json.dumps(servers)}
     done = subprocess.run(
         [sys.executable, "-m", "medloupe", "tools", "list", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+        env=env, capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 0, done.stderr
     rows = {r["name"]: r for r in json.loads(done.stdout)}
@@ -150,10 +130,7 @@ def test_tools_list_shows_origins_and_a_dead_server(tmp_path: Path) -> None:
     env["MEDLOUPE_MCP_SERVERS"] = "[{"
     done = subprocess.run(
         [sys.executable, "-m", "medloupe", "tools", "list"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+        env=env, capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 2 and "MEDLOUPE_MCP_SERVERS is not JSON" in done.stderr
 
@@ -168,15 +145,12 @@ def test_a_streamable_http_server(settings: Settings, chest_dcm: Path, tmp_path:
 
     port = free_port()
     log = (tmp_path / "lab.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, str(LAB), "http", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
+    proc = subprocess.Popen([sys.executable, str(LAB), "http", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                tmp_path / "lab.log"
-            ).read_text()
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "lab.log").read_text()
             time.sleep(0.2)
         registry = ToolRegistry()
         added = registry.load_mcp_servers(
@@ -185,17 +159,15 @@ def test_a_streamable_http_server(settings: Settings, chest_dcm: Path, tmp_path:
         assert "labhttp_brightness" in added
         store = ArtifactStore(tmp_path / "scratch")
         image = ingest_image(read_input(chest_dcm, RunOptions(), settings.max_pixels), store)
-        ev = asyncio.run(
-            registry.call("labhttp_brightness", {}, ToolContext(image, store), default_timeout_s=30)
-        )
+        ev = asyncio.run(registry.call("labhttp_brightness", {}, ToolContext(image, store),
+                                       default_timeout_s=30))
         assert ev.status == "ok", ev.error
         assert ev.output["structured"]["height"] == image.height
         # the server goes away: calls become error evidence, not a hang
         proc.terminate()
         proc.wait(timeout=30)
-        ev = asyncio.run(
-            registry.call("labhttp_brightness", {}, ToolContext(image, store), default_timeout_s=10)
-        )
+        ev = asyncio.run(registry.call("labhttp_brightness", {}, ToolContext(image, store),
+                                       default_timeout_s=10))
         assert ev.status == "error"
     finally:
         if proc.poll() is None:

@@ -202,7 +202,9 @@ def test_wrong_checkpoint_is_named(tmp_path: Path) -> None:
 def test_checkpoint_found_through_the_registry_and_env(
     tiny_sam_checkpoint: Path, ct_dcm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = SamModelSpec("sam_tiny", 32, 2, 2, (1,), WeightFile("sam_tiny.pth", "test_sam_tiny"))
+    spec = SamModelSpec(
+        "sam_tiny", 32, 2, 2, (1,), WeightFile("sam_tiny.pth", "test_sam_tiny")
+    )
     tool = SegmentTool({"sam_tiny": spec}, device="cpu")
     assert "classical segmenter only" in tool.available().reason
     monkeypatch.setenv("MEDLOUPE_TEST_SAM_TINY", str(tiny_sam_checkpoint))
