@@ -111,6 +111,7 @@ def test_a_changed_source_starts_the_build_over(
     assert stats.resumed_from == 0 and stats.passages == 90
 
 
+@pytest.mark.slow
 def test_memory_is_bounded_by_a_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(build, "CHUNK_PASSAGES", 256)
     embedder = TextEmbedder(backend="auto")

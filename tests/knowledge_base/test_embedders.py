@@ -27,6 +27,7 @@ def passages() -> list[str]:
     return texts[::40][:100]  # spread over the book, short to long
 
 
+@pytest.mark.slow
 def test_int8_onnx_vectors_agree_with_torch_and_the_export_is_cached(
     passages: list[str], tmp_path: Path
 ) -> None:
@@ -50,9 +51,9 @@ def test_int8_onnx_vectors_agree_with_torch_and_the_export_is_cached(
     assert (export / "model.int8.onnx").stat().st_mtime_ns == stamp  # not exported again
 
 
-def test_order_of_texts_is_kept_whatever_their_lengths(tmp_path: Path) -> None:
+def test_order_of_texts_is_kept_whatever_their_lengths() -> None:
     texts = ["a much longer sentence about the liver and its lobes " * 5, "spleen", "kidney"]
-    emb = TextEmbedder(backend="onnx-int8", cache_dir=tmp_path)
+    emb = TextEmbedder(backend="onnx-int8")  # the session's cache
     together = emb.encode(texts, batch_size=2)
     alone = np.concatenate([emb.encode([t]) for t in texts])
     # int8 activations are scaled per batch: batchmates move a vector a little, no more
