@@ -174,10 +174,9 @@ class _GrowingNpy:
         )
         return int(f.tell())
 
-    def _rewrite_header(self) -> None:
-        with self.path.open("r+b") as f:
-            if self._header(f) != self.offset:  # not NumPy's growth-padded header
-                raise KnowledgeBaseError(f"{self.path}: its header cannot grow in place")
+    def _rewrite_header(self, f: Any) -> None:
+        if self._header(f) != self.offset:  # not NumPy's growth-padded header
+            raise KnowledgeBaseError(f"{self.path}: its header cannot grow in place")
 
     def append(self, rows: np.ndarray) -> None:
         data = np.ascontiguousarray(rows, dtype=self.dtype)
@@ -187,14 +186,15 @@ class _GrowingNpy:
             f.seek(self.offset + self.rows * self.row_bytes)
             f.write(data.tobytes())
             f.flush()
-            os.fsync(f.fileno())
-        self.rows += len(data)
-        self._rewrite_header()
+            os.fsync(f.fileno())  # the rows are on disk before the header counts them
+            self.rows += len(data)
+            self._rewrite_header(f)
 
     def truncate(self, rows: int) -> None:
-        os.truncate(self.path, self.offset + rows * self.row_bytes)
-        self.rows = rows
-        self._rewrite_header()
+        with self.path.open("r+b") as f:
+            f.truncate(self.offset + rows * self.row_bytes)
+            self.rows = rows
+            self._rewrite_header(f)
 
 
 def _fingerprint(parts: Iterable[object]) -> str:
@@ -275,7 +275,6 @@ class _Builder:
             self.fig_vectors = _GrowingNpy(
                 folder / "figure_vectors.npy", np.dtype(np.float32), (image_embedder.dim,)
             )
-        self.base_rows = 0 if state else self._count()
         if state:  # resume: cut back to what the last recorded chunk committed
             with self.db:
                 self.db.execute("DELETE FROM passages WHERE row >= ?", (self.state["rows"],))
@@ -283,11 +282,12 @@ class _Builder:
             if self.fig_rows is not None and self.fig_vectors is not None:
                 self.fig_rows.truncate(self.state["figure_rows"])
                 self.fig_vectors.truncate(self.state["figure_rows"])
-            self.base_rows = int(self.state.get("base_rows", 0))
+            self.base_rows = int(self.state["base_rows"])
             stats.resumed_from = int(self.state["rows"]) - self.base_rows
             for w in self.state["warnings"]:
                 stats.report.problems.append(w)
-        else:
+        else:  # a fresh build, or an add whose copy holds the KB's rows
+            self.base_rows = self._count()
             self.state["rows"] = self.base_rows
             self.state["base_rows"] = self.base_rows
             self.state["figure_rows"] = 0 if self.fig_rows is None else self.fig_rows.rows
@@ -382,10 +382,12 @@ class _Builder:
             if len(figure_vectors):
                 fig_index.add(figure_vectors)
             faiss.write_index(fig_index, str(self.folder / "figures.faiss"))
-            image_meta = {"id": self.image_embedder.id, "dim": self.image_embedder.dim}
-            image_meta["normalized"] = True
+            image_meta = {
+                "id": self.image_embedder.id,
+                "dim": self.image_embedder.dim,
+                "normalized": True,
+            }
         self.stats.index_seconds = time.perf_counter() - t0
-        figures = self.db.execute("SELECT COUNT(*) FROM passages WHERE figure IS NOT NULL")
         manifest = {
             "format": FORMAT,
             **manifest,
@@ -406,7 +408,7 @@ class _Builder:
                 "recall": recall,
             },
             "count": count,
-            "figures": int(figures.fetchone()[0]),
+            "figures": self.figures_from(0),
             # ordered by id in SQLite (BINARY: UTF-8 byte order = code point order)
             "corpus_hash": corpus_hash(
                 self.db.execute("SELECT id, text FROM passages ORDER BY id")
