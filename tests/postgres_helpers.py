@@ -48,7 +48,12 @@ class Postgres:
             shutil.chown(self.root, "postgres", "postgres")
 
     def _cmd(self, *args: str) -> list[str]:
-        return ["runuser", "-u", "postgres", "--", *args] if self.as_postgres else list(args)
+        if not self.as_postgres:
+            return list(args)
+        # runuser lives in sbin, which a minimal PATH (env -i, cron) leaves out
+        path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+        runuser = shutil.which("runuser", path=path) or "runuser"
+        return [runuser, "-u", "postgres", "--", *args]
 
     def start(self) -> Postgres:
         pwfile = self.root / "pw"
