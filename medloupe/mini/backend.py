@@ -219,7 +219,10 @@ class MiniBackend(VLMBackend):
         else:
             # The answerer learnt from whole images; on held-out training images its crop
             # answers (by maximum or mean confidence) were less accurate than the whole
-            # image's (0.605-0.619 against 0.633), so the crops are reported, not voted.
+            # image's (0.605-0.619 against 0.633), and a yes/no head trained on the whole
+            # image and the grounder's zoomed target together lost to the whole-image answer
+            # out of fold on SLAKE questions naming a target (0.689 vs 0.795, McNemar p 9e-10;
+            # benchmarks/bench_mini_crop.py), so the crops are reported, not voted.
             kept, kept_conf = request.answer, request.confidence
         return RethinkDecision(
             answer=kept,
