@@ -161,11 +161,13 @@ class DetectTool(Tool):
 
                 local = Path(self.model_id).expanduser()
                 source = str(local) if local.is_dir() else self.model_id
-                kwargs = {"local_files_only": offline() or local.is_dir()}
+                only_local = offline() or local.is_dir()
                 silence_hub_progress()
                 try:
-                    processor = AutoProcessor.from_pretrained(source, **kwargs)
-                    model = AutoModelForZeroShotObjectDetection.from_pretrained(source, **kwargs)
+                    processor = AutoProcessor.from_pretrained(source, local_files_only=only_local)
+                    model = AutoModelForZeroShotObjectDetection.from_pretrained(
+                        source, local_files_only=only_local
+                    )
                 except OSError as exc:
                     raise WeightsMissingError(
                         f"detector {self.model_id!r} could not be loaded "
