@@ -27,7 +27,6 @@ its section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -39,31 +38,15 @@ from medloupe.evaluation.paired import bootstrap_interval, mcnemar_exact
 from medloupe.graphs.nodes import CROP_MARGIN
 from medloupe.mini import yesno
 from medloupe.mini.answerer import plain_yes_no
-from medloupe.mini.backend import presupposes
-from medloupe.mini.data import fold, training_examples
+from medloupe.mini.backend import MiniBackend, presupposes
+from medloupe.mini.data import fold, split_images, training_examples
 from medloupe.mini.features import image_features
 from medloupe.mini.tool import GroundTool, named_targets
 from medloupe.tools.builtin import crop_array
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 FOLDS = 5
-SIDE = 224  # medloupe-mini's preferred image side: the second look's zoom
-MODALITY = {"CT": "CT", "MRI": "MRI", "X-Ray": "X-Ray"}
-
-
-def crop_features(crops: list[np.ndarray]) -> np.ndarray:
-    """``(N, 1280)`` pooled EfficientNet-Lite0 features of ``(H, W, 3)`` uint8 crops."""
-    import torch
-
-    from medloupe.knowledge_base.backbone import build_backbone, preprocess
-
-    net = build_backbone()
-    out = []
-    for start in range(0, len(crops), 16):
-        x = np.stack([preprocess(c) for c in crops[start : start + 16]])
-        with torch.inference_mode():
-            out.append(net.features(torch.from_numpy(x)).numpy())
-    return np.concatenate(out)
+SIDE = MiniBackend.profile.preferred_image_side  # the second look's zoom for medloupe-mini
 
 
 def mean_of(values: np.ndarray, sample: np.ndarray) -> float:
@@ -83,8 +66,7 @@ def main() -> None:
     t0 = time.perf_counter()
     examples = [e for e in training_examples(args.data) if plain_yes_no(e.question, e.answer)]
     grounder = GroundTool().grounder
-    split = json.loads((args.data / "slake" / "splits" / "train.json").read_text("utf-8"))
-    modality = {r["img_name"].split("/")[0]: r["modality"] for r in split}
+    modality = split_images(args.data / "slake" / "splits" / "train.json")
     targeted: list[tuple[int, str]] = []
     for i, e in enumerate(examples):
         names = named_targets(e.question, grounder.labels) if e.source == "slake" else []
@@ -101,12 +83,10 @@ def main() -> None:
         key = (examples[i].image, target)
         if key not in crops:
             rgb = np.asarray(Image.open(key[0]).convert("RGB"))
-            found = grounder.ground(
-                rgb, target, MODALITY.get(modality[Path(key[0]).parent.name]), 1
-            )
+            found = grounder.ground(rgb, target, modality[Path(key[0]).parent.name], 1)
             box = found.boxes[0][0] if found.boxes else (0, 0, rgb.shape[1], rgb.shape[0])
             crops[key] = crop_array(rgb, box, CROP_MARGIN, SIDE)[0]
-    crop = crop_features([crops[(examples[i].image, t)] for i, t in targeted])
+    crop = image_features([crops[(examples[i].image, t)] for i, t in targeted])
     idx = np.array([i for i, _ in targeted])
     kind = np.array([presupposes(examples[i].question) for i in idx])
     t_fold = folds[idx]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from medloupe import ask
 from medloupe.config import Settings
 from medloupe.errors import InputError, RunStateError
-from medloupe.runner import find_run
+from medloupe.io import load_image
+from medloupe.runner import create_run, execute, find_run
 from medloupe.trace import TraceRecorder
 
 
@@ -65,11 +67,6 @@ def test_resume_of_a_run_that_ended_but_was_not_marked_done_ends_it_once(
 ) -> None:
     """A worker killed after the run's end was traced but before the queue marked it done:
     the replica taking it over rewrites the outputs, and the trace still ends once."""
-    import asyncio
-
-    from medloupe.io import load_image
-    from medloupe.runner import create_run, execute
-
     run = create_run(
         load_image(chest_dcm), "What body part is imaged?", settings=settings,
         out_dir=tmp_path / "run",

@@ -116,7 +116,7 @@ class BoxExample:
     source: str
 
 
-def _split_images(file: Path) -> dict[str, str]:
+def split_images(file: Path) -> dict[str, str]:
     """Image folder name -> modality, for every question of a SLAKE split file."""
     return {
         row["img_name"].split("/")[0]: row["modality"]
@@ -143,8 +143,8 @@ def grounding_examples(datasets: str | Path) -> list[BoxExample]:
     for f in (slake / "splits" / "train.json", slake / "splits" / "test.json"):
         if not f.is_file():
             raise FileNotFoundError(f"grounding data {f} is missing (see ../shared/README)")
-    train = _split_images(slake / "splits" / "train.json")
-    test = set(_split_images(slake / "splits" / "test.json"))
+    train = split_images(slake / "splits" / "train.json")
+    test = set(split_images(slake / "splits" / "test.json"))
     out: list[BoxExample] = []
     for name, modality in sorted(train.items()):
         folder = slake / "imgs" / name

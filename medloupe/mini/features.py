@@ -3,7 +3,7 @@ grounder's training."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -11,15 +11,15 @@ Progress = Callable[[str, int, int], None]
 
 
 def image_features(
-    paths: list[str],
+    paths: Sequence[str | np.ndarray],
     *,
     pyramid: bool = False,
     stage: str = "images",
     on_progress: Progress | None = None,
 ) -> np.ndarray:
-    """EfficientNet-Lite0 features of image files, 16 at a time: ``(len(paths), 1280)``
-    float32 pooled features, or with ``pyramid`` ``(len(paths), 472, 28, 28)`` float16
-    pyramid maps (the grounder's input)."""
+    """EfficientNet-Lite0 features of image files (or of ``(H, W, 3)`` uint8 RGB arrays), 16
+    at a time: ``(len(paths), 1280)`` float32 pooled features, or with ``pyramid``
+    ``(len(paths), 472, 28, 28)`` float16 pyramid maps (the grounder's input)."""
     import torch
     from PIL import Image
 
@@ -38,7 +38,14 @@ def image_features(
     batch = 16
     for start in range(0, len(paths), batch):
         chunk = paths[start : start + batch]
-        x = np.stack([preprocess(np.asarray(Image.open(p).convert("RGB"))) for p in chunk])
+        x = np.stack(
+            [
+                preprocess(
+                    p if isinstance(p, np.ndarray) else np.asarray(Image.open(p).convert("RGB"))
+                )
+                for p in chunk
+            ]
+        )
         with torch.inference_mode():
             out[start : start + len(chunk)] = encode(torch.from_numpy(x)).numpy()
         if on_progress:
