@@ -17,6 +17,7 @@ from medloupe.errors import (
     UnsupportedTransferSyntaxError,
 )
 from medloupe.io import detect_format, load_image
+from medloupe.io.render import neighbour_correlation
 
 
 def test_chest_cr_monochrome1_is_inverted(chest_dcm: Path) -> None:
@@ -248,6 +249,26 @@ def test_tiny_and_blank_images_are_flagged(tmp_path: Path) -> None:
     assert any("below 16" in q for q in load_image(tmp_path / "dot.png").record.quality)
     assert any("blank" in q for q in load_image(tmp_path / "blank.png").record.quality)
     assert load_image(tmp_path / "ok.png").record.quality == []
+
+
+def test_random_noise_is_flagged_and_real_images_are_not(ct_dcm: Path, tmp_path: Path) -> None:
+    """Noise (uniform grey, Gaussian, salt-and-pepper, RGB) cannot inform an answer; a real CT
+    slice and a smooth ramp can."""
+    rng = np.random.default_rng(0)
+    noises = {
+        "uniform.png": rng.integers(0, 256, (256, 256), dtype=np.uint8),
+        "gauss.png": np.clip(128 + 40 * rng.standard_normal((300, 200)), 0, 255).astype(np.uint8),
+        "salt.png": ((rng.random((128, 128)) > 0.5) * 255).astype(np.uint8),
+        "rgb.png": rng.integers(0, 256, (1100, 900, 3), dtype=np.uint8),
+    }
+    for name, pixels in noises.items():
+        Image.fromarray(pixels).save(tmp_path / name)
+        quality = load_image(tmp_path / name).record.quality
+        assert any("random noise" in q for q in quality), (name, quality)
+    assert load_image(ct_dcm).record.quality == []
+    ramp = np.add.outer(np.arange(200), np.arange(300)).astype(np.float32)
+    assert neighbour_correlation(ramp) > 0.99
+    assert neighbour_correlation(np.zeros((20, 20), np.uint8)) == 1.0
 
 
 def _broken(kind: str, ct: pydicom.Dataset, tmp: Path) -> Path:
