@@ -1,7 +1,8 @@
 """medloupe-mini on the development set: the VQA items of ``../shared/datasets/dev.jsonl``
 through the whole graph with the second look on and off (closed accuracy per source against
 the goals VQA-RAD >= 0.70, SLAKE >= 0.78; open accuracy; ECE; latency), and the grounding items
-(hit rate at IoU >= 0.5 per source; SLAKE organs against the goal 0.5), to BENCHMARKS.md.
+(hit rate at IoU >= 0.5 per source, SLAKE organs and lesions against the goals 0.6 and 0.3),
+with the second look on (the grounder's zoomed second pass) and off (paired), to BENCHMARKS.md.
 
 Run: ``.venv/bin/python benchmarks/bench_mini.py`` measures the model shipped in the package;
 ``--train`` retrains it first into a temporary folder (seed 0, all training data; reports the
@@ -25,6 +26,7 @@ from bench_report import append_section, machine
 
 from medloupe.evaluation import Ablation, Evaluation, filter_items, load_dataset
 from medloupe.evaluation.harness import fmt_value, read_records
+from medloupe.evaluation.paired import paired_differences
 from medloupe.mini import BUNDLED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,27 +112,64 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     grounding = filter_items(dev, task="grounding")
-    out = Path(tmp.name) / "grounding"
-    m = asyncio.run(Evaluation(out, vlm=vlm, workers=2).run(grounding))
-    records = read_records(out / "items.jsonl")
-    by_source: dict[str, list[bool]] = {}
-    organs, lesions, ious = [], [], []
-    for r in records:
-        by_source.setdefault(r["source"], []).append(bool(r["correct"]))
-        ious.append(r.get("iou") or 0.0)
-        if r["source"] == "slake":
-            (lesions if str(r["truth"]).lower() in LESIONS else organs).append(bool(r["correct"]))
-    rows.append(
-        (
-            f"dev grounding ({len(grounding)} items), IoU >= 0.5 of the answer's first box",
-            f"SLAKE organs {rate(organs)}, SLAKE lesions {rate(lesions)}; "
-            + ", ".join(f"{k} {rate(v)}" for k, v in sorted(by_source.items())),
-            f"goal SLAKE organs >= 0.5; mean IoU {statistics.mean(ious):.2f}; ECE "
-            f"{fmt_value(m['calibration']['ece'])}; p50 {fmt_value(m['runtime']['latency_p50_s'])}"
-            " s per question (whole graph)",
+    runs = {}
+    for name, ablation in (("coarse", Ablation(rethink=False)), ("refined", Ablation())):
+        out = Path(tmp.name) / f"grounding-{name}"
+        m = asyncio.run(Evaluation(out, vlm=vlm, ablation=ablation, workers=2).run(grounding))
+        runs[name] = (m, read_records(out / "items.jsonl"))
+    for name, (m, records) in runs.items():
+        if name == "coarse" and not (Path(model) / "refiner.pt").is_file():
+            continue  # no second pass in this model: one run says it all
+        by_source: dict[str, list[bool]] = {}
+        organs, lesions, ious = [], [], []
+        for r in records:
+            by_source.setdefault(r["source"], []).append(bool(r["correct"]))
+            ious.append(r.get("iou") or 0.0)
+            if r["source"] == "slake":
+                kind = lesions if str(r["truth"]).lower() in LESIONS else organs
+                kind.append(bool(r["correct"]))
+        rows.append(
+            (
+                f"dev grounding ({len(grounding)} items), IoU >= 0.5 of the answer's first box, "
+                + (
+                    "second look off (coarse boxes)"
+                    if name == "coarse"
+                    else "second look on (the zoomed second pass)"
+                ),
+                f"SLAKE organs {rate(organs)}, SLAKE lesions {rate(lesions)}; "
+                + ", ".join(f"{k} {rate(v)}" for k, v in sorted(by_source.items())),
+                f"goals SLAKE organs >= 0.6, lesions >= 0.3; mean IoU {statistics.mean(ious):.2f}; "
+                f"ECE {fmt_value(m['calibration']['ece'])}; p50 "
+                f"{fmt_value(m['runtime']['latency_p50_s'])} s per question (whole graph)",
+            )
         )
-    )
-    print(rows[-1], flush=True)
+        print(rows[-1], flush=True)
+    if (Path(model) / "refiner.pt").is_file():
+        diffs = {
+            (d.group, d.measure): d
+            for d in paired_differences(runs["coarse"][1], runs["refined"][1])
+            if d.group in ("overall", "source=slake") and d.measure in ("accuracy", "mean_iou")
+        }
+        rows.append(
+            (
+                "dev grounding: second look on minus off, paired",
+                "; ".join(
+                    f"{g} {meas} {d.difference:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]"
+                    + (
+                        f" (McNemar p {d.p_value:.2g}, {d.only_b} gained / {d.only_a} lost)"
+                        if d.p_value is not None
+                        else ""
+                    )
+                    for (g, meas), d in sorted(diffs.items())
+                ),
+                "significant where p < 0.05 and the interval excludes 0: "
+                + (
+                    ", ".join(f"{g} {m}" for (g, m), d in sorted(diffs.items()) if d.significant)
+                    or "none"
+                ),
+            )
+        )
+        print(rows[-1], flush=True)
     if args.card:
         write_card_metrics(model / "MODEL_CARD.md", rows)
     append_section(

@@ -76,7 +76,8 @@ def main() -> None:
         context=machine(f"VLM mini: (shipped), no KB, bootstrap seed {args.seed}"),
         note=(
             "Each dev item run twice, the second look (crops of the regions the tools found, "
-            "the question's named targets first) on and off; differences are on minus off with "
+            "the question's named targets first, and the grounder's zoomed second pass at its "
+            "top box) on and off; differences are on minus off with "
             "a paired bootstrap 95 % interval (2,000 resamples); McNemar's exact test on the "
             "items right in one setting only. Significant: p < 0.05 and an interval excluding "
             "0. Data: ../shared/datasets/dev.jsonl (VQA-RAD CC0 1.0, SLAKE CC BY 4.0, NIH "

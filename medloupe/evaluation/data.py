@@ -149,6 +149,43 @@ def load_slake(path: str | Path, images: str | Path | None = None) -> list[EvalI
     return items
 
 
+def load_mirp(path: str | Path, images: str | Path | None = None) -> list[EvalItem]:
+    """Items of a MIRP ("Your other Left") QA file: ``qa.json`` of RQ1 (organ names; images
+    in ``images/``) or ``qa_dots.json`` / ``qa_letters.json`` / ``qa_numbers.json`` of RQ2,
+    RQ3 and the ablation study (markers; images in ``image_dots/`` ...). Each becomes a
+    closed relative-position item answered yes or no, with both objects' centres as
+    ``points_xy`` (pixels of the slice as shown)."""
+    p = Path(path)
+    kind = p.stem.removeprefix("qa").lstrip("_")
+    image_dir = Path(images) if images else p.parent / (f"image_{kind}" if kind else "images")
+    study = p.parent.name
+    items: list[EvalItem] = []
+    for row in json.loads(p.read_text(encoding="utf-8")):
+        for k, qa in enumerate(row["question_answer"]):
+            points: dict[str, tuple[float, float]] = {}
+            for n in ("1", "2"):
+                name = str(
+                    qa.get(f"object{n}_name") or qa.get(f"object{n}_label")
+                    or qa.get(f"object{n}_gray") or f"object {n}"
+                )  # fmt: skip
+                points[name] = (float(qa[f"object{n}_center_x"]), float(qa[f"object{n}_center_y"]))
+            items.append(
+                EvalItem(
+                    id=f"mirp-{study}-{kind or 'plain'}-{Path(row['filename']).stem}-{k}",
+                    task="relative_position",
+                    image=str((image_dir / row["filename"]).resolve()),
+                    question=str(qa["question"]),
+                    answer="yes" if int(qa["answer"]) else "no",
+                    answer_type="closed",
+                    source="mirp",
+                    modality="CT",
+                    question_type=f"{study} {kind or 'names'}",
+                    points_xy=points,
+                )
+            )
+    return items
+
+
 def load_dataset(path: str | Path, *, images: str | Path | None = None) -> list[EvalItem]:
     """Items of ``path`` in whichever supported format it is (by extension and content).
 
@@ -169,9 +206,11 @@ def load_dataset(path: str | Path, *, images: str | Path | None = None) -> list[
             return load_vqa_rad(p, images)
         if "img_name" in rows[0]:
             return load_slake(p, images)
+        if "question_answer" in rows[0] and "filename" in rows[0]:
+            return load_mirp(p, images)
     raise InputError(
-        f"{p}: not a format medloupe reads (generic JSONL, VQA-RAD JSON or SLAKE question "
-        "JSON); see the README's evaluation section"
+        f"{p}: not a format medloupe reads (generic JSONL, VQA-RAD JSON, SLAKE question JSON "
+        "or MIRP QA JSON); see the README's evaluation section"
     )
 
 

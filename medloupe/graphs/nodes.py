@@ -225,7 +225,7 @@ async def act(state: State, ctx: RunContext) -> dict[str, Any]:
     """Run the plan's tool calls concurrently; each result (or failure) becomes evidence."""
     p = Plan.model_validate(state.get("plan", {}))
     step = state.get("step", 0)
-    tctx = ToolContext(image=image_of(state), store=ctx.store)
+    tctx = ToolContext(image=image_of(state), store=ctx.store, second_look=options(state).rethink)
     results = await asyncio.gather(
         *(call_tool(ctx, "act", c.tool, c.arguments, tctx, step) for c in p.calls)
     )
@@ -364,8 +364,10 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
         )
     withheld = withheld_reason(state["question"], state.get("targets", []), decision.withheld)
     if decision.withheld and withheld is None:
-        notes.append(f"the second look withheld its answer for a reason that names nothing the "
-                     f"question asks about ({decision.withheld[:80]!r}); ignored")
+        notes.append(
+            f"the second look withheld its answer for a reason that names nothing the "
+            f"question asks about ({decision.withheld[:80]!r}); ignored"
+        )
     decision = decision.model_copy(update={"withheld": withheld})
     rnd = RethinkRound(
         round=step,
@@ -402,7 +404,10 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
 
 
 def second_look(
-    state: State, model: str, step: int, decision: RethinkDecision,
+    state: State,
+    model: str,
+    step: int,
+    decision: RethinkDecision,
     boxes: list[tuple[float, float, float, float]],
     crop_ids: list[str],
 ) -> Evidence:

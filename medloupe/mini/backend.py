@@ -44,8 +44,8 @@ from medloupe.config import env_name
 from medloupe.errors import BackendError, BackendSpecError, InputError
 from medloupe.mini import BUNDLED, model_folder
 from medloupe.mini.answerer import MiniAnswerer, Prediction
-from medloupe.mini.tool import relation_from_question
 from medloupe.schemas import Claim, Draft, RethinkDecision
+from medloupe.tools.position import split_relation
 
 # Presence check of the second look: "no" at this confidence or more means "not in view".
 # Chosen on SLAKE's validate split (never its test split): of 98 "Does the picture contain
@@ -70,12 +70,14 @@ def presence_name(target: str) -> str:
     "lung")."""
     return target.lower().removeprefix("left ").removeprefix("right ")
 
+
 # on relative-position questions the answerer, trained on upright slices, was below chance
 # (MIRP rotates and flips slices): the grounder's boxes decide, or the answer abstains
 RELATIVE_NOTE = (
-    "medloupe-mini does not judge relative positions from the whole image: the grounder's "
-    "boxes of both structures decide"
+    "medloupe-mini does not judge relative positions from the whole image: the boxes of both "
+    "structures or markers (the grounder's, find_markers') decide"
 )
+
 
 class MiniBackend(VLMBackend):
     """The answerer of ``folder`` behind the VLM backend contract."""
@@ -156,7 +158,7 @@ class MiniBackend(VLMBackend):
         """Play a graph role from its typed request (the prompt's prose is not read)."""
         started = time.perf_counter()
         reply: BaseModel
-        positional = relation_from_question(request.question) is not None
+        positional = split_relation(request.question) is not None
         if request.role == "think" and schema is Draft and request.images:
             if positional:
                 reply = Draft(note=RELATIVE_NOTE)
@@ -236,12 +238,12 @@ def _answer(request: RoleRequest) -> AnswerDraft:
     """The final answer: the current answer, its claim citing the model's own looks."""
     current, conf = request.answer, request.confidence
     cited = request.observation_ids
-    if relation_from_question(request.question) is not None:
+    if split_relation(request.question) is not None:
         return AnswerDraft(
             confidence=0.0,
             abstained=True,
-            abstention_reason=f"{RELATIVE_NOTE}, and it did not locate both (it finds only "
-            "the organs and findings it was trained on: see the ground tool's targets)",
+            abstention_reason=f"{RELATIVE_NOTE}, and they did not locate both (see the ground "
+            "tool's targets; find_markers finds only dots and labels on the image)",
         )
     if current is None or not cited:
         return AnswerDraft(

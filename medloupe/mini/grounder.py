@@ -7,9 +7,16 @@ embedding and the modality, by feature-wise modulation) and fed the mean box map
 connected component becomes a box, scored by its peak; the top box's score is mapped to the
 chance that it overlaps the truth with IoU >= 0.5 (fitted on held-out training images).
 
+Coarse to fine: the top box is then looked at again, closer. A window around it
+(:func:`refine_window`) is cropped, zoomed to the backbone's input and given to a second head
+of the same shape (``refiner.pt``), whose prior channel is the coarse box drawn in the window;
+its top box replaces the coarse one. On a 28x28 grid over the whole image a small lesion is a
+cell or two; in the window it spans many, so the box's edges are placed where the pixels say.
+
 Targets: SLAKE's detection labels (organs and lesions, CT / MRI / X-ray), NIH ChestX-ray14
 findings and BCCD's white blood cells. Checkpoint: ``grounder.pt`` (tensors) +
-``grounder.json`` (labels, thresholds, calibration, data, held-out metrics).
+``grounder.json`` (labels, thresholds, calibration, data, held-out metrics), and
+``refiner.pt`` + ``refiner.json`` for the second pass (without them the coarse box stands).
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ from typing import Any
 import numpy as np
 
 from medloupe.mini.orientation import MODALITIES as ORIENTED
-from medloupe.mini.orientation import TRUST_AT, Orientation, d4, d4_inverse
+from medloupe.mini.orientation import TRUST_AT, Orientation, d4, d4_box, d4_inverse
 
 GRID = 28
 DECODE = 112  # the heatmap is upsampled to this grid before thresholding
+REFINE_GROW = 0.5  # the second pass's window: the coarse box grown by half its size each side,
+REFINE_MIN_SHARE = 0.15  # and at least this share of the image's width and height
 MODALITIES = ("CT", "MRI", "X-Ray", "microscopy")
 # DICOM modality codes (and common words) -> the grounder's modality names
 _MODALITY_CODES = {
@@ -84,7 +93,10 @@ def normalise_target(phrase: str) -> str:
 
 
 def box_map(
-    boxes_xyxy: list[tuple[float, float, float, float]], width: int, height: int, grid: int = GRID
+    boxes_xyxy: list[tuple[float, float, float, float]],
+    width: float,
+    height: float,
+    grid: int = GRID,
 ) -> np.ndarray:
     """``(grid, grid)`` float32: the share of each cell covered by the union of the boxes
     (pixel boxes of a ``width`` x ``height`` image; the image is resized to the grid whole)."""
@@ -178,6 +190,35 @@ def decode(
     return boxes[:max_boxes]
 
 
+def refine_window(
+    box: tuple[float, float, float, float], width: float, height: float
+) -> tuple[float, float, float, float]:
+    """The second pass's window around ``box`` (XYXY, in the units of ``width`` and ``height``):
+    the box grown by :data:`REFINE_GROW` of its size on each side, at least
+    :data:`REFINE_MIN_SHARE` of the image on each axis, at most the image, shifted (not cut)
+    to lie inside it."""
+    x0, y0, x1, y1 = box
+    ww = min(width, max((x1 - x0) * (1 + 2 * REFINE_GROW), REFINE_MIN_SHARE * width))
+    wh = min(height, max((y1 - y0) * (1 + 2 * REFINE_GROW), REFINE_MIN_SHARE * height))
+    wx0 = min(max(0.0, (x0 + x1) / 2 - ww / 2), width - ww)
+    wy0 = min(max(0.0, (y0 + y1) / 2 - wh / 2), height - wh)
+    return (wx0, wy0, wx0 + ww, wy0 + wh)
+
+
+def crop_window(rgb: np.ndarray, window: tuple[float, float, float, float]) -> np.ndarray:
+    """The pixels of ``rgb`` (``(H, W, 3)`` uint8 RGB) inside ``window`` (XYXY pixels), at
+    least one pixel each way."""
+    x0, y0, x1, y1 = (round(v) for v in window)
+    return rgb[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)]
+
+
+def in_window(
+    box: tuple[float, float, float, float], window: tuple[float, float, float, float]
+) -> tuple[float, float, float, float]:
+    """``box`` (XYXY pixels of the image) in the pixels of ``window``'s crop."""
+    return (box[0] - window[0], box[1] - window[1], box[2] - window[0], box[3] - window[1])
+
+
 @dataclass
 class Grounding:
     """What the grounder found: the label it matched, the modality it assumed, and boxes
@@ -185,7 +226,8 @@ class Grounding:
     calibrated chance that the first box has IoU >= 0.5 with the truth. ``orientation``: the
     D4 element (:mod:`medloupe.mini.orientation`) the slice was found displayed under and
     grounded back from (0: as displayed), with the estimate's probability (``None``: not
-    estimated)."""
+    estimated). ``refined``: the first box is the second, zoomed pass's (its score the
+    refiner's peak; ``confidence`` the refiner's calibration, of the peak it was fitted on)."""
 
     label: str
     modality: str | None
@@ -193,6 +235,7 @@ class Grounding:
     confidence: float
     orientation: int = 0
     orientation_probability: float | None = None
+    refined: bool = False
 
 
 class UnknownTarget(ValueError):
@@ -200,13 +243,16 @@ class UnknownTarget(ValueError):
 
 
 class MiniGrounder:
-    """Loads a trained grounder folder on first use (thread-safe)."""
+    """Loads a trained grounder folder on first use (thread-safe). ``refine``: run the second,
+    zoomed pass where the folder has a refiner (off: the coarse boxes alone)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, *, refine: bool = True) -> None:
         self.folder = Path(folder)
+        self.refine = refine
         self._lock = threading.Lock()
         self._meta: dict[str, Any] | None = None
         self._loaded: tuple[Any, Any, Any, np.ndarray] | None = None
+        self._refiner: tuple[Any, dict[str, Any]] | None = None
         self.orientation = Orientation(self.folder)
 
     @property
@@ -244,6 +290,15 @@ class MiniGrounder:
                 priors = state.pop("priors").float().numpy()
                 head.load_state_dict(state)
                 self._loaded = (build_backbone(), head.eval(), TextEmbedder(), priors)
+                if self.refine and (self.folder / "refiner.pt").is_file():
+                    rmeta = json.loads((self.folder / "refiner.json").read_text(encoding="utf-8"))
+                    refiner = build_head(meta["in_ch"], meta["cond_dim"], meta["hidden"])
+                    refiner.load_state_dict(
+                        torch.load(
+                            self.folder / "refiner.pt", map_location="cpu", weights_only=True
+                        )
+                    )
+                    self._refiner = (refiner.eval(), rmeta)
             return self._loaded
 
     def match(self, phrase: str) -> str:
@@ -270,10 +325,18 @@ class MiniGrounder:
         )
 
     def ground(
-        self, rgb: np.ndarray, target: str, modality: str | None = None, max_boxes: int = 3
+        self,
+        rgb: np.ndarray,
+        target: str,
+        modality: str | None = None,
+        max_boxes: int = 3,
+        *,
+        refine: bool = True,
     ) -> Grounding:
         """Find ``target`` in ``rgb`` (``(H, W, 3)`` uint8 RGB); ``modality`` is one of
-        :data:`MODALITIES` or ``None`` (unknown). Boxes are XYXY pixels of ``rgb``."""
+        :data:`MODALITIES` or ``None`` (unknown). Boxes are XYXY pixels of ``rgb``. ``refine``
+        (and the grounder's own ``refine``): look again closer at the top box where a refiner
+        is shipped."""
         import torch
 
         from medloupe.knowledge_base.backbone import preprocess
@@ -288,6 +351,7 @@ class MiniGrounder:
         mi = MODALITIES.index(mod) if mod else len(MODALITIES)
         prior = priors[li, mi]
         k, k_prob = 0, None
+        view = rgb
         with torch.inference_mode():
             feats = backbone.pyramid(torch.from_numpy(preprocess(rgb))[None])
             if mod in ORIENTED and self.orientation.available():
@@ -298,12 +362,57 @@ class MiniGrounder:
                 feats = backbone.pyramid(torch.from_numpy(preprocess(view))[None])
             logits = head(feats, torch.from_numpy(cond)[None], torch.from_numpy(prior)[None])
         prob = torch.sigmoid(logits)[0].numpy()
-        prob = d4(prob, k) if k else prob  # back to the image as shown
+        found = decode(prob, float(meta["threshold"]), max_boxes)  # in the view, [0, 1]
+        calibration, peak = meta["calibration"], found[0][1] if found else 0.0
+        refined = False
+        if found and refine and self._refiner is not None:
+            better = self._refine(view, found[0][0], cond)
+            if better is not None:
+                rmeta = self._refiner[1]
+                calibration = rmeta["calibration"]
+                if rmeta.get("calibrated_on") == "refined":
+                    peak = better[1]
+                found[0], refined = better, True
         h, w = rgb.shape[:2]
-        boxes = [
-            ((b[0] * w, b[1] * h, b[2] * w, b[3] * h), s)
-            for b, s in decode(prob, float(meta["threshold"]), max_boxes)
-        ]
-        a, c = meta["calibration"]
-        confidence = float(1.0 / (1.0 + np.exp(-(a * boxes[0][1] + c)))) if boxes else 0.0
-        return Grounding(label, mod, boxes, confidence, k, k_prob)
+        boxes = []
+        for b, s in found:  # back to the image as shown, in pixels
+            x0, y0, x1, y1 = d4_box(b, k) if k else b
+            boxes.append(((x0 * w, y0 * h, x1 * w, y1 * h), s))
+        a, c = calibration
+        confidence = float(1.0 / (1.0 + np.exp(-(a * peak + c)))) if boxes else 0.0
+        return Grounding(label, mod, boxes, confidence, k, k_prob, refined)
+
+    def _refine(
+        self, view: np.ndarray, box: tuple[float, float, float, float], cond: np.ndarray
+    ) -> tuple[tuple[float, float, float, float], float] | None:
+        """The second pass on ``view`` (``(H, W, 3)`` uint8 RGB) around ``box`` (normalised
+        XYXY): its top box (normalised XYXY of ``view``) with the refiner's peak, or ``None``
+        when it finds nothing."""
+        import torch
+
+        from medloupe.knowledge_base.backbone import preprocess
+
+        assert self._refiner is not None
+        refiner, rmeta = self._refiner
+        backbone = self._load()[0]
+        h, w = view.shape[:2]
+        coarse = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
+        win = refine_window(coarse, w, h)
+        ww, wh = win[2] - win[0], win[3] - win[1]
+        prior = box_map([in_window(coarse, win)], ww, wh)
+        with torch.inference_mode():
+            feats = backbone.pyramid(torch.from_numpy(preprocess(crop_window(view, win)))[None])
+            logits = refiner(feats, torch.from_numpy(cond)[None], torch.from_numpy(prior)[None])
+        top = decode(torch.sigmoid(logits)[0].numpy(), float(rmeta["threshold"]), 1)
+        if not top:
+            return None
+        (bx0, by0, bx1, by1), score = top[0]
+        return (
+            (
+                (win[0] + bx0 * ww) / w,
+                (win[1] + by0 * wh) / h,
+                (win[0] + bx1 * ww) / w,
+                (win[1] + by1 * wh) / h,
+            ),
+            score,
+        )

@@ -56,6 +56,18 @@ def d4(a: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
 
 
+def d4_box(box: tuple[float, float, float, float], k: int) -> tuple[float, float, float, float]:
+    """A normalised ``[0, 1]`` XYXY box of an array mapped to where :func:`d4` ``k`` puts it:
+    ``d4(box_map(box), k)`` is the box map of ``d4_box(box, k)``."""
+    corners = [(box[0], box[1]), (box[2], box[3])]
+    for _ in range(k % 4):  # np.rot90: a point (x, y) goes to (y, 1 - x)
+        corners = [(y, 1.0 - x) for x, y in corners]
+    if k >= 4:
+        corners = [(1.0 - x, y) for x, y in corners]
+    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
 def d4_inverse(k: int) -> int:
     """The element undoing ``k``: ``d4(d4(a, k), d4_inverse(k))`` equals ``a``."""
     return (4 - k) % 4 if k < 4 else k

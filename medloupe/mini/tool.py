@@ -32,6 +32,13 @@ from medloupe.tools.base import (
     box_text,
     successful,
 )
+from medloupe.tools.position import (
+    Relation,
+    centre,
+    holds,
+    relation_from_question,
+    relation_words,
+)
 
 _TARGET_PATTERNS = (
     # "This chest X-ray shows pneumonia. Locate it ..."
@@ -76,37 +83,6 @@ def target_from_question(question: str) -> str | None:
         if m and m.group("t").strip() not in ("it", "this", "them"):
             return m.group("t").strip()
     return None
-
-
-_RELATION = re.compile(
-    r"^\s*(?:is|are) (?:the )?(?P<a>[a-z][a-z -]*?) (?:(?:located|positioned|situated|seen) )?"
-    r"(?P<rel>(?:to|on) the (?:left|right)(?: side)? of|(?:left|right) of|above|below|over|"
-    r"under(?:neath)?|higher than|lower than) (?:the )?(?P<b>[a-z][a-z -]*?)"
-    r"\s*(?:[?.,;]|\b(?:in|on) (?:this|the)\b|$)",
-    re.I,
-)
-_RELATIONS = {  # the relation's word -> the relation in the image as shown
-    "left": "left",
-    "right": "right",
-    **dict.fromkeys(("above", "over", "higher"), "above"),
-    **dict.fromkeys(("below", "under", "underneath", "lower"), "below"),
-}
-
-
-def relation_from_question(question: str) -> tuple[str, str, str] | None:
-    """``(a, relation, b)`` of a relative-position question, the relation one of ``left``,
-    ``right``, ``above``, ``below`` in the image as shown: "Is the aorta to the left of the
-    spleen?" -> ``("aorta", "left", "spleen")``; ``None`` for other questions."""
-    m = _RELATION.search(question)
-    if not m or re.search(r"\b(image|picture|scan|body|slice)\b", m.group("b"), re.I):
-        return None
-    word = next(w for w in re.findall(r"[a-z]+", m.group("rel").lower()) if w in _RELATIONS)
-    return m.group("a").strip(), _RELATIONS[word], m.group("b").strip()
-
-
-def centre(box: Sequence[float]) -> tuple[float, float]:
-    """The centre ``(x, y)`` of an XYXY box, in its pixels."""
-    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
 
 
 _SIDES = ("left ", "right ")
@@ -294,7 +270,7 @@ class GroundTool(Tool):
         return None
 
     def _relative(
-        self, relation: tuple[str, str, str], evidence: list[Evidence]
+        self, relation: tuple[str, Relation, str], evidence: list[Evidence]
     ) -> Statement | None:
         """Yes or no from the centres of the two targets' best boxes, in the image as shown
         (no atlas: a rotated or flipped slice is read as displayed). ``None`` unless each
@@ -319,12 +295,12 @@ class GroundTool(Tool):
             found.append((named[0], hit))
         (la, ea), (lb, eb) = found
         (ax, ay), (bx, by) = centre(ea.regions[0].box_xyxy), centre(eb.regions[0].box_xyxy)
-        yes = {"left": ax < bx, "right": ax > bx, "above": ay < by, "below": ay > by}[rel]
+        yes = holds(rel, (ax, ay), (bx, by))
         both = float((ea.output or {}).get("confidence", 0.0)) * float(
             (eb.output or {}).get("confidence", 0.0)
         )
         confidence = both + (1.0 - both) * 0.5  # a missed box leaves a coin flip
-        where = "to the left of" if rel == "left" else "to the right of" if rel == "right" else rel
+        where = relation_words(rel)
         claim = Claim(
             text=(
                 f"In the image as shown, the centre of the {la.lower()}'s box "
@@ -345,7 +321,9 @@ class GroundTool(Tool):
         a: Any = args
         modality = a.modality or modality_key(ctx.image.modality)
         try:
-            found = self.grounder.ground(ctx.rgb(), a.target, modality, a.max_boxes)
+            found = self.grounder.ground(
+                ctx.rgb(), a.target, modality, a.max_boxes, refine=ctx.second_look
+            )
         except UnknownTarget as exc:
             raise ValueError(str(exc)) from None
         boxes = [ScoredBox(box_xyxy=b, score=min(1.0, s)) for b, s in found.boxes]
@@ -355,7 +333,8 @@ class GroundTool(Tool):
             modality=found.modality,
             boxes=boxes,
             confidence=found.confidence,
-            method="medloupe-mini grounder (heatmap head on EfficientNet-Lite0 features)",
+            method="medloupe-mini grounder (heatmap head on EfficientNet-Lite0 features"
+            + ("; first box refined by a zoomed second pass)" if found.refined else ")"),
             orientation=(
                 f"{ORIENTATIONS[found.orientation]} (p {found.orientation_probability:.2f})"
                 if found.orientation

@@ -26,11 +26,12 @@ from medloupe.mini.answerer import FORMAT, build_head, plain_yes_no
 from medloupe.mini.data import Example, every_kth, fold, held_out, training_examples
 from medloupe.mini.features import Progress, image_features
 from medloupe.mini.orientation import train_orientation
-from medloupe.mini.train_grounder import train_grounder
+from medloupe.mini.train_grounder import train_grounder, train_refiner
 
 log = logging.getLogger(__name__)
 ANSWERER_FILES = ("answerer.pt", "yesno.pt", "answerer.json")
 GROUNDER_FILES = ("grounder.pt", "grounder.json", "orientation.pt", "orientation.json")
+REFINER_FILES = ("refiner.pt", "refiner.json")  # only where the second pass helps
 
 
 def train_answerer(
@@ -288,9 +289,10 @@ def train_mini(
     max_examples: int | None = None,
     on_progress: Progress | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train the answerer, the grounder and its orientation estimate into ``out`` and write
-    ``MODEL_CARD.md``; returns the answerer's and the grounder's metadata (the latter with the
-    orientation model's under ``"orientation"``). Every file is written to a temporary
+    """Train the answerer, the grounder, its second, zoomed pass and its orientation estimate
+    into ``out`` and write ``MODEL_CARD.md``; returns the answerer's and the grounder's
+    metadata (the latter with the refiner's under ``"refiner"`` and the orientation model's
+    under ``"orientation"``). Every file is written to a temporary
     folder first and moved into ``out`` only when all are trained, so a failed run leaves
     ``out`` as it was. ``max_examples`` caps each model's examples (a slice gives the
     orientation model eight)."""
@@ -306,6 +308,9 @@ def train_mini(
         grounder = train_grounder(
             datasets, tmp, seed=seed, max_examples=max_examples, on_progress=on_progress
         )
+        grounder["refiner"] = train_refiner(
+            datasets, tmp, seed=seed, max_examples=max_examples, on_progress=on_progress
+        )
         grounder["orientation"] = train_orientation(
             datasets,
             tmp,
@@ -315,6 +320,11 @@ def train_mini(
         (Path(tmp) / "MODEL_CARD.md").write_text(model_card(answerer, grounder), encoding="utf-8")
         for f in (*ANSWERER_FILES, *GROUNDER_FILES, "MODEL_CARD.md"):
             shutil.move(str(Path(tmp) / f), str(folder / f))
+        for f in REFINER_FILES:  # a refiner that did not help: none from an earlier run either
+            if (Path(tmp) / f).is_file():
+                shutil.move(str(Path(tmp) / f), str(folder / f))
+            else:
+                (folder / f).unlink(missing_ok=True)
     return answerer, grounder
 
 
@@ -376,6 +386,7 @@ use only; not a medical device.**
   targets on {gd["images"]} images ({", ".join(f"{k} {v}" for k, v in gd["sources"].items())}).
 - Held-out hit rate (IoU >= 0.5 of the top box): {gh["hit_rate_iou50"]:.3f} ({by_source});
   the prior alone: {gh["prior_only_hit_rate"]:.3f}.
+- Second look at the box (`refiner.pt`): {refiner_line(grounder.get("refiner"))}
 - Orientation (`orientation.pt`): CT and MR slices are first checked for rotation or mirroring
   (the eight symmetries of a square) by {orientation_line(grounder.get("orientation"))}; a slice
   found turned is grounded in the standard display and its boxes mapped back to the image as
@@ -404,6 +415,35 @@ Confidences are calibrated on held-out training images only.
 """
 
 
+def refiner_line(meta: dict[str, Any] | None) -> str:
+    """The model card's words for the coarse-to-fine pass: recipe and held-out figures."""
+    if not meta:
+        return "none in this folder (the coarse boxes stand)."
+    h = meta["held_out"]
+    figures = (
+        f"on the coarse pass's own top boxes of {h['targets']} held-out targets, hit rate "
+        f"{h['coarse_hit_rate_iou50']:.3f} coarse, {h['refined_hit_rate_iou50']:.3f} refined ("
+        + ", ".join(
+            f"{src} {v['coarse']:.3f} -> {v['refined']:.3f}" for src, v in h["by_source"].items()
+        )
+        + ")"
+    )
+    if not meta["adopted"]:
+        return f"trained but not kept: it did not help {figures}."
+    w, j = meta["window"], meta["jitter"]
+    return (
+        f"the top box is grown by {w['grow']:g} of its size on each side (at least "
+        f"{w['min_share']:.0%} of the image each way), cropped and zoomed to 224x224, and a "
+        "second head of the same shape, whose prior channel is the coarse box drawn in the "
+        f"window, boxes the target again; trained on {meta['train_windows']} windows "
+        f"({j['windows_per_target']} per training target around its true box, centre moved by "
+        f"{j['shift_sd']:g} box sizes, sides scaled {j['scale'][0]:g}-{j['scale'][1]:g}x), epoch "
+        f"{meta['epochs']} and threshold {meta['threshold']} chosen on held-out images, the "
+        f"refined box's hit probability a logistic fit of the "
+        f"{meta.get('calibrated_on', 'refined')} pass's peak (the lower held-out ECE); "
+        f"{figures}."
+    )
+
 
 def orientation_line(meta: dict[str, Any] | None) -> str:
     """The model card's words for the orientation estimate's recipe and out-of-fold figures."""
@@ -420,6 +460,7 @@ def orientation_line(meta: dict[str, Any] | None) -> str:
         f"a softmax regression over pooled EfficientNet-Lite0 features, trained on {meta['data']}"
         f"; out of fold ({meta['folds']} folds by image): {figures}"
     )
+
 
 def fit_temperature(logits: Any, labels: Any) -> float:
     """The temperature minimising the negative log-likelihood of ``labels`` (LBFGS, log-space)."""

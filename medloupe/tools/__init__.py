@@ -21,7 +21,8 @@ from medloupe.tools.registry import ENTRY_POINT_GROUP, PluginProblem, ToolRegist
 
 def expert_tools() -> list[Tool]:
     """New instances of medloupe's expert tools: ``segment`` (SAM / MedSAM / classical),
-    ``zoom``, ``contrast``, ``overlay``, ``count_cells``, ``read_text`` (OCR), ``detect``
+    ``zoom``, ``contrast``, ``overlay``, ``count_cells``, ``read_text`` (OCR),
+    ``find_markers`` (coloured dots and labels a question names), ``detect``
     (zero-shot detector, when configured) and ``classify`` (DenseNet121, when configured).
     Each instance owns its lazily loaded weights and caches. (``ground``, medloupe-mini's
     grounder, arrives through the ``medloupe.tools`` entry points like any plugin.)"""
@@ -29,14 +30,17 @@ def expert_tools() -> list[Tool]:
     from medloupe.tools.classify import ClassifyTool
     from medloupe.tools.detect import DetectTool
     from medloupe.tools.imageops import image_op_tools
-    from medloupe.tools.ocr import ReadTextTool
+    from medloupe.tools.markers import FindMarkersTool
+    from medloupe.tools.ocr import OcrEngine, ReadTextTool
     from medloupe.tools.segment import SegmentTool
 
+    ocr = OcrEngine()  # one engine (its models and lock) for both OCR tools
     return [
         SegmentTool(),
         *image_op_tools(),
         count_cells,
-        ReadTextTool(),
+        ReadTextTool(ocr),
+        FindMarkersTool(ocr),
         DetectTool(),
         ClassifyTool(),
     ]

@@ -125,13 +125,16 @@ FollowUpFn = Callable[[Box, str], dict[str, Any] | None]
 
 @dataclass
 class ToolContext:
-    """What a running tool sees: the run's image and artifact store.
+    """What a running tool sees: the run's image and artifact store, and whether the run
+    looks again closer (``second_look``: a tool with a zoomed second pass of its own, like the
+    grounder's, runs it; off in the ablation without a second look).
 
     Pixels are loaded from the store on first access and cached for the call.
     """
 
     image: ImageRecord
     store: ArtifactStore
+    second_look: bool = True
     _cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def pixels(self) -> np.ndarray:

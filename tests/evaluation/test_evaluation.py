@@ -244,6 +244,26 @@ def test_importers_read_the_shared_files(shared_datasets: Path) -> None:
     assert {i.task for i in filter_items(dev, modality="ct")} >= {"vqa", "grounding"}
 
 
+def test_mirp_qa_files_are_read_with_their_image_folders(shared_datasets: Path) -> None:
+    mirp = shared_datasets / "mirp_sample" / "1_dataset_guide"
+    if not mirp.is_dir():
+        pytest.skip(f"{mirp} is not in this copy of ../shared")
+    plain = load_dataset(mirp / "RQ1" / "qa.json")
+    dots = load_dataset(mirp / "RQ2" / "qa_dots.json")
+    numbers = load_dataset(mirp / "AS" / "qa_numbers.json")
+    for items in (plain, dots, numbers):
+        assert len(items) == 10 and all(Path(i.image).is_file() for i in items)
+        assert {i.answer for i in items} <= {"yes", "no"} and {i.task for i in items} == {
+            "relative_position"
+        }
+    assert "/RQ2/image_dots/" in dots[0].image and dots[0].question_type == "RQ2 dots"
+    assert plain[0].question == "Is the aorta above the spleen?" and plain[0].answer == "yes"
+    assert plain[0].points_xy == {"aorta": (272.3134535367545, 276.54091539528434),
+                                  "spleen": (292.31620417951353, 367.5964371360055)}  # fmt: skip
+    assert set(numbers[0].points_xy or {}) == {"45", "40"}
+    assert len({i.id for i in [*plain, *dots, *numbers]}) == 30
+
+
 # --- the harness --------------------------------------------------------------------------------
 
 

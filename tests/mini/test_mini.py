@@ -178,6 +178,19 @@ def test_quick_training_run_is_seeded_and_loads(shared_datasets: Path, tmp_path:
     for key in ("labels", "threshold", "calibration", "epochs", "held_out"):
         assert ground_a[key] == ground_b[key]
     assert "White Blood Cell" in ground_a["labels"] and "Liver" in ground_a["labels"]
+    # the second, zoomed pass is trained and judged on held-out images; kept only if it helps
+    refiner = {
+        n: (tmp_path / n / "refiner.json").is_file() == (tmp_path / n / "refiner.pt").is_file()
+        for n in ("a", "b")
+    }
+    assert refiner == {"a": True, "b": True}
+    if (tmp_path / "a" / "refiner.json").is_file():
+        ref_a = json.loads((tmp_path / "a" / "refiner.json").read_text())
+        ref_b = json.loads((tmp_path / "b" / "refiner.json").read_text())
+        assert ref_a["adopted"] and ref_a["held_out"] == ref_b["held_out"]
+        assert (
+            ref_a["held_out"]["refined_hit_rate_iou50"] > ref_a["held_out"]["coarse_hit_rate_iou50"]
+        )
     orient_a = json.loads((tmp_path / "a" / "orientation.json").read_text())
     orient_b = json.loads((tmp_path / "b" / "orientation.json").read_text())
     assert orient_a["out_of_fold"] == orient_b["out_of_fold"] and orient_a["slices"] <= 25
@@ -187,6 +200,7 @@ def test_quick_training_run_is_seeded_and_loads(shared_datasets: Path, tmp_path:
     card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert "CC0 1.0" in card and "CC BY 4.0" in card and "test split" in card
     assert "grounder" in card and "hit rate" in card and "Orientation" in card
+    assert "Second look at the box" in card
     answerer = MiniAnswerer(tmp_path / "a")
     rgb = np.full((64, 64, 3), 90, np.uint8)
     p = answerer.predict(rgb, "Is there a mass in the left lung?")
@@ -282,3 +296,64 @@ def test_mini_backend_takes_part_in_think_and_rethink(
     assert all(i.startswith("obs-think-") for c in no_second.claims for i in c.evidence_ids)
     with pytest.raises(BackendSpecError, match="medloupe train mini"):
         load_backend(f"mini:{tmp_path / 'nothing'}")
+
+
+def test_the_refine_window_zooms_around_the_box_inside_the_image() -> None:
+    from medloupe.mini.grounder import REFINE_MIN_SHARE, refine_window
+    from medloupe.mini.train_grounder import window_map
+
+    # a box in the middle: grown by half its size on each side
+    assert refine_window((40, 40, 60, 80), 200, 200) == (30, 20, 70, 100)
+    # a tiny box: at least REFINE_MIN_SHARE of the image each way, centred on it
+    x0, y0, x1, y1 = refine_window((100, 100, 102, 102), 400, 300)
+    assert (x1 - x0, y1 - y0) == pytest.approx((REFINE_MIN_SHARE * 400, REFINE_MIN_SHARE * 300))
+    # at a corner: shifted inside, never cut; a huge box: the whole image
+    assert refine_window((0, 0, 30, 30), 100, 100) == (0, 0, 60, 60)
+    assert refine_window((0, 0, 90, 100), 100, 100) == (0, 0, 100, 100)
+    # boxes outside the window draw nothing; inside, they draw where they lie
+    win = (50.0, 50.0, 150.0, 150.0)
+    assert window_map([(0, 0, 20, 20)], win).sum() == 0
+    inside = window_map([(0, 0, 20, 20), (100, 100, 150, 150)], win)
+    assert inside[14:, 14:].min() == 1.0 and inside[:14].sum() == 0 and inside[:, :14].sum() == 0
+
+
+def test_the_shipped_grounder_looks_again_closer_at_its_top_box(shared_datasets: Path) -> None:
+    """The shipped refiner replaces the coarse top box with its own, inside the window it
+    zoomed into; off, the coarse box stands (a SLAKE training slice, the liver)."""
+    from PIL import Image
+
+    from medloupe.mini import BUNDLED
+    from medloupe.mini.grounder import MiniGrounder, refine_window
+
+    image = shared_datasets / "slake/imgs/xmlab100/source.jpg"
+    if not image.is_file():
+        pytest.skip(f"{image} is not in this copy of ../shared")
+    rgb = np.asarray(Image.open(image).convert("RGB"))
+    h, w = rgb.shape[:2]
+    coarse = MiniGrounder(BUNDLED, refine=False).ground(rgb, "liver", "CT")
+    fine = MiniGrounder(BUNDLED).ground(rgb, "liver", "CT")
+    assert not coarse.refined and fine.refined and 0.0 < fine.confidence < 1.0
+    win = refine_window(coarse.boxes[0][0], w, h)
+    x0, y0, x1, y1 = fine.boxes[0][0]
+    assert win[0] - 1 <= x0 < x1 <= win[2] + 1 and win[1] - 1 <= y0 < y1 <= win[3] + 1
+    assert fine.boxes[1:] == coarse.boxes[1:]  # only the first box is looked at again
+
+
+@pytest.mark.slow
+def test_the_grounders_second_pass_is_part_of_the_second_look(
+    shared_datasets: Path, tmp_path: Path
+) -> None:
+    """Second look off (the ablation) means coarse boxes; on, the refined first box."""
+    from medloupe import ask
+
+    image = shared_datasets / "slake/imgs/xmlab100/source.jpg"
+    if not image.is_file():
+        pytest.skip(f"{image} is not in this copy of ../shared")
+    q = "Locate the liver in this CT image and give its bounding box."
+    methods = {}
+    for on in (True, False):
+        answer = ask(image, q, out=tmp_path / str(on), rethink=on)
+        assert answer.regions and not answer.abstained
+        trace = (tmp_path / str(on) / "trace.json").read_text()
+        methods[on] = "refined by a zoomed second pass" in trace
+    assert methods == {True: True, False: False}

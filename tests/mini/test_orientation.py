@@ -14,8 +14,8 @@ from PIL import Image
 from medloupe.evaluation.scoring import iou
 from medloupe.mini import BUNDLED
 from medloupe.mini.grounder import MiniGrounder
-from medloupe.mini.orientation import d4, d4_inverse
-from medloupe.mini.tool import centre, relation_from_question
+from medloupe.mini.orientation import d4, d4_box, d4_inverse
+from medloupe.tools.position import centre, relation_from_question
 
 
 @pytest.mark.parametrize("k", range(8))
@@ -23,6 +23,22 @@ def test_each_d4_element_is_undone_by_its_inverse(k: int) -> None:
     a = np.arange(2 * 3 * 3).reshape(2, 3, 3)  # not square: rotations swap the axes
     assert np.array_equal(d4(d4(a, k), d4_inverse(k)), a)
     assert len({d4(np.arange(6).reshape(2, 3), j).tobytes() + bytes(j >= 4) for j in range(8)}) == 8
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_a_box_follows_its_pixels_under_each_d4_element(k: int) -> None:
+    """``d4_box`` puts a normalised box where ``d4`` puts its pixels (a 60x40 array: the
+    rotations swap the axes)."""
+    h, w = 40, 60
+    x0, y0, x1, y1 = 6, 4, 30, 16  # pixels
+    mask = np.zeros((h, w), bool)
+    mask[y0:y1, x0:x1] = True
+    moved = d4(mask, k)
+    ys, xs = np.nonzero(moved)
+    mh, mw = moved.shape
+    got = d4_box((x0 / w, y0 / h, x1 / w, y1 / h), k)
+    want = (xs.min() / mw, ys.min() / mh, (xs.max() + 1) / mw, (ys.max() + 1) / mh)
+    assert np.allclose(got, want), (k, got, want)
 
 
 @pytest.mark.parametrize(
