@@ -67,10 +67,10 @@ def main() -> None:
         context=machine(f"VLM {args.vlm or 'none'}, KB {args.kb or 'none'}"),
         note=(
             "Every item is a fresh run (its own thread, registry and trace). Abstentions count "
-            "as wrong in `accuracy`; `answered` leaves them out. Without a VLM the graph answers "
-            "only what its instruments state outright (here: white-cell counts and boxes), so most "
-            "items are abstentions by design. Data: ../shared/datasets/dev.jsonl (see each source's "
-            "licence)."
+            "as wrong in `accuracy`; `answered` leaves them out. Without a VLM (the default here; "
+            "`--vlm mini:` for medloupe-mini) the graph answers only what its instruments state "
+            "outright (white-cell counts, grounder boxes, markers), so most items abstain by "
+            "design. Data: ../shared/datasets/dev.jsonl (see each source's licence)."
         ),
     )
     if tmp is not None:
