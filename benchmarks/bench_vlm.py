@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -122,6 +123,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model_dir = Path(args.model) if args.model else build_tiny_qwen2_5_vl(tmp / "tiny")
+        text = json.loads((model_dir / "config.json").read_text()).get("text_config") or {}
+        shape = (
+            f"{text.get('num_hidden_layers', '?')} layers, hidden {text.get('hidden_size', '?')}"
+        )
         store = ArtifactStore(tmp / "store")
         local = TransformersBackend(str(model_dir), device=args.device)
 
@@ -226,7 +231,7 @@ def main() -> None:
         columns=("measure", "result", "goal"),
         context=machine(f"model on {device}{gpu_name()}"),
         note=(
-            "The tiny model (2 layers, hidden 64) makes generation cheap, so the HTTP share is "
+            f"The tiny model ({shape}) makes generation cheap, so the HTTP share is "
             "shown at its largest; with a real 3B-7B model the same fixed per-request cost is a "
             "far smaller fraction. Generation is serialised per model, so requests/s stays flat "
             "as clients are added while p95 latency grows with the queue."
