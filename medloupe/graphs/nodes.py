@@ -364,10 +364,8 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
         )
     withheld = withheld_reason(state["question"], state.get("targets", []), decision.withheld)
     if decision.withheld and withheld is None:
-        notes.append(
-            f"the second look withheld its answer for a reason that names nothing the "
-            f"question asks about ({decision.withheld[:80]!r}); ignored"
-        )
+        notes.append(f"the second look withheld its answer for a reason that names nothing the "
+                     f"question asks about ({decision.withheld[:80]!r}); ignored")
     decision = decision.model_copy(update={"withheld": withheld})
     rnd = RethinkRound(
         round=step,
@@ -404,10 +402,7 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
 
 
 def second_look(
-    state: State,
-    model: str,
-    step: int,
-    decision: RethinkDecision,
+    state: State, model: str, step: int, decision: RethinkDecision,
     boxes: list[tuple[float, float, float, float]],
     crop_ids: list[str],
 ) -> Evidence:

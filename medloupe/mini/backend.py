@@ -70,14 +70,13 @@ def presence_name(target: str) -> str:
     "lung")."""
     return target.lower().removeprefix("left ").removeprefix("right ")
 
-
 # on relative-position questions the answerer, trained on upright slices, was below chance
-# (MIRP rotates and flips slices): the grounder's boxes decide, or the answer abstains
+# (MIRP rotates and flips slices): the grounder's or find_markers' boxes decide, or the
+# answer abstains
 RELATIVE_NOTE = (
     "medloupe-mini does not judge relative positions from the whole image: the boxes of both "
     "structures or markers (the grounder's, find_markers') decide"
 )
-
 
 class MiniBackend(VLMBackend):
     """The answerer of ``folder`` behind the VLM backend contract."""

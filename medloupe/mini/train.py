@@ -461,7 +461,6 @@ def orientation_line(meta: dict[str, Any] | None) -> str:
         f"; out of fold ({meta['folds']} folds by image): {figures}"
     )
 
-
 def fit_temperature(logits: Any, labels: Any) -> float:
     """The temperature minimising the negative log-likelihood of ``labels`` (LBFGS, log-space)."""
     import torch
