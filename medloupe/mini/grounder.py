@@ -219,6 +219,20 @@ def in_window(
     return (box[0] - window[0], box[1] - window[1], box[2] - window[0], box[3] - window[1])
 
 
+def from_window(
+    box: tuple[float, float, float, float], window: tuple[float, float, float, float]
+) -> tuple[float, float, float, float]:
+    """``box`` (normalised ``[0, 1]`` XYXY of ``window``'s crop, as :func:`decode` gives it) in
+    the pixels of the image."""
+    ww, wh = window[2] - window[0], window[3] - window[1]
+    return (
+        window[0] + box[0] * ww,
+        window[1] + box[1] * wh,
+        window[0] + box[2] * ww,
+        window[1] + box[3] * wh,
+    )
+
+
 @dataclass
 class Grounding:
     """What the grounder found: the label it matched, the modality it assumed, and boxes
@@ -243,12 +257,11 @@ class UnknownTarget(ValueError):
 
 
 class MiniGrounder:
-    """Loads a trained grounder folder on first use (thread-safe). ``refine``: run the second,
-    zoomed pass where the folder has a refiner (off: the coarse boxes alone)."""
+    """Loads a trained grounder folder on first use (thread-safe), with its refiner (the
+    second, zoomed pass) where the folder has one."""
 
-    def __init__(self, folder: str | Path, *, refine: bool = True) -> None:
+    def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.refine = refine
         self._lock = threading.Lock()
         self._meta: dict[str, Any] | None = None
         self._loaded: tuple[Any, Any, Any, np.ndarray] | None = None
@@ -290,7 +303,7 @@ class MiniGrounder:
                 priors = state.pop("priors").float().numpy()
                 head.load_state_dict(state)
                 self._loaded = (build_backbone(), head.eval(), TextEmbedder(), priors)
-                if self.refine and (self.folder / "refiner.pt").is_file():
+                if (self.folder / "refiner.pt").is_file():
                     rmeta = json.loads((self.folder / "refiner.json").read_text(encoding="utf-8"))
                     refiner = build_head(meta["in_ch"], meta["cond_dim"], meta["hidden"])
                     refiner.load_state_dict(
@@ -334,9 +347,9 @@ class MiniGrounder:
         refine: bool = True,
     ) -> Grounding:
         """Find ``target`` in ``rgb`` (``(H, W, 3)`` uint8 RGB); ``modality`` is one of
-        :data:`MODALITIES` or ``None`` (unknown). Boxes are XYXY pixels of ``rgb``. ``refine``
-        (and the grounder's own ``refine``): look again closer at the top box where a refiner
-        is shipped."""
+        :data:`MODALITIES` or ``None`` (unknown). Boxes are XYXY pixels of ``rgb``. ``refine``:
+        look again closer at the top box where the folder has a refiner (off: the coarse boxes
+        alone)."""
         import torch
 
         from medloupe.knowledge_base.backbone import preprocess
@@ -398,21 +411,12 @@ class MiniGrounder:
         h, w = view.shape[:2]
         coarse = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
         win = refine_window(coarse, w, h)
-        ww, wh = win[2] - win[0], win[3] - win[1]
-        prior = box_map([in_window(coarse, win)], ww, wh)
+        prior = box_map([in_window(coarse, win)], win[2] - win[0], win[3] - win[1])
         with torch.inference_mode():
             feats = backbone.pyramid(torch.from_numpy(preprocess(crop_window(view, win)))[None])
             logits = refiner(feats, torch.from_numpy(cond)[None], torch.from_numpy(prior)[None])
         top = decode(torch.sigmoid(logits)[0].numpy(), float(rmeta["threshold"]), 1)
         if not top:
             return None
-        (bx0, by0, bx1, by1), score = top[0]
-        return (
-            (
-                (win[0] + bx0 * ww) / w,
-                (win[1] + by0 * wh) / h,
-                (win[0] + bx1 * ww) / w,
-                (win[1] + by1 * wh) / h,
-            ),
-            score,
-        )
+        x0, y0, x1, y1 = from_window(top[0][0], win)
+        return (x0 / w, y0 / h, x1 / w, y1 / h), top[0][1]

@@ -38,6 +38,7 @@ from medloupe.mini.grounder import (
     condition,
     crop_window,
     decode,
+    from_window,
     in_window,
     refine_window,
 )
@@ -379,7 +380,7 @@ def train_refiner(
     rng = np.random.default_rng(seed)
     folder = Path(folder)
     examples = every_kth(grounding_examples(datasets), max_examples)
-    coarse = MiniGrounder(folder, refine=False)
+    coarse = MiniGrounder(folder)
     meta = coarse.meta
     labels = sorted({e.label for e in examples})
     text = TextEmbedder()
@@ -492,7 +493,7 @@ def _held_out_windows(
     crops, priors, rows, peaks = [], [], [], []
     for e in hold:
         pixels = _rgb(e.image)
-        found = coarse.ground(pixels, e.label, e.modality, 1)
+        found = coarse.ground(pixels, e.label, e.modality, 1, refine=False)
         if not found.boxes:
             continue
         box, peak = found.boxes[0]
@@ -512,11 +513,7 @@ def _refined_hits(
     got, scores = [], []
     for prob, (e, box, win) in zip(probs, rows, strict=True):
         top = decode(prob, threshold, 1)
-        answer = box
-        if top:
-            (bx0, by0, bx1, by1), _ = top[0]
-            ww, wh = win[2] - win[0], win[3] - win[1]
-            answer = (win[0] + bx0 * ww, win[1] + by0 * wh, win[0] + bx1 * ww, win[1] + by1 * wh)
+        answer = from_window(top[0][0], win) if top else box
         got.append(max(iou(answer, t) for t in e.boxes) >= 0.5)
         scores.append(top[0][1] if top else 0.0)
     return got, scores

@@ -330,8 +330,9 @@ def test_the_shipped_grounder_looks_again_closer_at_its_top_box(shared_datasets:
         pytest.skip(f"{image} is not in this copy of ../shared")
     rgb = np.asarray(Image.open(image).convert("RGB"))
     h, w = rgb.shape[:2]
-    coarse = MiniGrounder(BUNDLED, refine=False).ground(rgb, "liver", "CT")
-    fine = MiniGrounder(BUNDLED).ground(rgb, "liver", "CT")
+    grounder = MiniGrounder(BUNDLED)
+    coarse = grounder.ground(rgb, "liver", "CT", refine=False)
+    fine = grounder.ground(rgb, "liver", "CT")
     assert not coarse.refined and fine.refined and 0.0 < fine.confidence < 1.0
     win = refine_window(coarse.boxes[0][0], w, h)
     x0, y0, x1, y1 = fine.boxes[0][0]
