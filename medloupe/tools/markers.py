@@ -220,16 +220,14 @@ def locate_markers(
     OCR misses at 1x are looked for again :data:`ZOOM` times enlarged.
 
     Raises:
-        ValueError: a label is asked for and OCR is not installed (the message says how).
+        medloupe.errors.ToolUnavailableError: a label is asked for and OCR is not installed
+            (:meth:`OcrEngine.read` says what to install).
     """
     hits_of: dict[Marker, list[tuple[Box, float]]] = {
         m: [(b, float(n)) for b, n in find_dots(rgb, m.value)] for m in wanted if m.kind == "colour"
     }
     labels = [m for m in wanted if m.kind == "label"]
     if labels:
-        ocr = engine.installed()
-        if not ocr.ok:
-            raise ValueError(f"labels {[m.value for m in labels]} need OCR: {ocr.reason}")
         lines = read_lines(engine, rgb, zoomed=False)
         hits_of.update({m: find_labels(lines, m.value) for m in labels})
         if any(not hits_of[m] for m in labels) and max(rgb.shape[:2]) <= MAX_ZOOM_SIDE:
@@ -345,12 +343,11 @@ class FindMarkersTool(Tool):
             return None
         a, rel, b = relation
         for e in reversed(successful(evidence, self.name)):
-            got = {
-                (m.get("kind"), str(m.get("marker")).lower() if m.get("kind") == "colour"
-                 else str(m.get("marker")).upper()): m
+            got = {  # run() reports each marker as parsed: colours lower, labels upper case
+                (m.get("kind"), m.get("marker")): m
                 for m in (e.output or {}).get("markers", [])
                 if m.get("box_xyxy") is not None
-            }  # fmt: skip
+            }
             ma, mb = got.get((a.kind, a.value)), got.get((b.kind, b.value))
             if ma is None or mb is None:
                 continue
