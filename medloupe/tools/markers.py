@@ -122,12 +122,18 @@ def hue_saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return hue.astype(np.float32), sat.astype(np.float32), mx.astype(np.float32)
 
 
-def find_dots(rgb: np.ndarray, colour: str) -> list[tuple[Box, int]]:
+def find_dots(
+    rgb: np.ndarray,
+    colour: str,
+    *,
+    hsv: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> list[tuple[Box, int]]:
     """Blobs of ``colour`` (a :data:`HUES` name) in ``(H, W, 3)`` uint8 RGB: ``(XYXY pixel box,
-    pixel count)``, largest first, each of at least :data:`MIN_DOT_PIXELS` pixels."""
+    pixel count)``, largest first, each of at least :data:`MIN_DOT_PIXELS` pixels. ``hsv``:
+    :func:`hue_saturation_value` of ``rgb`` when already computed (several colours, one image)."""
     from scipy import ndimage as ndi
 
-    hue, sat, val = hue_saturation_value(rgb)
+    hue, sat, val = hsv if hsv is not None else hue_saturation_value(rgb)
     mask = np.zeros(hue.shape, bool)
     for lo, hi in HUES[colour]:
         mask |= (hue >= lo) & (hue < hi)
@@ -223,8 +229,10 @@ def locate_markers(
         medloupe.errors.ToolUnavailableError: a label is asked for and OCR is not installed
             (:meth:`OcrEngine.read` says what to install).
     """
+    colours = [m for m in wanted if m.kind == "colour"]
+    hsv = hue_saturation_value(rgb) if colours else None
     hits_of: dict[Marker, list[tuple[Box, float]]] = {
-        m: [(b, float(n)) for b, n in find_dots(rgb, m.value)] for m in wanted if m.kind == "colour"
+        m: [(b, float(n)) for b, n in find_dots(rgb, m.value, hsv=hsv)] for m in colours
     }
     labels = [m for m in wanted if m.kind == "label"]
     if labels:
