@@ -4,8 +4,10 @@ A small heatmap head over frozen EfficientNet-Lite0 features (the stride-8/16/32
 outputs on a 28x28 grid for the 224x224 input), conditioned on the target (its MiniLM
 embedding and the modality, by feature-wise modulation) and fed the mean box map of that
 (target, modality) in training as a prior channel. The heatmap is thresholded and each
-connected component becomes a box, scored by its peak; the top box's score is mapped to the
-chance that it overlaps the truth with IoU >= 0.5 (fitted on held-out training images).
+connected component becomes a box, scored by its peak; the top box is given the chance that
+it overlaps the truth with IoU >= 0.5 by a logistic map of its peak(s), its size and the
+modality (:func:`calibration_features`, fitted on held-out training images: a small box on an
+X-ray is a far worse bet than a large one on a CT at the same peak).
 
 Coarse to fine: the top box is then looked at again, closer. A window around it
 (:func:`refine_window`) is cropped, zoomed to the backbone's input and given to a second head
@@ -90,6 +92,13 @@ def normalise_target(phrase: str) -> str:
     text = re.sub(r"\s+", " ", text).strip()
     text = re.sub(r"^(the|a|an) ", "", text)
     return SYNONYMS.get(text, text)
+
+
+def side_of(text: str) -> str | None:
+    """``"left"`` or ``"right"`` when a lower-case phrase names one side only, else ``None``."""
+    words = set(text.split())
+    sides = words & {"left", "right"}
+    return sides.pop() if len(sides) == 1 else None
 
 
 def box_map(
@@ -190,6 +199,38 @@ def decode(
     return boxes[:max_boxes]
 
 
+def calibration_features(
+    coarse_peak: float,
+    box: tuple[float, float, float, float],
+    modality: str | None,
+    refined_peak: float | None = None,
+) -> dict[str, float]:
+    """What the hit probability of the top box is read from: the coarse pass's peak, the
+    refiner's (where it ran), the log of the box's share of the image (``box`` normalised
+    XYXY) and the modality (one of :data:`MODALITIES`, or ``None``: unknown), one-hot."""
+    share = max((box[2] - box[0]) * (box[3] - box[1]), 1e-4)
+    features = {"coarse_peak": float(coarse_peak), "log_area": float(np.log(share))}
+    if refined_peak is not None:
+        features["refined_peak"] = float(refined_peak)
+    for m in (*MODALITIES, None):
+        features[f"modality={m or 'unknown'}"] = float(modality == m)
+    return features
+
+
+def hit_probability(calibration: dict[str, Any] | list[float], features: dict[str, float]) -> float:
+    """The calibrated chance of a hit: ``sigmoid(bias + sum(weight * feature))`` over the
+    features ``calibration`` names (``grounder.json`` / ``refiner.json``; a bare ``[a, b]``, as
+    folders trained before the features existed hold, is ``a * coarse_peak + b``)."""
+    if isinstance(calibration, list):
+        a, b = calibration
+        calibration = {"features": ["coarse_peak"], "weights": [a], "bias": b}
+    z = float(calibration["bias"]) + sum(
+        float(w) * features[name]
+        for name, w in zip(calibration["features"], calibration["weights"], strict=True)
+    )
+    return float(1.0 / (1.0 + np.exp(-z)))
+
+
 def refine_window(
     box: tuple[float, float, float, float], width: float, height: float
 ) -> tuple[float, float, float, float]:
@@ -241,7 +282,7 @@ class Grounding:
     D4 element (:mod:`medloupe.mini.orientation`) the slice was found displayed under and
     grounded back from (0: as displayed), with the estimate's probability (``None``: not
     estimated). ``refined``: the first box is the second, zoomed pass's (its score the
-    refiner's peak; ``confidence`` the refiner's calibration, of the peak it was fitted on)."""
+    refiner's peak; ``confidence`` the refiner's calibration, :func:`hit_probability`)."""
 
     label: str
     modality: str | None
@@ -316,7 +357,8 @@ class MiniGrounder:
 
     def match(self, phrase: str) -> str:
         """The trained label for a target phrase: exact (case, articles, synonyms folded), else
-        the nearest label by MiniLM similarity when it is close enough.
+        the nearest label by MiniLM similarity when it is close enough, never one of the other
+        side ("right lung middle lobe" may be "Right Lung", never "Left Lung").
 
         Raises:
             UnknownTarget: nothing close; the message names the nearest labels.
@@ -325,8 +367,10 @@ class MiniGrounder:
         if exact:
             return exact
         _, _, text, _ = self._load()
-        labels = self.labels
-        vecs = text.encode([normalise_target(phrase), *(lab.lower() for lab in labels)])
+        key = normalise_target(phrase)
+        side = side_of(key)
+        labels = [lab for lab in self.labels if side_of(lab.lower()) in (None, side)]
+        vecs = text.encode([key, *(lab.lower() for lab in labels)])
         sims = vecs[1:] @ vecs[0]
         order = np.argsort(-sims)
         if sims[order[0]] >= float(self.meta.get("match_similarity", 0.75)):
@@ -334,7 +378,7 @@ class MiniGrounder:
         near = ", ".join(repr(labels[int(i)]) for i in order[:3])
         raise UnknownTarget(
             f"the grounder was not trained to find {phrase!r}; nearest targets it knows: {near} "
-            f"(all {len(labels)}: see grounder.json)"
+            f"(all {len(self.labels)}: see grounder.json)"
         )
 
     def ground(
@@ -376,23 +420,25 @@ class MiniGrounder:
             logits = head(feats, torch.from_numpy(cond)[None], torch.from_numpy(prior)[None])
         prob = torch.sigmoid(logits)[0].numpy()
         found = decode(prob, float(meta["threshold"]), max_boxes)  # in the view, [0, 1]
-        calibration, peak = meta["calibration"], found[0][1] if found else 0.0
-        refined = False
+        calibration, coarse_peak = meta["calibration"], found[0][1] if found else 0.0
+        refined_peak, refined = None, False
         if found and refine and self._refiner is not None:
             better = self._refine(view, found[0][0], cond)
             if better is not None:
-                rmeta = self._refiner[1]
-                calibration = rmeta["calibration"]
-                if rmeta.get("calibrated_on") == "refined":
-                    peak = better[1]
-                found[0], refined = better, True
+                calibration = self._refiner[1]["calibration"]
+                found[0], refined_peak, refined = better, better[1], True
+        confidence = (
+            hit_probability(
+                calibration, calibration_features(coarse_peak, found[0][0], mod, refined_peak)
+            )
+            if found
+            else 0.0
+        )
         h, w = rgb.shape[:2]
         boxes = []
         for b, s in found:  # back to the image as shown, in pixels
             x0, y0, x1, y1 = d4_box(b, k) if k else b
             boxes.append(((x0 * w, y0 * h, x1 * w, y1 * h), s))
-        a, c = calibration
-        confidence = float(1.0 / (1.0 + np.exp(-(a * peak + c)))) if boxes else 0.0
         return Grounding(label, mod, boxes, confidence, k, k_prob, refined)
 
     def _refine(

@@ -26,7 +26,7 @@ from medloupe.mini.answerer import FORMAT, build_head, plain_yes_no
 from medloupe.mini.data import Example, every_kth, fold, held_out, training_examples
 from medloupe.mini.features import Progress, image_features
 from medloupe.mini.orientation import train_orientation
-from medloupe.mini.train_grounder import train_grounder, train_refiner
+from medloupe.mini.train_grounder import calibrate_grounder, train_grounder, train_refiner
 
 log = logging.getLogger(__name__)
 ANSWERER_FILES = ("answerer.pt", "yesno.pt", "answerer.json")
@@ -317,6 +317,10 @@ def train_mini(
             max_slices=None if max_examples is None else max(10, max_examples // 8),
             on_progress=on_progress,
         )
+        calibration = calibrate_grounder(datasets, tmp, max_examples=max_examples)
+        grounder["calibration"] = calibration["coarse"]
+        if "refined" in calibration:
+            grounder["refiner"]["calibration"] = calibration["refined"]
         (Path(tmp) / "MODEL_CARD.md").write_text(model_card(answerer, grounder), encoding="utf-8")
         for f in (*ANSWERER_FILES, *GROUNDER_FILES, "MODEL_CARD.md"):
             shutil.move(str(Path(tmp) / f), str(folder / f))
@@ -380,8 +384,8 @@ use only; not a medical device.**
   convolutions -> a 28x28 heatmap; BCE + soft Dice on box maps, AdamW (lr 2e-3, weight decay
   1e-3), batch 32, seed {grounder["seed"]}, modality hidden on a fifth of the samples; epoch
   {grounder["epochs"]} and threshold {grounder["threshold"]} chosen on held-out images; boxes
-  are the connected components of the thresholded heatmap; the top box's peak is mapped to a
-  hit probability by a logistic fit on the held-out images.
+  are the connected components of the thresholded heatmap; the top box's hit probability is
+  {calibration_line(grounder["calibration"])}.
 - Data: {gd["splits"]}: {gd["train_targets"]} training and {gd["held_out_targets"]} held-out
   targets on {gd["images"]} images ({", ".join(f"{k} {v}" for k, v in gd["sources"].items())}).
 - Held-out hit rate (IoU >= 0.5 of the top box): {gh["hit_rate_iou50"]:.3f} ({by_source});
@@ -439,10 +443,39 @@ def refiner_line(meta: dict[str, Any] | None) -> str:
         f"({j['windows_per_target']} per training target around its true box, centre moved by "
         f"{j['shift_sd']:g} box sizes, sides scaled {j['scale'][0]:g}-{j['scale'][1]:g}x), epoch "
         f"{meta['epochs']} and threshold {meta['threshold']} chosen on held-out images, the "
-        f"refined box's hit probability a logistic fit of the "
-        f"{meta.get('calibrated_on', 'refined')} pass's peak (the lower held-out ECE); "
-        f"{figures}."
+        f"refined box's hit probability {calibration_line(meta['calibration'])}; {figures}."
     )
+
+
+def calibration_line(calibration: dict[str, Any] | list[float]) -> str:
+    """The model card's words for a hit-probability calibration (``grounder.json`` /
+    ``refiner.json``)."""
+    if isinstance(calibration, list):
+        return "a logistic fit of the coarse peak on the held-out images"
+    fitted = calibration.get("fitted_on")
+    names = [_FEATURE_WORDS[f] for f in calibration["features"] if f in _FEATURE_WORDS]
+    if any(f.startswith("modality=") for f in calibration["features"]):
+        names.append("the modality")
+    words = "a logistic map of " + (
+        f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+    )
+    if not fitted:
+        return words
+    losses = fitted["cv_log_loss"]
+    peak_only = losses.get("coarse_peak")
+    chosen = losses.get("+".join(calibration["features"]))
+    return (
+        f"{words}, chosen among {len(losses)} feature sets by cross-validated log loss on "
+        f"{fitted['held_out_targets']} held-out targets as the pipeline runs them "
+        f"({chosen:.3f}; the coarse peak alone {peak_only:.3f})"
+    )
+
+
+_FEATURE_WORDS = {
+    "coarse_peak": "the coarse peak",
+    "refined_peak": "the refined peak",
+    "log_area": "the box's log share of the image",
+}
 
 
 def orientation_line(meta: dict[str, Any] | None) -> str:

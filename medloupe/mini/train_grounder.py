@@ -35,6 +35,7 @@ from medloupe.mini.grounder import (
     MiniGrounder,
     box_map,
     build_head,
+    calibration_features,
     condition,
     crop_window,
     decode,
@@ -142,7 +143,7 @@ def train_grounder(
     probs = held_probs()
     threshold, rate = _best_threshold(probs, hits)
     got, scores = hits(probs, threshold)
-    calibration = fit_platt(np.array(scores), np.array(got, np.float64))
+    calibration = peak_calibration(np.array(scores), np.array(got, np.float64))
     prior_only = float(np.mean(hits(priors_for_rows(examples, hold_idx, priors, li), threshold)[0]))
     held_sources = [examples[i].source for i in hold_idx]
     by_source = {
@@ -300,27 +301,144 @@ def priors_for_rows(
     )
 
 
-def fit_platt(scores: np.ndarray, hit: np.ndarray) -> list[float]:
-    """``[a, b]`` with ``P(hit) = sigmoid(a * score + b)`` (logistic fit, lightly regularised)."""
+def fit_logistic(x: np.ndarray, hit: np.ndarray) -> tuple[list[float], float]:
+    """``(weights, bias)`` with ``P(hit) = sigmoid(x @ weights + bias)`` for ``x`` ``(N, F)``
+    (logistic fit, weights lightly L2-regularised)."""
     import torch
 
-    if len(scores) == 0:
-        return [0.0, 0.0]
-    s = torch.from_numpy(scores.astype(np.float32))
+    if len(x) == 0:
+        return [0.0] * x.shape[1], 0.0
+    xs = torch.from_numpy(x.astype(np.float32))
     y = torch.from_numpy(hit.astype(np.float32))
-    w = torch.zeros(2, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=0.5, max_iter=200)
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=0.5, max_iter=200)
 
     def closure() -> Any:
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(w[0] * s + w[1], y)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w + b, y)
         loss = loss + 1e-3 * (w**2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    a, b = w.detach().tolist()
-    return [float(a), float(b)]
+    return [float(v) for v in w.detach().tolist()], float(b.item())
+
+
+def peak_calibration(scores: np.ndarray, hit: np.ndarray) -> dict[str, Any]:
+    """The calibration of the coarse peak alone (what :func:`train_grounder` can fit before
+    the orientation estimate and the refiner exist; :func:`calibrate_grounder` replaces it)."""
+    weights, bias = fit_logistic(scores[:, None], hit)
+    return {"features": ["coarse_peak"], "weights": weights, "bias": bias}
+
+
+MODALITY_FEATURES = tuple(f"modality={m}" for m in (*MODALITIES, "unknown"))
+COARSE_CANDIDATES: tuple[tuple[str, ...], ...] = (
+    ("coarse_peak",),
+    ("coarse_peak", "log_area"),
+    ("coarse_peak", "log_area", *MODALITY_FEATURES),
+)
+REFINED_CANDIDATES: tuple[tuple[str, ...], ...] = (
+    *COARSE_CANDIDATES,
+    ("refined_peak",),
+    ("coarse_peak", "refined_peak", "log_area", *MODALITY_FEATURES),
+)
+CALIBRATION_FOLDS, CALIBRATION_REPEATS = 5, 5
+
+
+def choose_calibration(
+    rows: list[dict[str, float]],
+    hit: np.ndarray,
+    candidates: tuple[tuple[str, ...], ...],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Of the candidate feature sets (names of :func:`grounder.calibration_features`), the
+    one whose logistic map has the lowest cross-validated log loss (a proper score) on the
+    held-out targets ``rows`` with their hits; refitted on all of them. Returns the
+    calibration (``features``, ``weights``, ``bias``) with each candidate's log loss."""
+    rng = np.random.default_rng(seed)
+    n = len(rows)
+    folds = [rng.permutation(n) % CALIBRATION_FOLDS for _ in range(CALIBRATION_REPEATS)]
+    losses: dict[tuple[str, ...], float] = {}
+    for names in candidates:
+        x = np.array([[r[name] for name in names] for r in rows], np.float64).reshape(n, -1)
+        total = 0.0
+        for fold in folds:
+            for k in range(CALIBRATION_FOLDS):
+                test = fold == k
+                if test.all() or not test.any():
+                    continue
+                w, b = fit_logistic(x[~test], hit[~test])
+                p = np.clip(1.0 / (1.0 + np.exp(-(x[test] @ np.array(w) + b))), 1e-6, 1 - 1e-6)
+                y = hit[test]
+                total -= float(np.sum(y * np.log(p) + (1 - y) * np.log(1 - p)))
+        losses[names] = total / max(n * CALIBRATION_REPEATS, 1)
+    best = min(candidates, key=lambda names: losses[names])
+    x = np.array([[r[name] for name in best] for r in rows], np.float64).reshape(n, -1)
+    weights, bias = fit_logistic(x, hit)
+    return {
+        "features": list(best),
+        "weights": weights,
+        "bias": bias,
+        "fitted_on": {
+            "held_out_targets": n,
+            "hit_rate": float(np.mean(hit)) if n else None,
+            "cv_log_loss": {"+".join(k): round(v, 4) for k, v in losses.items()},
+        },
+    }
+
+
+def calibrate_grounder(
+    datasets: str | Path, folder: str | Path, *, max_examples: int | None = None
+) -> dict[str, Any]:
+    """Fit the hit probabilities of the grounder in ``folder`` as it runs at inference
+    (orientation estimate, coarse pass, refiner) on the held-out training targets: the coarse
+    box's (``grounder.json``) and, where the folder has a refiner, the refined box's
+    (``refiner.json``), each by :func:`choose_calibration`. Both files are rewritten with
+    their new ``calibration``; returns ``{"coarse": ..., "refined": ...}``."""
+    folder = Path(folder)
+    examples = every_kth(grounding_examples(datasets), max_examples)
+    hold = [e for e in examples if held_out(e.image, HELD_OUT_FRACTION)]
+    grounder = MiniGrounder(folder)
+    coarse_rows: list[dict[str, float]] = []
+    coarse_hit: list[bool] = []
+    refined_rows: list[dict[str, float]] = []
+    refined_hit: list[bool] = []
+    for e in hold:
+        pixels = _rgb(e.image)
+        first = grounder.ground(pixels, e.label, e.modality, 1, refine=False)
+        if not first.boxes:
+            continue
+        box, peak = first.boxes[0]
+        coarse_rows.append(calibration_features(peak, _normalised(box, e), e.modality))
+        coarse_hit.append(max(iou(box, t) for t in e.boxes) >= 0.5)
+        second = grounder.ground(pixels, e.label, e.modality, 1, refine=True)
+        if second.refined:
+            rbox, rpeak = second.boxes[0]
+            refined_rows.append(calibration_features(peak, _normalised(rbox, e), e.modality, rpeak))
+            refined_hit.append(max(iou(rbox, t) for t in e.boxes) >= 0.5)
+    out: dict[str, Any] = {}
+    meta_path = folder / "grounder.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    out["coarse"] = meta["calibration"] = choose_calibration(
+        coarse_rows, np.array(coarse_hit, np.float64), COARSE_CANDIDATES
+    )
+    meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    refiner_path = folder / "refiner.json"
+    if refiner_path.is_file():
+        rmeta = json.loads(refiner_path.read_text(encoding="utf-8"))
+        rmeta.pop("calibrated_on", None)
+        out["refined"] = rmeta["calibration"] = choose_calibration(
+            refined_rows, np.array(refined_hit, np.float64), REFINED_CANDIDATES
+        )
+        refiner_path.write_text(json.dumps(rmeta, indent=2), encoding="utf-8")
+    return out
+
+
+def _normalised(
+    box: tuple[float, float, float, float], e: BoxExample
+) -> tuple[float, float, float, float]:
+    return (box[0] / e.width, box[1] / e.height, box[2] / e.width, box[3] / e.height)
 
 
 def jittered(
@@ -390,7 +508,7 @@ def train_refiner(
     feats = image_features(crops, pyramid=True, stage="refiner windows", on_progress=on_progress)
     del crops
     hold = [e for e in examples if held_out(e.image, HELD_OUT_FRACTION)]
-    held_crops, held_priors, held_rows, coarse_scores = _held_out_windows(hold, coarse)
+    held_crops, held_priors, held_rows = _held_out_windows(hold, coarse)
     held_feats = image_features(held_crops, pyramid=True, stage="refiner held-out")
     del held_crops
 
@@ -434,11 +552,10 @@ def train_refiner(
         on_progress,
     )
     threshold, _ = _best_threshold(held_probs(), hits)
-    got, scores = hits(held_probs(), threshold)
+    got, _ = hits(held_probs(), threshold)
     coarse_got = [max(iou(box, t) for t in e.boxes) >= 0.5 for e, box, _ in held_rows]
-    calibration = refiner_calibration(
-        np.array(coarse_scores), np.array(scores), np.array(got, np.float64)
-    )
+    # the coarse box's until calibrate_grounder fits the refined box's own
+    calibration = meta["calibration"]
     refiner_meta = _refiner_meta(
         held_rows,
         coarse_got,
@@ -487,22 +604,21 @@ def _training_windows(
 
 def _held_out_windows(
     hold: list[BoxExample], coarse: MiniGrounder
-) -> tuple[list[np.ndarray], list[np.ndarray], list[HeldWindow], list[float]]:
+) -> tuple[list[np.ndarray], list[np.ndarray], list[HeldWindow]]:
     """The window around the coarse pass's own top box of each held-out target it found:
-    the crops, the coarse box's map, ``(example, coarse box, window)`` and the coarse peak."""
-    crops, priors, rows, peaks = [], [], [], []
+    the crops, the coarse box's map and ``(example, coarse box, window)``."""
+    crops, priors, rows = [], [], []
     for e in hold:
         pixels = _rgb(e.image)
         found = coarse.ground(pixels, e.label, e.modality, 1, refine=False)
         if not found.boxes:
             continue
-        box, peak = found.boxes[0]
+        box = found.boxes[0][0]
         win = refine_window(box, e.width, e.height)
         crops.append(crop_window(pixels, win))
         priors.append(window_map([box], win))
         rows.append((e, box, win))
-        peaks.append(peak)
-    return crops, priors, rows, peaks
+    return crops, priors, rows
 
 
 def _refined_hits(
@@ -525,7 +641,7 @@ def _refiner_meta(
     got: list[bool],
     *,
     threshold: float,
-    calibration: tuple[list[float], str],
+    calibration: Any,
     seed: int,
     epochs: int,
     train_windows: int,
@@ -549,8 +665,7 @@ def _refiner_meta(
             "scale": list(REFINE_SCALE),
         },
         "threshold": threshold,
-        "calibration": calibration[0],
-        "calibrated_on": calibration[1],
+        "calibration": calibration,
         "seed": seed,
         "epochs": epochs,
         "train_windows": train_windows,
@@ -569,23 +684,3 @@ def _refiner_meta(
         },
         "train_seconds": train_seconds,
     }
-
-
-def refiner_calibration(
-    coarse: np.ndarray, refined: np.ndarray, hit: np.ndarray
-) -> tuple[list[float], str]:
-    """The logistic map from a peak to the refined box's hit probability, and which peak it
-    reads (``"coarse"``: the first pass's, which says whether the window holds the target;
-    ``"refined"``: the second pass's): whichever has the lower held-out ECE."""
-    from medloupe.evaluation.metrics import calibration
-
-    best: tuple[float, list[float], str] | None = None
-    for name, score in (("coarse", coarse), ("refined", refined)):
-        a, b = fit_platt(score, hit)
-        p = 1.0 / (1.0 + np.exp(-(a * score + b)))
-        rows = [{"confidence": float(c), "correct": bool(y)} for c, y in zip(p, hit, strict=True)]
-        ece = float(calibration(rows)["ece"]) if rows else 1.0
-        if best is None or ece < best[0]:
-            best = (ece, [a, b], name)
-    assert best is not None
-    return best[1], best[2]

@@ -200,7 +200,8 @@ def test_quick_training_run_is_seeded_and_loads(shared_datasets: Path, tmp_path:
     card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert "CC0 1.0" in card and "CC BY 4.0" in card and "test split" in card
     assert "grounder" in card and "hit rate" in card and "Orientation" in card
-    assert "Second look at the box" in card
+    assert "Second look at the box" in card and "cross-validated log loss" in card
+    assert "fitted_on" in ground_a["calibration"] and ground_a["calibration"]["features"]
     answerer = MiniAnswerer(tmp_path / "a")
     rgb = np.full((64, 64, 3), 90, np.uint8)
     p = answerer.predict(rgb, "Is there a mass in the left lung?")
@@ -315,6 +316,57 @@ def test_the_refine_window_zooms_around_the_box_inside_the_image() -> None:
     assert window_map([(0, 0, 20, 20)], win).sum() == 0
     inside = window_map([(0, 0, 20, 20), (100, 100, 150, 150)], win)
     assert inside[14:, 14:].min() == 1.0 and inside[:14].sum() == 0 and inside[:, :14].sum() == 0
+
+
+def test_hit_probability_reads_the_box_size_and_modality_it_was_chosen_on() -> None:
+    """Where hits depend on the box's size (small boxes miss at the same peak), the calibration
+    chosen by cross-validated log loss reads the size, and a small box gets a lower chance than
+    a large one; a legacy ``[a, b]`` calibration is the coarse peak's logistic map."""
+    from medloupe.mini.grounder import calibration_features, hit_probability
+    from medloupe.mini.train_grounder import COARSE_CANDIDATES, choose_calibration
+
+    rng = np.random.default_rng(0)
+    rows, hits = [], []
+    for _ in range(300):
+        side = float(rng.uniform(0.03, 0.6))
+        peak = float(rng.uniform(0.5, 1.0))
+        rows.append(calibration_features(peak, (0.1, 0.1, 0.1 + side, 0.1 + side), "CT"))
+        hits.append(rng.random() < (0.9 if side > 0.2 else 0.2))
+    cal = choose_calibration(rows, np.array(hits, np.float64), COARSE_CANDIDATES)
+    assert "log_area" in cal["features"]
+    losses = cal["fitted_on"]["cv_log_loss"]
+    assert losses["+".join(cal["features"])] < losses["coarse_peak"] - 0.1
+    small = hit_probability(cal, calibration_features(0.8, (0.1, 0.1, 0.15, 0.15), "CT"))
+    large = hit_probability(cal, calibration_features(0.8, (0.1, 0.1, 0.6, 0.6), "CT"))
+    assert small < 0.4 and large > 0.75
+    legacy = hit_probability([2.0, -1.0], calibration_features(0.75, (0, 0, 1, 1), None))
+    assert legacy == pytest.approx(1 / (1 + np.exp(-0.5)))
+
+
+def test_a_target_is_never_matched_to_the_other_side() -> None:
+    """A phrase the grounder has no label for is matched by similarity, but only to labels of
+    its own side (MIRP's "right lung middle lobe" once became "Left Lung")."""
+    from medloupe.mini import BUNDLED
+    from medloupe.mini.grounder import MiniGrounder, side_of
+
+    assert side_of("right lung middle lobe") == "right" and side_of("left and right") is None
+    grounder = MiniGrounder(BUNDLED)
+    assert grounder.match("right lung middle lobe") == "Right Lung"
+    assert grounder.match("the left lung's upper lobe") == "Left Lung"
+    assert grounder.match("Liver") == "Liver"
+
+
+def test_the_shipped_calibrations_read_what_the_grounder_provides() -> None:
+    """Both shipped calibrations (coarse and refined box) name only features
+    :func:`calibration_features` gives, and were fitted on the held-out targets."""
+    from medloupe.mini import BUNDLED
+    from medloupe.mini.grounder import calibration_features
+
+    given = set(calibration_features(0.5, (0, 0, 1, 1), "CT", refined_peak=0.5))
+    for name in ("grounder.json", "refiner.json"):
+        cal = json.loads((Path(BUNDLED) / name).read_text())["calibration"]
+        assert set(cal["features"]) <= given and len(cal["weights"]) == len(cal["features"])
+        assert cal["fitted_on"]["held_out_targets"] > 100
 
 
 def test_the_shipped_grounder_looks_again_closer_at_its_top_box(shared_datasets: Path) -> None:
