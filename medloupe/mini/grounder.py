@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from medloupe.mini.orientation import MODALITIES as ORIENTED
-from medloupe.mini.orientation import TRUST_AT, Orientation, d4, d4_box, d4_inverse
+from medloupe.mini.orientation import Orientation, d4, d4_box, d4_inverse
 
 GRID = 28
 DECODE = 112  # the heatmap is upsampled to this grid before thresholding
@@ -413,7 +413,6 @@ class MiniGrounder:
             feats = backbone.pyramid(torch.from_numpy(preprocess(rgb))[None])
             if mod in ORIENTED and self.orientation.available():
                 k, k_prob = self.orientation.estimate(feats)
-                k = k if k_prob >= TRUST_AT else 0
             if k:  # ground in the standard display the prior knows
                 view = d4(rgb, d4_inverse(k))
                 feats = backbone.pyramid(torch.from_numpy(preprocess(view))[None])

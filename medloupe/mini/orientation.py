@@ -9,9 +9,12 @@ shown, never from the atlas.
 
 A softmax regression over frozen EfficientNet-Lite0 stride-32 features pooled to a 4x4 grid
 (5,120 values, standardised), trained on every D4 transform of SLAKE's training CT and MR slices
-(none of its test split's, none of the dev set's). An estimate below :data:`TRUST_AT` is not
-used (the slice is taken as displayed). Files: ``orientation.pt`` (tensors) and
-``orientation.json`` (out-of-fold accuracy by modality, the data).
+(none of its test split's, none of the dev set's). Nearly every slice a clinic or a dataset
+shows is as displayed, so a slice is taken as displayed unless the estimate gives that less
+than ``keep_at`` (chosen out of fold: the largest of :data:`KEEP_GRID` that keeps at least
+:data:`KEEP_STANDARD` of the as-displayed slices of every modality as they are); below it the
+most probable element is used. Files: ``orientation.pt`` (tensors) and ``orientation.json``
+(``keep_at``, out-of-fold figures by modality, the data).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ log = logging.getLogger(__name__)
 
 POOL = 4
 STRIDE32 = slice(152, None)  # the stride-32 channels of the backbone's pyramid (40 + 112 + 320)
-TRUST_AT = 0.9  # out of fold on SLAKE CT: 0.99 accurate on the 72 % of slices it covers
+KEEP_GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+KEEP_STANDARD = 0.99  # share of as-displayed slices ``keep_at`` must leave as they are
+KEEP_AT = 0.05  # for a folder whose orientation.json predates ``keep_at``
 MODALITIES = ("CT", "MRI")
 FOLDS = 5
 L2 = 100.0  # inverse of sklearn's C = 0.01, chosen out of fold on SLAKE train (C 0.01 / 0.1)
@@ -124,6 +129,28 @@ def _predict(t: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
+def choose(probs: np.ndarray, keep_at: float) -> np.ndarray:
+    """``(N,)`` D4 elements from ``(N, 8)`` probabilities: 0 (as displayed) where its
+    probability is at least ``keep_at``, else the most probable element."""
+    return np.where(probs[:, 0] >= keep_at, 0, probs.argmax(1))
+
+
+def pick_keep_at(probs: np.ndarray, y: np.ndarray, mods: np.ndarray) -> float:
+    """The largest of :data:`KEEP_GRID` under which :func:`choose` leaves at least
+    :data:`KEEP_STANDARD` of the as-displayed slices (``y == 0``) of every modality as they
+    are (out-of-fold ``probs``; the smallest of the grid when none does)."""
+    best = KEEP_GRID[0]
+    for keep_at in KEEP_GRID:
+        kept = [
+            float(np.mean(choose(probs[(mods == m) & (y == 0)], keep_at) == 0))
+            for m in sorted(set(mods.tolist()))
+            if ((mods == m) & (y == 0)).any()
+        ]
+        if kept and min(kept) >= KEEP_STANDARD:
+            best = keep_at
+    return best
+
+
 def training_slices(datasets: str | Path) -> list[tuple[str, str]]:
     """``(image path, modality)`` of SLAKE's training CT and MR slices, leaving out every image
     its test split or ``dev.jsonl`` uses."""
@@ -179,18 +206,20 @@ def train_orientation(
     probs = np.zeros((len(y), 8), np.float32)
     for k in range(FOLDS):
         probs[groups == k] = _predict(fit_softmax(x[groups != k], y[groups != k]), x[groups == k])
-    pred, conf = probs.argmax(1), probs.max(1)
+    keep_at = pick_keep_at(probs, y, mods)
+    pred, chosen = probs.argmax(1), choose(probs, keep_at)
     held: dict[str, Any] = {}
     for mod in MODALITIES:
         sel = mods == mod
-        trusted = sel & (conf >= TRUST_AT)
+        if not sel.any():
+            held[mod] = {"slices": 0, "accuracy": None}
+            continue
+        turned = sel & (y != 0)
         held[mod] = {
             "slices": int(sel.sum() // 8),
-            "accuracy": round(float((pred[sel] == y[sel]).mean()), 4) if sel.any() else None,
-            "trusted_share": round(float(trusted.sum() / max(sel.sum(), 1)), 4),
-            "trusted_accuracy": round(float((pred[trusted] == y[trusted]).mean()), 4)
-            if trusted.any()
-            else None,
+            "accuracy": round(float((pred[sel] == y[sel]).mean()), 4),
+            "kept_as_displayed": round(float((chosen[sel & (y == 0)] == 0).mean()), 4),
+            "turned_found": round(float((chosen[turned] == y[turned]).mean()), 4),
         }
     tensors = fit_softmax(x, y)
     folder = Path(out)
@@ -200,7 +229,7 @@ def train_orientation(
         "format": "medloupe-mini-orientation/1",
         "features": "EfficientNet-Lite0 stride-32 stage, mean-pooled to 4x4 (5120 values)",
         "classes": list(NAMES),
-        "trust_at": TRUST_AT,
+        "keep_at": keep_at,
         "l2": L2,
         "data": "every D4 transform of SLAKE train-split CT and MR slices (none of the test "
         "split's, none of dev.jsonl's)",
@@ -214,12 +243,14 @@ def train_orientation(
 
 
 class Orientation:
-    """Loads ``orientation.pt`` from a medloupe-mini folder on first use (thread-safe)."""
+    """Loads ``orientation.pt`` (and ``keep_at`` from ``orientation.json``) from a
+    medloupe-mini folder on first use (thread-safe)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self._lock = threading.Lock()
         self._tensors: dict[str, np.ndarray] | None = None
+        self._keep_at = KEEP_AT
 
     def available(self) -> bool:
         return (self.folder / "orientation.pt").is_file()
@@ -232,6 +263,10 @@ class Orientation:
                 state = torch.load(
                     self.folder / "orientation.pt", map_location="cpu", weights_only=True
                 )
+                meta_path = self.folder / "orientation.json"
+                if meta_path.is_file():
+                    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                    self._keep_at = float(meta.get("keep_at", KEEP_AT))
                 self._tensors = {k: v.float().numpy() for k, v in state.items()}
             return self._tensors
 
@@ -239,7 +274,8 @@ class Orientation:
         """``(k, probability)`` from the backbone's pyramid of one slice (``(1, 472, G, G)``,
         as the grounder computes it): the D4 element the slice shows the standard display
         under (the slice is ``d4(standard, k)``; ``d4(slice, d4_inverse(k))`` is the standard
-        view), and the model's probability for it."""
-        p = _predict(self._load(), pooled(pyramid))[0]
-        k = int(p.argmax())
-        return k, float(p[k])
+        view), as :func:`choose` decides (0 unless "as displayed" is less likely than
+        ``keep_at``), and the model's probability for it."""
+        p = _predict(self._load(), pooled(pyramid))
+        k = int(choose(p, self._keep_at)[0])
+        return k, float(p[0, k])

@@ -483,11 +483,12 @@ def orientation_line(meta: dict[str, Any] | None) -> str:
     if not meta:
         return "nothing (no orientation model in this folder)"
     figures = "; ".join(
-        f"{mod} {v['slices']} slices: accuracy {v['accuracy']:.3f}, trusted (p >= "
-        f"{meta['trust_at']}) on {v['trusted_share']:.0%} of them with accuracy "
-        f"{v['trusted_accuracy']:.3f}"
+        f"{mod} {v['slices']} slices: accuracy {v['accuracy']:.3f}; a slice is taken as "
+        f"displayed unless that has p < {meta['keep_at']:g}, which keeps "
+        f"{v['kept_as_displayed']:.1%} of the as-displayed ones as they are and finds "
+        f"{v['turned_found']:.1%} of the turned or mirrored ones"
         for mod, v in meta["out_of_fold"].items()
-        if v.get("accuracy") is not None and v.get("trusted_accuracy") is not None
+        if v.get("accuracy") is not None and v.get("turned_found") is not None
     )
     return (
         f"a softmax regression over pooled EfficientNet-Lite0 features, trained on {meta['data']}"

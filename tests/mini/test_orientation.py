@@ -14,7 +14,7 @@ from PIL import Image
 from medloupe.evaluation.scoring import iou
 from medloupe.mini import BUNDLED
 from medloupe.mini.grounder import MiniGrounder
-from medloupe.mini.orientation import d4, d4_box, d4_inverse
+from medloupe.mini.orientation import KEEP_GRID, choose, d4, d4_box, d4_inverse, pick_keep_at
 from medloupe.tools.position import centre, relation_from_question
 
 
@@ -56,6 +56,37 @@ def test_a_box_follows_its_pixels_under_each_d4_element(k: int) -> None:
 )
 def test_relation_from_question(question: str, relation: tuple[str, str, str] | None) -> None:
     assert relation_from_question(question) == relation
+
+
+def test_a_slice_is_turned_only_when_as_displayed_is_implausible() -> None:
+    """As displayed stands while its probability is at least ``keep_at`` (a doubtful estimate
+    of a turned slice no longer falls back to as displayed when that is the least likely of
+    all); ``keep_at`` is the largest of the grid that keeps 99 % of as-displayed slices."""
+    probs = np.array(
+        [
+            [0.30, 0.60, 0.10, 0, 0, 0, 0, 0],  # doubtful, but as displayed is plausible
+            [0.01, 0.00, 0.87, 0, 0, 0, 0.12, 0],  # MIRP's rotated slice: p 0.87 < 0.9
+            [0.97, 0.03, 0, 0, 0, 0, 0, 0],
+        ]
+    )
+    assert choose(probs, 0.05).tolist() == [0, 2, 0]
+    assert choose(probs, 0.005).tolist() == [0, 0, 0]
+    rng = np.random.default_rng(0)
+    n = 800
+    y = np.tile(np.arange(8), n // 8)
+    p0 = np.where(y == 0, rng.uniform(0.06, 1.0, n), rng.uniform(0.0, 0.3, n))
+
+    def probs_for(p0: np.ndarray) -> np.ndarray:
+        other = np.eye(8)[np.where(y == 0, 1, y)]  # the rest of the mass on one element
+        return (1 - p0)[:, None] * other + p0[:, None] * np.eye(8)[0]
+
+    mods = np.array(["CT"] * n)
+    # every as-displayed slice has p0 >= 0.06: kept up to 0.05, not all at 0.1 or more
+    assert pick_keep_at(probs_for(p0), y, mods) == 0.05
+    doubted = p0.copy()
+    doubted[np.flatnonzero(y == 0)[:3]] = 0.008  # 3 of 100 doubted: kept only below 0.008
+    assert pick_keep_at(probs_for(doubted), y, mods) == 0.005
+    assert json.loads((Path(BUNDLED) / "orientation.json").read_text())["keep_at"] in KEEP_GRID
 
 
 def test_a_flipped_slice_is_grounded_in_the_standard_view_and_boxed_where_shown(
