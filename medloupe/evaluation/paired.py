@@ -191,9 +191,12 @@ def paired_differences(
 ) -> list[PairedDifference]:
     """B minus A on the items both scored (joined by ``id``), overall and per task, source,
     question type and answer type; ``accuracy`` of grounding items is the IoU >= 0.5 hit rate
-    and of count items the exact-count rate."""
+    and of count items the exact-count rate. Items are taken in ``id`` order, so a seed gives
+    the same intervals whatever order the runs finished in."""
     by_id = {r["id"]: r for r in b}
-    pairs = [(r, by_id[r["id"]]) for r in a if r["id"] in by_id]
+    pairs = sorted(
+        ((r, by_id[r["id"]]) for r in a if r["id"] in by_id), key=lambda p: str(p[0]["id"])
+    )
     if not pairs:
         return []
     ra, rb = [p[0] for p in pairs], [p[1] for p in pairs]

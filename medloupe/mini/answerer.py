@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from medloupe.mini.attributes import PROBES, answer_claims
+from medloupe.mini.attributes import PROBES, answer_claims, value_shares
 from medloupe.mini.yesno import YesNo
 from medloupe.text import attribute_claims, canonical, normalise
 
@@ -198,16 +198,34 @@ class MiniAnswerer:
         """Tokens of ``text`` as the answerer's question encoder reads it."""
         return int(self._load().text.count_tokens(text))
 
-    def predict(self, rgb: np.ndarray, question: str) -> Prediction:
-        """Answer ``question`` about ``rgb`` (``(H, W, 3)`` uint8)."""
+    def image_features(self, rgb: np.ndarray) -> np.ndarray:
+        """The ``(1280,)`` pooled backbone features of ``rgb`` (``(H, W, 3)`` uint8 RGB)."""
         import torch
 
         from medloupe.knowledge_base.backbone import preprocess
 
         m = self._load()
         with torch.inference_mode():
-            img = m.backbone.features(torch.from_numpy(preprocess(rgb))[None])[0].numpy()
-        return self.predict_features(img, question)
+            return m.backbone.features(torch.from_numpy(preprocess(rgb))[None])[0].numpy()
+
+    def predict(self, rgb: np.ndarray, question: str) -> Prediction:
+        """Answer ``question`` about ``rgb`` (``(H, W, 3)`` uint8)."""
+        return self.predict_features(self.image_features(rgb), question)
+
+    def attribute(self, rgb: np.ndarray, attribute: str) -> tuple[str, float] | None:
+        """The most probable value of an image attribute of ``rgb`` (``(H, W, 3)`` uint8 RGB;
+        ``attribute`` a key of :data:`~medloupe.mini.attributes.PROBES`: modality, plane,
+        weighting, region), asked as its open question, with its share of the probability
+        the head gives that attribute's values; ``None`` when it gives them none."""
+        m = self._load()
+        logits = head_logits(m.head, self.image_features(rgb), m.probes[attribute])
+        probs = softmax(logits / float(m.meta["temperature"]))
+        index = {a: i for i, a in enumerate(m.meta["vocab"])}
+        shares = value_shares(attribute, probs, index)
+        if shares is None:
+            return None
+        best = max(shares, key=lambda v: shares[v])
+        return best, shares[best]
 
     def predict_features(
         self,

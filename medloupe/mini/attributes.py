@@ -98,16 +98,26 @@ def answer_claims(
     for attribute, value in claims.items():
         if not any(a in index for a in ANSWERS[attribute][value]):
             return None
-        probs = probabilities(attribute)
-        mass = {
-            v: float(sum(probs[index[a]] for a in answers if a in index))
-            for v, answers in ANSWERS[attribute].items()
-        }
-        total = float(sum(probs[index[a]] for a in _ALL[attribute] if a in index))
-        if total <= 0.0:
+        shares = value_shares(attribute, probabilities(attribute), index)
+        if shares is None:
             return None
-        share = mass[value] / total
-        best = max(mass, key=lambda v: mass[v])
-        p_yes *= share
-        said.append(f"{attribute} {best} ({mass[best] / total:.2f}), claimed {value}")
+        best = max(shares, key=lambda v: shares[v])
+        p_yes *= shares[value]
+        said.append(f"{attribute} {best} ({shares[best]:.2f}), claimed {value}")
     return AttributeAnswer(p_yes, "asked the open question: " + "; ".join(said))
+
+
+def value_shares(
+    attribute: str, probs: np.ndarray, index: Mapping[str, int]
+) -> dict[str, float] | None:
+    """Each value of ``attribute``'s share of the head's probability ``probs`` (over the
+    answers ``index`` maps to positions) given to any of its values; ``None`` when it gives
+    them none."""
+    mass = {
+        v: float(sum(probs[index[a]] for a in answers if a in index))
+        for v, answers in ANSWERS[attribute].items()
+    }
+    total = float(sum(probs[index[a]] for a in _ALL[attribute] if a in index))
+    if total <= 0.0:
+        return None
+    return {v: m / total for v, m in mass.items()}

@@ -70,3 +70,13 @@ def test_items_are_paired_by_id_and_grouped() -> None:
     assert [d.ci_low for d in again] == [d.ci_low for d in diffs]
     assert not any(isinstance(d.ci_low, float) and math.isnan(d.ci_low) for d in diffs)
     assert paired_differences(a, _records([True], task="x")[:0]) == []
+
+
+def test_intervals_do_not_depend_on_the_order_runs_finished_in() -> None:
+    a = _records([True, False, True, False, True, False, False, True])
+    b = _records([True, True, False, True, True, True, False, True])
+    first = paired_differences(a, b, seed=3)
+    shuffled = paired_differences(a[::-1], b[3:] + b[:3], seed=3)
+    assert [(d.group, d.measure, d.ci_low, d.ci_high) for d in shuffled] == [
+        (d.group, d.measure, d.ci_low, d.ci_high) for d in first
+    ]

@@ -157,3 +157,37 @@ def test_the_ground_tool_says_when_it_found_the_slice_turned(
     out = tool.run(args, ToolContext(image=record, store=store))
     assert out.orientation is not None and out.orientation.startswith("mirrored left-right")
     assert "slice found mirrored left-right" in out.summary()
+
+
+def test_a_modality_no_header_states_is_read_from_the_image(
+    shared_datasets: Path, tmp_path: Path
+) -> None:
+    """A MIRP slice is a PNG (no header) and its question names no modality: the ground tool
+    reads CT from the pixels, so the slice is checked for turning (here rotated 180 degrees,
+    which the orientation estimate gives p 0.87: below the old 0.9 bar, far above keep_at for
+    "as displayed"); both organs are then boxed where they lie (MIRP's own centre points)."""
+    from medloupe.artifacts import ArtifactStore
+    from medloupe.io import load_image
+    from medloupe.mini.tool import GroundTool
+    from medloupe.runner import ingest_image
+    from medloupe.tools.base import ToolContext
+
+    rq1 = shared_datasets / "mirp_sample/1_dataset_guide/RQ1"
+    qa = {r["filename"]: r for r in json.loads((rq1 / "qa.json").read_text())}[
+        "amos_img3_slice80.png"
+    ]["question_answer"][0]
+    store = ArtifactStore(tmp_path / "s")
+    record = ingest_image(load_image(rq1 / "images/amos_img3_slice80.png"), store)
+    assert record.modality == "OT"  # "other": a PNG states none
+    tool = GroundTool()
+    for i in (1, 2):
+        args = tool.input_model.model_validate({"target": qa[f"object{i}_name"]})
+        out = tool.run(args, ToolContext(image=record, store=store))
+        assert out.modality == "CT" and (out.modality_estimated or 0) >= 0.9
+        assert out.orientation is not None and out.orientation.startswith("rotated 180")
+        assert "modality read from the image" in out.summary()
+        x0, y0, x1, y1 = out.boxes[0].box_xyxy
+        px, py = qa[f"object{i}_center_x"], qa[f"object{i}_center_y"]
+        assert x0 <= px <= x1 and y0 <= py <= y1
+    stated = tool.input_model.model_validate({"target": "spleen", "modality": "CT"})
+    assert tool.run(stated, ToolContext(image=record, store=store)).modality_estimated is None
