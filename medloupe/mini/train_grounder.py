@@ -361,7 +361,7 @@ def choose_calibration(
     folds = [rng.permutation(n) % CALIBRATION_FOLDS for _ in range(CALIBRATION_REPEATS)]
     losses: dict[tuple[str, ...], float] = {}
     for names in candidates:
-        x = np.array([[r[name] for name in names] for r in rows], np.float64).reshape(n, -1)
+        x = np.array([[r[name] for name in names] for r in rows], np.float64).reshape(n, len(names))
         total = 0.0
         for fold in folds:
             for k in range(CALIBRATION_FOLDS):
@@ -374,8 +374,8 @@ def choose_calibration(
                 total -= float(np.sum(y * np.log(p) + (1 - y) * np.log(1 - p)))
         losses[names] = total / max(n * CALIBRATION_REPEATS, 1)
     best = min(candidates, key=lambda names: losses[names])
-    x = np.array([[r[name] for name in best] for r in rows], np.float64).reshape(n, -1)
-    weights, bias = fit_logistic(x, hit)
+    x = np.array([[r[name] for name in best] for r in rows], np.float64).reshape(n, len(best))
+    weights, bias = fit_logistic(x, hit)  # no rows (a tiny quick run): 0.5 for every box
     return {
         "features": list(best),
         "weights": weights,

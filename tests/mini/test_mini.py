@@ -341,6 +341,9 @@ def test_hit_probability_reads_the_box_size_and_modality_it_was_chosen_on() -> N
     assert small < 0.4 and large > 0.75
     legacy = hit_probability([2.0, -1.0], calibration_features(0.75, (0, 0, 1, 1), None))
     assert legacy == pytest.approx(1 / (1 + np.exp(-0.5)))
+    # no held-out target at all (a tiny quick run): an even chance for every box, no error
+    empty = choose_calibration([], np.array([]), COARSE_CANDIDATES)
+    assert hit_probability(empty, calibration_features(0.9, (0, 0, 1, 1), "CT")) == 0.5
 
 
 def test_a_target_is_never_matched_to_the_other_side() -> None:
