@@ -139,14 +139,13 @@ def pick_keep_at(probs: np.ndarray, y: np.ndarray, mods: np.ndarray) -> float:
     """The largest of :data:`KEEP_GRID` under which :func:`choose` leaves at least
     :data:`KEEP_STANDARD` of the as-displayed slices (``y == 0``) of every modality as they
     are (out-of-fold ``probs``; the smallest of the grid when none does)."""
+    upright = [(mods == m) & (y == 0) for m in np.unique(mods)]
+    upright = [u for u in upright if u.any()]
     best = KEEP_GRID[0]
     for keep_at in KEEP_GRID:
-        kept = [
-            float(np.mean(choose(probs[(mods == m) & (y == 0)], keep_at) == 0))
-            for m in sorted(set(mods.tolist()))
-            if ((mods == m) & (y == 0)).any()
-        ]
-        if kept and min(kept) >= KEEP_STANDARD:
+        if upright and all(
+            np.mean(choose(probs[u], keep_at) == 0) >= KEEP_STANDARD for u in upright
+        ):
             best = keep_at
     return best
 

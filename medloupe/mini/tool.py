@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -193,6 +195,7 @@ def _answerer(folder: Path) -> MiniAnswerer:
 # one value at least this share (yes/no questions about the kind of image, answered from the
 # same head: 0.96 held out, 0.98 out of fold; see the model card)
 MODALITY_READ_AT = 0.9
+MODALITY_READS_KEPT = 64  # images whose read is remembered (the planner grounds several targets)
 
 
 class GroundTool(Tool):
@@ -216,6 +219,9 @@ class GroundTool(Tool):
 
     def __init__(self, folder: str | Path | None = None) -> None:
         self.folder = model_folder(folder)
+        # display artifact id (content-addressed) -> read_modality's answer for that image
+        self._reads: OrderedDict[str, tuple[str | None, float | None]] = OrderedDict()
+        self._reads_lock = threading.Lock()
 
     @property
     def grounder(self) -> MiniGrounder:
@@ -242,6 +248,22 @@ class GroundTool(Tool):
             return None, None
         value, share = read
         return (modality_key(value) if share >= MODALITY_READ_AT else None), share
+
+    def _read_once(self, key: str | None, rgb: np.ndarray) -> tuple[str | None, float | None]:
+        """:meth:`read_modality` of the image whose display artifact is ``key``, read once
+        however many targets are grounded in it (``None``: no id, read every time)."""
+        if key is not None:
+            with self._reads_lock:
+                if key in self._reads:
+                    self._reads.move_to_end(key)
+                    return self._reads[key]
+        read = self.read_modality(rgb)
+        if key is not None:
+            with self._reads_lock:
+                self._reads[key] = read
+                while len(self._reads) > MODALITY_READS_KEPT:
+                    self._reads.popitem(last=False)
+        return read
 
     def targets(self, question: str) -> list[str]:
         """The trained targets the question names (:func:`named_targets`); a "locate the X"
@@ -351,13 +373,14 @@ class GroundTool(Tool):
 
     def run(self, args: BaseModel, ctx: ToolContext) -> GroundResult:
         a: Any = args
+        rgb = ctx.rgb()
         modality = a.modality or modality_key(ctx.image.modality)
         estimated = None
         if modality is None:
-            modality, estimated = self.read_modality(ctx.rgb())
+            modality, estimated = self._read_once(ctx.image.display_artifact, rgb)
         try:
             found = self.grounder.ground(
-                ctx.rgb(), a.target, modality, a.max_boxes, refine=ctx.second_look
+                rgb, a.target, modality, a.max_boxes, refine=ctx.second_look
             )
         except UnknownTarget as exc:
             raise ValueError(str(exc)) from None

@@ -447,11 +447,9 @@ def refiner_line(meta: dict[str, Any] | None) -> str:
     )
 
 
-def calibration_line(calibration: dict[str, Any] | list[float]) -> str:
+def calibration_line(calibration: dict[str, Any]) -> str:
     """The model card's words for a hit-probability calibration (``grounder.json`` /
     ``refiner.json``)."""
-    if isinstance(calibration, list):
-        return "a logistic fit of the coarse peak on the held-out images"
     fitted = calibration.get("fitted_on")
     names = [_FEATURE_WORDS[f] for f in calibration["features"] if f in _FEATURE_WORDS]
     if any(f.startswith("modality=") for f in calibration["features"]):

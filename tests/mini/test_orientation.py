@@ -180,6 +180,9 @@ def test_a_modality_no_header_states_is_read_from_the_image(
     record = ingest_image(load_image(rq1 / "images/amos_img3_slice80.png"), store)
     assert record.modality == "OT"  # "other": a PNG states none
     tool = GroundTool()
+    reads: list[int] = []
+    read = tool.read_modality
+    tool.read_modality = lambda rgb: reads.append(1) or read(rgb)  # type: ignore[method-assign]
     for i in (1, 2):
         args = tool.input_model.model_validate({"target": qa[f"object{i}_name"]})
         out = tool.run(args, ToolContext(image=record, store=store))
@@ -189,5 +192,6 @@ def test_a_modality_no_header_states_is_read_from_the_image(
         x0, y0, x1, y1 = out.boxes[0].box_xyxy
         px, py = qa[f"object{i}_center_x"], qa[f"object{i}_center_y"]
         assert x0 <= px <= x1 and y0 <= py <= y1
+    assert reads == [1]  # one image, two targets: its modality is read once
     stated = tool.input_model.model_validate({"target": "spleen", "modality": "CT"})
     assert tool.run(stated, ToolContext(image=record, store=store)).modality_estimated is None
