@@ -7,9 +7,10 @@ normalisation run in NumPy. The export is cached under ``cache_dir`` keyed by th
 weights, so it runs once per model (a few seconds for MiniLM). Each export is checked against
 the PyTorch model on probe sentences before it is used.
 
-Texts are embedded one per run, each run on one thread, as many runs at once as the process
-has CPUs (:meth:`OnnxTextModel.encode`): no padding, and a text's vector does not depend on
-what it is embedded with (dynamic quantisation scales activations per run). On 2 cores this
+Texts are embedded one per run (:meth:`OnnxTextModel.encode`): many texts each on one thread,
+as many runs at once as the process has CPUs; a lone text (a query) on every CPU. No padding,
+and a text's vector does not depend on what it is embedded with (dynamic quantisation scales
+activations per run). On 2 cores this
 embeds OpenStax passages (about 150 tokens) 1.2x as fast as batches of 16 on two intra-op
 threads (benchmarks/bench_kb.py).
 
@@ -158,7 +159,8 @@ class OnnxTextModel:
         st: the loaded model (its tokenizer, pooling and ``max_seq_length`` are used).
         cache_dir: where exports are kept (``<cache_dir>/<key>/model.int8.onnx``).
         workers: texts embedded at once by :meth:`encode`, each run on one ONNX Runtime
-            thread (default: the CPUs this process may use).
+            thread, and the threads of a lone text's run (default: the CPUs this process may
+            use).
 
     Raises:
         KnowledgeBaseError: the model's layout is not one the backend handles, the export
@@ -166,8 +168,6 @@ class OnnxTextModel:
     """
 
     def __init__(self, st: Any, cache_dir: Path, *, workers: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.pooling = _pooling_mode(st)
         self.tokenizer = st.tokenizer
         self.max_tokens = int(st.max_seq_length)
@@ -194,12 +194,11 @@ class OnnxTextModel:
                 ) from exc
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # a run on its caller's thread; runs in parallel
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.path = path
         self.workers = workers or len(os.sched_getaffinity(0))
+        self.session = self._session(self.workers)  # a lone text (a query): every CPU on it
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self._bulk: Any = None  # many texts: one thread a run, :attr:`workers` runs at once
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         reference = st.encode(_PROBES, normalize_embeddings=True, convert_to_numpy=True)
@@ -222,15 +221,26 @@ class OnnxTextModel:
             {n: np.asarray([enc[n][i]], np.int64) for n in self.inputs} for i in range(len(texts))
         ]
         if self.workers == 1 or len(texts) == 1:
-            return np.concatenate([self._run(f) for f in feeds])
+            return np.concatenate([self._run(self.session, f) for f in feeds])
         with self._pool_lock:
             if self._pool is None:
+                self._bulk = self._session(1)
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="onnx-text")
-        return np.concatenate(list(self._pool.map(self._run, feeds)))
+        bulk = self._bulk
+        return np.concatenate(list(self._pool.map(lambda f: self._run(bulk, f), feeds)))
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _session(self, threads: int) -> Any:
+        """An ONNX Runtime session of the export whose runs use ``threads`` threads."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+
+    def _run(self, session: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The ``(1, dim)`` pooled, normalised vector of one text's unpadded inputs."""
-        hidden = self.session.run(None, feeds)[0].astype(np.float32)
+        hidden = session.run(None, feeds)[0].astype(np.float32)
         pooled = hidden[:, 0] if self.pooling == "cls" else hidden.mean(1)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
