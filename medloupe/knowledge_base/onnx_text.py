@@ -10,9 +10,9 @@ the PyTorch model on probe sentences before it is used.
 Texts are embedded one per run (:meth:`OnnxTextModel.encode`): many texts each on one thread,
 as many runs at once as the process has CPUs; a lone text (a query) on every CPU. No padding,
 and a text's vector does not depend on what it is embedded with (dynamic quantisation scales
-activations per run). On 2 cores this
-embeds OpenStax passages (about 150 tokens) 1.2x as fast as batches of 16 on two intra-op
-threads (benchmarks/bench_kb.py).
+activations per run). On 2 cores this embeds OpenStax passages (about 150 tokens) about 1.2x
+as fast as batches of 16 on two intra-op threads did, in interleaved runs (97 passages/s in
+benchmarks/bench_kb.py).
 
 Needs ``onnx`` and ``onnxruntime``; :func:`onnx_available` says whether both import.
 """
