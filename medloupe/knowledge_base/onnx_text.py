@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -165,26 +166,114 @@ def _export(st: Any, target: Path) -> None:
         f.unlink(missing_ok=True)
 
 
+def _configured(tokenizer: Any, max_tokens: int | None) -> Any:
+    """A copy of a ``tokenizers.Tokenizer`` that pads nothing and truncates to ``max_tokens``
+    (``None``: never), as sentence-transformers calls it."""
+    from tokenizers import Tokenizer
+
+    copy_ = Tokenizer.from_str(tokenizer.to_str())
+    copy_.no_padding()
+    if max_tokens is None:
+        copy_.no_truncation()
+    else:
+        copy_.enable_truncation(max_tokens)
+    return copy_
+
+
+#: the export's inputs -> the attribute of a ``tokenizers.Encoding`` that feeds each
+_ENCODING = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+
+
+def _tokenizer_file(source: Path) -> Any:
+    """``source/tokenizer.json`` as a ``tokenizers.Tokenizer``; None if absent or unreadable."""
+    from tokenizers import Tokenizer
+
+    path = source / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001  (tokenizers raises a bare Exception on bad JSON)
+        log.warning("ignoring %s: it does not load (%s)", path, exc)
+        return None
+
+
+def source_key(folder: Path) -> str:
+    """A digest of a local model folder's files (names and bytes; hidden files and the
+    ``onnx``/``openvino`` copies other backends use are left out), with the export version and
+    ONNX Runtime's: the key of a verified export's record (:meth:`OnnxTextModel.from_folder`)."""
+    import onnxruntime
+
+    h = hashlib.sha256(f"{EXPORT_VERSION}:{onnxruntime.__version__}".encode())
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder)
+        if (
+            not f.is_file()
+            or rel.parts[0] in ("onnx", "openvino")
+            or any(part.startswith(".") for part in rel.parts)
+        ):
+            continue
+        h.update(rel.as_posix().encode())
+        with f.open("rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()[:16]
+
+
 class OnnxTextModel:
-    """Embeds text with the int8 ONNX export of a loaded SentenceTransformer ``st``.
+    """Embeds text with the int8 ONNX export of a sentence-transformers model.
+
+    Made by :meth:`from_sentence_transformer` (exports if needed and checks the export against
+    PyTorch) or :meth:`from_folder` (a model folder whose export was checked before: neither
+    PyTorch nor sentence-transformers is imported).
 
     Args:
-        st: the loaded model (its tokenizer, pooling and ``max_seq_length`` are used).
-        cache_dir: where exports are kept (``<cache_dir>/<key>/model.int8.onnx``).
+        path: the export (``model.int8.onnx``).
+        tokenizer: the model's ``tokenizers.Tokenizer`` (copied; padding and truncation set
+            here).
+        pooling: ``mean`` or ``cls``.
+        max_tokens: the model's ``max_seq_length``; longer texts are truncated.
+        dim: the vector size.
         workers: texts embedded at once by :meth:`encode`, each run on one ONNX Runtime
             thread, and the threads of a lone text's run (default: the CPUs this process may
             use).
-
-    Raises:
-        KnowledgeBaseError: the model's layout is not one the backend handles, the export
-            failed, or it disagrees with PyTorch on the probe sentences.
     """
 
-    def __init__(self, st: Any, cache_dir: Path, *, workers: int | None = None) -> None:
-        self.pooling = _pooling_mode(st)
-        self.tokenizer = st.tokenizer
-        self.max_tokens = int(st.max_seq_length)
-        self.dim = int(st[0].auto_model.config.hidden_size)
+    def __init__(
+        self,
+        path: Path,
+        tokenizer: Any,
+        *,
+        pooling: str,
+        max_tokens: int,
+        dim: int,
+        workers: int | None = None,
+    ) -> None:
+        self.path = path
+        self.tokenizer = _configured(tokenizer, max_tokens)
+        self._counter = _configured(tokenizer, None)
+        self.pooling = pooling
+        self.max_tokens = max_tokens
+        self.dim = dim
+        self.workers = workers or len(os.sched_getaffinity(0))
+        self.session = self._session(self.workers)  # a lone text (a query): every CPU on it
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self._bulk: Any = None  # many texts: one thread a run, :attr:`workers` runs at once
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self.probe_cosine = float("nan")  # to PyTorch, set once checked
+
+    @classmethod
+    def from_sentence_transformer(
+        cls, st: Any, cache_dir: Path, *, workers: int | None = None
+    ) -> OnnxTextModel:
+        """The export of a loaded SentenceTransformer ``st`` (made once into
+        ``<cache_dir>/<weights key>/``), checked against ``st`` on probe sentences.
+
+        Raises:
+            KnowledgeBaseError: the model's layout is not one the backend handles, the export
+                failed, or it disagrees with PyTorch on the probe sentences.
+        """
+        pooling = _pooling_mode(st)
         folder = cache_dir / _weights_key(st)
         path = folder / "model.int8.onnx"
         if not path.exists():
@@ -207,34 +296,107 @@ class OnnxTextModel:
                 ) from exc
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        self.path = path
-        self.workers = workers or len(os.sched_getaffinity(0))
-        self.session = self._session(self.workers)  # a lone text (a query): every CPU on it
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self._bulk: Any = None  # many texts: one thread a run, :attr:`workers` runs at once
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
+        model = cls(
+            path,
+            st.tokenizer.backend_tokenizer,
+            pooling=pooling,
+            max_tokens=int(st.max_seq_length),
+            dim=int(st[0].auto_model.config.hidden_size),
+            workers=workers,
+        )
         reference = st.encode(_PROBES, normalize_embeddings=True, convert_to_numpy=True)
-        # each probe alone, as a query runs: no pool or second session for a process that
-        # only queries (a text's vector is the same whichever session runs it)
-        probes = np.concatenate([self.encode([p]) for p in _PROBES])
+        probes = model._probe_vectors()
         cosine = float((probes * reference).sum(1).min())
         if cosine < MIN_PROBE_COSINE:
             raise KnowledgeBaseError(
                 f"the int8 ONNX export disagrees with the PyTorch model (probe cosine "
                 f"{cosine:.3f} < {MIN_PROBE_COSINE}); use the torch text backend"
             )
-        self.probe_cosine = cosine
+        model.probe_cosine = cosine
+        return model
+
+    def remember(self, source: Path, cache_dir: Path) -> bool:
+        """Record that the model in the local folder ``source`` has this checked export, so
+        :meth:`from_folder` can load it without PyTorch. Only where the folder's
+        ``tokenizer.json`` is the tokenizer in use; returns whether it was recorded."""
+        on_disk = _tokenizer_file(source)
+        if on_disk is None or _configured(on_disk, None).to_str() != self._counter.to_str():
+            log.debug("no fast start for %s: tokenizer.json differs from the tokenizer", source)
+            return False
+        record = {
+            "export": self.path.parent.name,
+            "pooling": self.pooling,
+            "max_tokens": self.max_tokens,
+            "dim": self.dim,
+            "probe_cosine": self.probe_cosine,
+            "probes": self._probe_vectors().round(6).tolist(),
+        }
+        target = cache_dir / "sources" / f"{source_key(source)}.json"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, target)
+        except OSError as exc:
+            log.debug("could not record the fast start for %s (%s)", source, exc)
+            return False
+        return True
+
+    @classmethod
+    def from_folder(
+        cls, source: Path, cache_dir: Path, *, workers: int | None = None
+    ) -> OnnxTextModel | None:
+        """The checked export of the model in the local folder ``source``, loaded with its
+        ``tokenizer.json`` alone; ``None`` where none was recorded (:meth:`remember`) for
+        these very files, or where the export no longer gives the recorded probe vectors."""
+        target = cache_dir / "sources" / f"{source_key(source)}.json"
+        try:
+            record = json.loads(target.read_text())
+            path = cache_dir / str(record["export"]) / "model.int8.onnx"
+            tokenizer = _tokenizer_file(source)
+            if not path.is_file() or tokenizer is None:
+                return None
+            model = cls(
+                path,
+                tokenizer,
+                pooling=str(record["pooling"]),
+                max_tokens=int(record["max_tokens"]),
+                dim=int(record["dim"]),
+                workers=workers,
+            )
+            expected = np.asarray(record["probes"], np.float32)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring the fast-start record %s (%s)", target, exc)
+            return None
+        cosine = float((model._probe_vectors() * expected).sum(1).min())
+        if cosine < 0.999:
+            log.warning("the export in %s no longer gives its probe vectors", path.parent)
+            return None
+        model.probe_cosine = float(record["probe_cosine"])
+        return model
+
+    def _probe_vectors(self) -> np.ndarray:
+        """The probe sentences' vectors, each embedded alone as a query is: a process that
+        only queries starts no pool (a text's vector is the same whichever session runs it)."""
+        return np.concatenate([self.encode([p]) for p in _PROBES])
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text``, special tokens included, untruncated."""
+        return len(self._counter.encode(text).ids)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """``(len(texts), dim)`` L2-normalised float32 vectors, in order: the texts are
         tokenised together here, then run one per run, :attr:`workers` runs at once (ONNX
-        Runtime releases the GIL while it runs; the tokenizer is used by this thread only)."""
+        Runtime releases the GIL while it runs; the tokenizer is used by this thread only).
+        A lone text runs on every CPU."""
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)
+        encodings = self.tokenizer.encode_batch(texts)
         feeds = [
-            {n: np.asarray([enc[n][i]], np.int64) for n in self.inputs} for i in range(len(texts))
+            {n: np.asarray([getattr(e, _ENCODING[n])], np.int64) for n in self.inputs}
+            for e in encodings
         ]
         if self.workers == 1 or len(texts) == 1:
             return np.concatenate([self._run(self.session, f) for f in feeds])

@@ -4,7 +4,11 @@ queries use, and the fall-back to torch with the reason."""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ from medloupe.errors import KnowledgeBaseError
 from medloupe.knowledge_base import KnowledgeBase, build_kb, embedders
 from medloupe.knowledge_base.embedders import TextEmbedder, resolve_backend
 from medloupe.knowledge_base.loaders import LoadReport, load_openstax
-from medloupe.knowledge_base.onnx_text import UNFUSED_OPS
+from medloupe.knowledge_base.onnx_text import UNFUSED_OPS, OnnxTextModel
 from tests.conftest import SHARED
 
 OPENSTAX = SHARED / "textbooks" / "openstax-ap2e"
@@ -46,7 +50,7 @@ def test_int8_onnx_vectors_agree_with_torch_and_the_export_is_cached(
     np.fill_diagonal(sim_a, -1)
     np.fill_diagonal(sim_b, -1)
     assert (sim_a.argmax(1) == sim_b.argmax(1)).mean() >= 0.85
-    (export,) = tmp_path.iterdir()
+    (export,) = [d for d in tmp_path.iterdir() if d.name != "sources"]  # sources: records
     # the fused attention, skip-layer-norm and bias-GELU kernels ran slower on CPU: left out
     ops = {n.op_type for n in onnx_format.load(str(export / "model.int8.onnx")).graph.node}
     assert ops.isdisjoint(UNFUSED_OPS) and {"LayerNormalization", "Gelu"} <= ops, ops
@@ -91,3 +95,69 @@ def test_without_onnx_runtime_the_torch_backend_is_used_and_said(
     assert "needs onnx and onnxruntime" in caplog.text
     with pytest.raises(KnowledgeBaseError, match="unknown text backend 'tensorrt'"):
         TextEmbedder(backend="tensorrt")
+
+
+CHILD = """
+import json, sys
+import numpy as np
+from pathlib import Path
+from medloupe.knowledge_base.embedders import TextEmbedder
+emb = TextEmbedder(sys.argv[1], backend="onnx-int8", cache_dir=Path(sys.argv[2]))
+texts = json.loads(Path(sys.argv[3]).read_text())
+np.save(sys.argv[4], emb.encode(texts))
+print(json.dumps({m: m in sys.modules for m in ("torch", "sentence_transformers")}))
+"""
+
+
+@pytest.mark.slow
+def test_a_checked_export_starts_again_from_the_folder_alone(
+    passages: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first load exports, checks against PyTorch and records the folder; the next one,
+    in a fresh process, needs neither torch nor sentence-transformers and gives the same
+    vectors; a changed folder or a damaged record falls back to the full load."""
+    bundled = Path(embedders.default_text_model_path())
+    folder = tmp_path / "model"
+    shutil.copytree(bundled, folder)
+    cache = tmp_path / "cache"
+    first = TextEmbedder(str(folder), backend="onnx-int8", cache_dir=cache)
+    want = first.encode(passages)
+    assert first._model is not None  # the full load: sentence-transformers, export, check
+    # the tokenizer in use is the model's own, called as sentence-transformers calls it (a
+    # text over max_seq_length included)
+    st = first._model
+    long = [*passages, " ".join(passages[:8])]
+    ids = st.tokenizer(long, truncation=True, max_length=st.max_seq_length)["input_ids"]
+    assert [e.ids for e in first._onnx.tokenizer.encode_batch(long)] == ids
+    assert len(ids[-1]) == st.max_seq_length < first.count_tokens(long[-1])
+    assert first.count_tokens(long[-1]) == len(st.tokenizer(long[-1])["input_ids"])
+    (record,) = (cache / "sources").iterdir()
+
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(passages))
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder), str(cache), str(texts), str(tmp_path / "v.npy")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout.splitlines()[-1]) == {
+        "torch": False,
+        "sentence_transformers": False,
+    }
+    assert np.array_equal(np.load(tmp_path / "v.npy"), want)
+
+    assert OnnxTextModel.from_folder(folder, cache) is not None
+    config = folder / "sentence_bert_config.json"
+    config.write_text(config.read_text().replace("256", "128"))  # another model now
+    assert OnnxTextModel.from_folder(folder, cache) is None
+    config.write_text((bundled / config.name).read_text())
+    damaged = json.loads(record.read_text())
+    damaged["probes"] = (-np.asarray(damaged["probes"])).tolist()
+    record.write_text(json.dumps(damaged))
+    with caplog.at_level(logging.WARNING):
+        assert OnnxTextModel.from_folder(folder, cache) is None
+    assert "no longer gives its probe vectors" in caplog.text
+    again = TextEmbedder(str(folder), backend="onnx-int8", cache_dir=cache)
+    assert np.array_equal(again.encode(passages[:3]), want[:3]) and again._model is not None
+    assert OnnxTextModel.from_folder(folder, cache) is not None  # recorded afresh
