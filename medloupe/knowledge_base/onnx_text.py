@@ -166,9 +166,9 @@ def _export(st: Any, target: Path) -> None:
         f.unlink(missing_ok=True)
 
 
-def _configured(tokenizer: Any, max_tokens: int | None) -> Any:
+def _configured(tokenizer: Any, max_tokens: int | None, side: str = "right") -> Any:
     """A copy of a ``tokenizers.Tokenizer`` that pads nothing and truncates to ``max_tokens``
-    (``None``: never), as sentence-transformers calls it."""
+    (``None``: never) on ``side``, as sentence-transformers calls it."""
     from tokenizers import Tokenizer
 
     copy_ = Tokenizer.from_str(tokenizer.to_str())
@@ -176,7 +176,7 @@ def _configured(tokenizer: Any, max_tokens: int | None) -> Any:
     if max_tokens is None:
         copy_.no_truncation()
     else:
-        copy_.enable_truncation(max_tokens)
+        copy_.enable_truncation(max_tokens, direction=side)
     return copy_
 
 
@@ -232,6 +232,7 @@ class OnnxTextModel:
             here).
         pooling: ``mean`` or ``cls``.
         max_tokens: the model's ``max_seq_length``; longer texts are truncated.
+        truncation_side: the side longer texts lose (the tokenizer's ``truncation_side``).
         dim: the vector size.
         workers: texts embedded at once by :meth:`encode`, each run on one ONNX Runtime
             thread, and the threads of a lone text's run (default: the CPUs this process may
@@ -246,10 +247,12 @@ class OnnxTextModel:
         pooling: str,
         max_tokens: int,
         dim: int,
+        truncation_side: str = "right",
         workers: int | None = None,
     ) -> None:
         self.path = path
-        self.tokenizer = _configured(tokenizer, max_tokens)
+        self.tokenizer = _configured(tokenizer, max_tokens, truncation_side)
+        self.truncation_side = truncation_side
         self._counter = _configured(tokenizer, None)
         self.pooling = pooling
         self.max_tokens = max_tokens
@@ -302,6 +305,7 @@ class OnnxTextModel:
             pooling=pooling,
             max_tokens=int(st.max_seq_length),
             dim=int(st[0].auto_model.config.hidden_size),
+            truncation_side=str(st.tokenizer.truncation_side),
             workers=workers,
         )
         reference = st.encode(_PROBES, normalize_embeddings=True, convert_to_numpy=True)
@@ -328,6 +332,7 @@ class OnnxTextModel:
             "pooling": self.pooling,
             "max_tokens": self.max_tokens,
             "dim": self.dim,
+            "truncation_side": self.truncation_side,
             "probe_cosine": self.probe_cosine,
             "probes": self._probe_vectors().round(6).tolist(),
         }
@@ -362,6 +367,7 @@ class OnnxTextModel:
                 pooling=str(record["pooling"]),
                 max_tokens=int(record["max_tokens"]),
                 dim=int(record["dim"]),
+                truncation_side=str(record["truncation_side"]),
                 workers=workers,
             )
             expected = np.asarray(record["probes"], np.float32)
