@@ -373,7 +373,7 @@ class OnnxTextModel:
             expected = np.asarray(record["probes"], np.float32)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, KnowledgeBaseError) as exc:
             log.warning("ignoring the fast-start record %s (%s)", target, exc)
             return None
         cosine = float((model._probe_vectors() * expected).sum(1).min())
@@ -416,11 +416,18 @@ class OnnxTextModel:
     def _session(self, threads: int) -> Any:
         """An ONNX Runtime session of the export whose runs use ``threads`` threads."""
         import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail) as exc:
+            raise KnowledgeBaseError(
+                f"the cached ONNX export {self.path} does not load ({exc}); delete "
+                f"{self.path.parent} to export it again"
+            ) from None
 
     def _run(self, session: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The ``(1, dim)`` pooled, normalised vector of one text's unpadded inputs."""

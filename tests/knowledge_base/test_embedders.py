@@ -161,3 +161,13 @@ def test_a_checked_export_starts_again_from_the_folder_alone(
     again = TextEmbedder(str(folder), backend="onnx-int8", cache_dir=cache)
     assert np.array_equal(again.encode(passages[:3]), want[:3]) and again._model is not None
     assert OnnxTextModel.from_folder(folder, cache) is not None  # recorded afresh
+
+    # a damaged export in the cache: torch embeds, and the warning says what to delete
+    export = cache / json.loads(record.read_text())["export"]
+    (export / "model.int8.onnx").write_bytes(b"not a model")
+    caplog.clear()
+    damaged_cache = TextEmbedder(str(folder), backend="onnx-int8", cache_dir=cache)
+    with caplog.at_level(logging.WARNING):
+        vec = damaged_cache.encode(passages[:1])
+    assert damaged_cache.backend == "torch" and vec.shape == (1, 384)
+    assert "does not load" in caplog.text and f"delete {export}" in caplog.text
