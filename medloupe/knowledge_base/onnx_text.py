@@ -264,6 +264,7 @@ class OnnxTextModel:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self.probe_cosine = float("nan")  # to PyTorch, set once checked
+        self._probes: np.ndarray | None = None  # the probes' vectors, once checked
 
     @classmethod
     def from_sentence_transformer(
@@ -316,7 +317,7 @@ class OnnxTextModel:
                 f"the int8 ONNX export disagrees with the PyTorch model (probe cosine "
                 f"{cosine:.3f} < {MIN_PROBE_COSINE}); use the torch text backend"
             )
-        model.probe_cosine = cosine
+        model.probe_cosine, model._probes = cosine, probes
         return model
 
     def remember(self, source: Path, cache_dir: Path) -> bool:
@@ -324,6 +325,8 @@ class OnnxTextModel:
         :meth:`from_folder` can load it without PyTorch. Only where the folder's
         ``tokenizer.json`` is the tokenizer in use; returns whether it was recorded."""
         on_disk = _tokenizer_file(source)
+        if self._probes is None:
+            raise ValueError("only an export checked against PyTorch can be remembered")
         if on_disk is None or _configured(on_disk, None).to_str() != self._counter.to_str():
             log.debug("no fast start for %s: tokenizer.json differs from the tokenizer", source)
             return False
@@ -334,7 +337,7 @@ class OnnxTextModel:
             "dim": self.dim,
             "truncation_side": self.truncation_side,
             "probe_cosine": self.probe_cosine,
-            "probes": self._probe_vectors().round(6).tolist(),
+            "probes": self._probes.round(6).tolist(),
         }
         target = cache_dir / "sources" / f"{source_key(source)}.json"
         try:
@@ -376,11 +379,11 @@ class OnnxTextModel:
         except (OSError, ValueError, KeyError, TypeError, KnowledgeBaseError) as exc:
             log.warning("ignoring the fast-start record %s (%s)", target, exc)
             return None
-        cosine = float((model._probe_vectors() * expected).sum(1).min())
-        if cosine < 0.999:
+        probes = model._probe_vectors()
+        if float((probes * expected).sum(1).min()) < 0.999:
             log.warning("the export in %s no longer gives its probe vectors", path.parent)
             return None
-        model.probe_cosine = float(record["probe_cosine"])
+        model.probe_cosine, model._probes = float(record["probe_cosine"]), probes
         return model
 
     def _probe_vectors(self) -> np.ndarray:
