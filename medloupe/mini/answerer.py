@@ -6,8 +6,9 @@ scan?") is answered by asking the head the open question (:mod:`medloupe.mini.at
 another yes/no question goes to :mod:`medloupe.mini.yesno` (an image expert and a question
 expert weighed per image by a gate); a question naming its options ("apex or base?")
 is answered from those options, an open question from the whole answer vocabulary.
-Checkpoint: ``answerer.pt`` and ``yesno.pt`` (tensors only) + ``answerer.json`` (vocabulary,
-temperature, dimensions, data and held-out metrics).
+Checkpoint: ``answerer.pt``, ``yesno.pt`` and ``attributes.pt`` (tensors only) +
+``answerer.json`` (vocabulary, temperature, dimensions, the attribute classifiers' values, data
+and held-out metrics).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from medloupe.mini.attributes import PROBES, answer_claims, value_shares
+from medloupe.mini.attributes import PROBES, AttributeClassifier, answer_claims, value_shares
 from medloupe.mini.yesno import YesNo
 from medloupe.text import attribute_claims, canonical, normalise
 
@@ -185,9 +186,20 @@ class MiniAnswerer:
                 yesno = YesNo(
                     torch.load(self.folder / "yesno.pt", map_location="cpu", weights_only=True)
                 )
+                classifiers: dict[str, AttributeClassifier] = {}
+                if meta.get("attributes"):  # declared by answerer.json; older folders: the head
+                    tensors = torch.load(
+                        self.folder / "attributes.pt", map_location="cpu", weights_only=True
+                    )
+                    classifiers = {
+                        a: AttributeClassifier.from_state(tensors, a, spec["values"])
+                        for a, spec in meta["attributes"].items()
+                    }
                 text = TextEmbedder()
                 probes = dict(zip(PROBES, text.encode(list(PROBES.values())), strict=True))
-                self._loaded = _Loaded(build_backbone(), head.eval(), yesno, text, meta, probes)
+                self._loaded = _Loaded(
+                    build_backbone(), head.eval(), yesno, text, meta, probes, classifiers
+                )
             return self._loaded
 
     @property
@@ -215,17 +227,27 @@ class MiniAnswerer:
     def attribute(self, rgb: np.ndarray, attribute: str) -> tuple[str, float] | None:
         """The most probable value of an image attribute of ``rgb`` (``(H, W, 3)`` uint8 RGB;
         ``attribute`` a key of :data:`~medloupe.mini.attributes.PROBES`: modality, plane,
-        weighting, region), asked as its open question, with its share of the probability
-        the head gives that attribute's values; ``None`` when it gives them none."""
-        m = self._load()
-        logits = head_logits(m.head, self.image_features(rgb), m.probes[attribute])
-        probs = softmax(logits / float(m.meta["temperature"]))
-        index = {a: i for i, a in enumerate(m.meta["vocab"])}
-        shares = value_shares(attribute, probs, index)
-        if shares is None:
+        weighting, region) with its probability (:meth:`attribute_shares`); ``None`` when
+        none can be told."""
+        shares = self.attribute_shares(self.image_features(rgb), attribute)
+        if not shares:
             return None
         best = max(shares, key=lambda v: shares[v])
         return best, shares[best]
+
+    def attribute_shares(
+        self, image_features: np.ndarray, attribute: str
+    ) -> dict[str, float] | None:
+        """Each value of an image attribute and its probability, from the image's ``(1280,)``
+        pooled features: the attribute's classifier where the folder has one (the body
+        region), else the head asked the attribute's open question (each value's share of
+        the probability it gives them all; ``None`` when it gives them none)."""
+        m = self._load()
+        if attribute in m.classifiers:
+            return m.classifiers[attribute].shares(image_features)
+        logits = head_logits(m.head, image_features, m.probes[attribute])
+        probs = softmax(logits / float(m.meta["temperature"]))
+        return value_shares(attribute, probs, {a: i for i, a in enumerate(m.meta["vocab"])})
 
     def predict_features(
         self,
@@ -245,12 +267,10 @@ class MiniAnswerer:
         options = question_options(question, set(vocab))
         temperature = float(m.meta["temperature"])
         if options == ["yes", "no"]:
-
-            def probe(attribute: str) -> np.ndarray:
-                return softmax(head_logits(m.head, img, m.probes[attribute]) / temperature)
-
             claims = attribute_claims(question) if attributes else None
-            by_claims = answer_claims(claims, probe, vocab) if claims else None
+            by_claims = (
+                answer_claims(claims, lambda a: self.attribute_shares(img, a)) if claims else None
+            )
             if by_claims is not None:
                 p_yes, basis = by_claims.p_yes, by_claims.basis
             else:
@@ -270,6 +290,7 @@ class _Loaded:
     text: Any
     meta: dict[str, Any]
     probes: dict[str, np.ndarray]  # attribute -> its open question's embedding
+    classifiers: dict[str, AttributeClassifier]  # attribute -> its classifier, where trained
 
 
 def choose(logits: np.ndarray, vocab: list[str], options: list[str] | None) -> Prediction:

@@ -18,13 +18,32 @@ from medloupe.text import canonical, is_closed
 
 @dataclass(frozen=True)
 class Example:
-    """One training question: image path, question, canonical answer, answer type, source."""
+    """One training question: image path, question, canonical answer, answer type, source, and
+    the body region the dataset states for the image (a value of
+    :data:`medloupe.mini.attributes.ANSWERS` ``["region"]``, ``None`` where it states none)."""
 
     image: str
     question: str
     answer: str
     closed: bool
     source: str
+    region: str | None = None
+
+
+# the datasets' own region fields -> region values
+VQA_RAD_REGIONS = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
+SLAKE_REGIONS = {
+    "Brain": "head",
+    "Brain_Tissue": "head",
+    "Brain_Face": "head",
+    "Neck": "neck",
+    "Lung": "chest",
+    "Chest_lung": "chest",
+    "Chest_heart": "chest",
+    "Chest_mediastinal": "chest",
+    "Abdomen": "abdomen",
+    "Pelvic Cavity": "pelvis",
+}
 
 
 def answer_key(answer: str) -> str:
@@ -64,8 +83,11 @@ def training_examples(datasets: str | Path) -> list[Example]:
         if image in excluded:
             continue
         closed = is_closed(row.get("answer_type"))
+        region = VQA_RAD_REGIONS.get(str(row.get("image_organ", "")).strip().upper())
         out.append(
-            Example(image, row["question"], answer_key(str(row["answer"])), closed, "vqa_rad")
+            Example(
+                image, row["question"], answer_key(str(row["answer"])), closed, "vqa_rad", region
+            )
         )
     for row in json.loads(slake_file.read_text(encoding="utf-8")):
         if row.get("q_lang") != "en":
@@ -74,7 +96,12 @@ def training_examples(datasets: str | Path) -> list[Example]:
         if image in excluded:
             continue
         closed = is_closed(row.get("answer_type"))
-        out.append(Example(image, row["question"], answer_key(str(row["answer"])), closed, "slake"))
+        region = SLAKE_REGIONS.get(str(row.get("location", "")))
+        out.append(
+            Example(
+                image, row["question"], answer_key(str(row["answer"])), closed, "slake", region
+            )
+        )
     return out
 
 

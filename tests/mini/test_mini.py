@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from medloupe.mini.answerer import MiniAnswerer, question_options
-from medloupe.mini.attributes import answer_claims
+from medloupe.mini.attributes import ANSWERS, AttributeClassifier, answer_claims, value_shares
 from medloupe.text import attribute_claims
 from tests.conftest import cli_env
 
@@ -103,17 +103,46 @@ def test_attribute_claims(question: str, claims: dict[str, str] | None) -> None:
 
 def test_answer_claims_reads_each_claimed_value_share() -> None:
     vocab = ["abdomen", "axial", "ct", "mri", "no", "x ray", "yes"]
+    index = {a: i for i, a in enumerate(vocab)}
     probs = {
         "modality": np.array([0.1, 0.0, 0.6, 0.2, 0.0, 0.1, 0.0]),
         "plane": np.array([0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]),
     }
-    ct = answer_claims({"modality": "CT"}, probs.__getitem__, vocab)
+
+    def head(attribute: str) -> dict[str, float] | None:
+        return value_shares(attribute, probs[attribute], index)
+
+    ct = answer_claims({"modality": "CT"}, head)
     assert ct is not None and ct.p_yes == pytest.approx(0.6 / 0.9)
     assert "modality CT (0.67), claimed CT" in ct.basis
-    both = answer_claims({"modality": "MRI", "plane": "axial"}, probs.__getitem__, vocab)
+    both = answer_claims({"modality": "MRI", "plane": "axial"}, head)
     assert both is not None and both.p_yes == pytest.approx(0.2 / 0.9)  # axial has all the mass
     # a value the head has no trained answer for is left to the experts
-    assert answer_claims({"plane": "sagittal"}, probs.__getitem__, vocab) is None
+    assert answer_claims({"plane": "sagittal"}, head) is None
+    # a classifier's shares are read the same way
+    region = answer_claims({"region": "head"}, lambda a: {"head": 0.9, "chest": 0.1})
+    assert region is not None and region.p_yes == pytest.approx(0.9)
+    assert "region head (0.90), claimed head" in region.basis
+
+
+def test_attribute_classifier_learns_saves_and_loads() -> None:
+    import torch
+
+    rng = np.random.default_rng(0)
+    centres = {"head": rng.normal(size=32), "chest": rng.normal(size=32), "neck": rng.normal(size=32)}
+    labels = [v for v in centres for _ in range(40)]
+    x = np.stack([centres[v] + 0.3 * rng.normal(size=32) for v in labels])
+    classifier = AttributeClassifier.fit(x, labels, c=0.1)
+    assert classifier.values == ["chest", "head", "neck"]
+    test = {v: c + 0.3 * rng.normal(size=32) for v, c in centres.items()}
+    for value, features in test.items():
+        shares = classifier.shares(features)
+        assert sum(shares.values()) == pytest.approx(1.0)
+        assert max(shares, key=shares.__getitem__) == value
+    state = {k: torch.from_numpy(v.numpy()) for k, v in classifier.state("region").items()}
+    back = AttributeClassifier.from_state(state, "region", classifier.values)
+    for value, features in test.items():
+        assert back.shares(features)[value] == pytest.approx(classifier.shares(features)[value])
 
 
 def test_training_data_uses_train_splits_without_dev_images(shared_datasets: Path) -> None:
@@ -123,6 +152,12 @@ def test_training_data_uses_train_splits_without_dev_images(shared_datasets: Pat
     dev = dev_images(shared_datasets)
     assert dev and not dev & {e.image for e in examples}
     assert {e.source for e in examples} == {"vqa_rad", "slake"}
+    # every image has the body region its dataset states, one per image
+    assert {e.region for e in examples} == set(ANSWERS["region"])
+    regions: dict[str, set[str | None]] = {}
+    for e in examples:
+        regions.setdefault(e.image, set()).add(e.region)
+    assert all(len(r) == 1 for r in regions.values())
     test_images = {
         str((shared_datasets / "slake" / "imgs" / r["img_name"]).resolve())
         for r in json.loads((shared_datasets / "slake" / "splits" / "test.json").read_text())
@@ -171,8 +206,9 @@ def test_quick_training_run_is_seeded_and_loads(shared_datasets: Path, tmp_path:
         assert proc.returncode == 0, proc.stderr
     meta_a = json.loads((tmp_path / "a" / "answerer.json").read_text())
     meta_b = json.loads((tmp_path / "b" / "answerer.json").read_text())
-    for key in ("vocab", "temperature", "epochs", "yesno", "held_out"):
+    for key in ("vocab", "temperature", "epochs", "yesno", "attributes", "held_out"):
         assert meta_a[key] == meta_b[key]  # same seed, same model
+    assert meta_a["attributes"]["region"]["train_images"] > 0
     ground_a = json.loads((tmp_path / "a" / "grounder.json").read_text())
     ground_b = json.loads((tmp_path / "b" / "grounder.json").read_text())
     for key in ("labels", "threshold", "calibration", "epochs", "held_out"):

@@ -124,6 +124,31 @@ def test_questions_about_the_kind_of_image_are_answered_by_the_open_question(
     assert answerer.predict(chest, "Is there a pleural effusion?").basis is None
 
 
+def test_the_body_region_is_read_by_its_classifier_on_vqa_rad_images(
+    shared_datasets: Path,
+) -> None:
+    """The head, asked SLAKE's region question, called these VQA-RAD dev images (never trained
+    on) chest; the region classifier reads each as the region VQA-RAD states."""
+    from medloupe.io import load_image
+    from medloupe.mini.answerer import MiniAnswerer
+
+    answerer = MiniAnswerer(BUNDLED)
+    assert "region" in answerer.meta["attributes"]
+    images = shared_datasets / "vqa_rad" / "images"
+    for name, region in [
+        ("synpic39460.jpg", "head"),  # axial T2 brain MRI
+        ("synpic46943.jpg", "head"),
+        ("synpic43433.jpg", "abdomen"),
+        ("synpic45115.jpg", "abdomen"),
+    ]:
+        rgb = load_image(images / name).rgb()
+        read = answerer.attribute(rgb, "region")
+        assert read is not None and read[0] == region and read[1] > 0.8, (name, read)
+    brain = load_image(images / "synpic39460.jpg").rgb()
+    said = answerer.predict(brain, "Is this the brain?")
+    assert said.answer == "yes" and "region head" in str(said.basis)
+
+
 def _dev_item(datasets: Path, question_start: str) -> dict:
     for line in (datasets / "dev.jsonl").read_text().splitlines():
         row = json.loads(line)
