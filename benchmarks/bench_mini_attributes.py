@@ -1,6 +1,8 @@
 """medloupe-mini: yes/no questions about what kind of image this is ("Is this a CT scan?", "Is
 this an axial image?", "Is this a study of the chest?"), answered by asking the answerer's head
-the open question (:mod:`medloupe.mini.attributes`) against the gated yes/no experts.
+the open question (:mod:`medloupe.mini.attributes`; the body region by its own classifier)
+against the gated yes/no experts; and the body region of each fold's images as the datasets
+state it, read by the region classifier against the head.
 
 The training images (dev and test never used) are split into 5 folds by image; for each fold
 the whole answerer is trained on the other four with the shipped recipe
@@ -8,7 +10,7 @@ the whole answerer is trained on the other four with the shipped recipe
 yes/no experts and gate) and the fold's closed questions are answered by
 :meth:`MiniAnswerer.predict_features` with attribute answering on and off.
 
-Run: ``.venv/bin/python benchmarks/bench_mini_attributes.py`` (about 15 minutes on 2 cores).
+Run: ``.venv/bin/python benchmarks/bench_mini_attributes.py`` (about 8 minutes on 2 cores).
 Writes its section of BENCHMARKS.md.
 """
 
@@ -52,6 +54,10 @@ def main() -> None:
     # (source, kind) -> [(with attributes right, without right)]
     hits: dict[tuple[str, str], list[tuple[bool, bool]]] = defaultdict(list)
     by_attribute: Counter[str] = Counter()
+    regions = {e.image: e.region for e in examples if e.region is not None}
+    source_of = {e.image: e.source for e in examples}
+    # source -> per held-out image: (region right by the classifier, by the head)
+    region_hits: dict[str, list[tuple[bool, ...]]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="bench-attr-") as tmp:
         for f in range(FOLDS):
             train = np.flatnonzero(folds != f)
@@ -63,6 +69,17 @@ def main() -> None:
                 folder,
             )
             answerer = MiniAnswerer(folder)
+            for image in sorted({examples[i].image for i in np.flatnonzero(folds == f)}):
+                stated = regions.get(image)
+                if stated is None:
+                    continue
+                said = [
+                    answerer.attribute_shares(feats[image], "region", classifier=by)
+                    for by in (True, False)
+                ]
+                region_hits[source_of[image]].append(
+                    tuple(bool(s) and max(s, key=s.__getitem__) == stated for s in said)
+                )
             for i in np.flatnonzero(folds == f):
                 e = examples[i]
                 if not e.closed:
@@ -96,6 +113,15 @@ def main() -> None:
                     "attributes on vs off",
                 )
             )
+    for source in ("vqa_rad", "slake"):
+        hits_r = region_hits[source]
+        rows.append(
+            (
+                f"{source}: body region of the fold's images ({len(hits_r)})",
+                f"{rate([a for a, _ in hits_r])} vs {rate([b for _, b in hits_r])}",
+                "region classifier vs the head's open question",
+            )
+        )
     kinds = ", ".join(f"{k} {v}" for k, v in by_attribute.most_common())
     append_section(
         "medloupe-mini, yes/no questions about the kind of image (5 folds by training image)",

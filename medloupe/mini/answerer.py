@@ -236,14 +236,15 @@ class MiniAnswerer:
         return best, shares[best]
 
     def attribute_shares(
-        self, image_features: np.ndarray, attribute: str
+        self, image_features: np.ndarray, attribute: str, *, classifier: bool = True
     ) -> dict[str, float] | None:
         """Each value of an image attribute and its probability, from the image's ``(1280,)``
         pooled features: the attribute's classifier where the folder has one (the body
         region), else the head asked the attribute's open question (each value's share of
-        the probability it gives them all; ``None`` when it gives them none)."""
+        the probability it gives them all; ``None`` when it gives them none).
+        ``classifier=False`` asks the head even where there is a classifier (ablations)."""
         m = self._load()
-        if attribute in m.classifiers:
+        if classifier and attribute in m.classifiers:
             return m.classifiers[attribute].shares(image_features)
         logits = head_logits(m.head, image_features, m.probes[attribute])
         probs = softmax(logits / float(m.meta["temperature"]))
