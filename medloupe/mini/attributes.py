@@ -131,7 +131,7 @@ def value_shares(
 
 
 # attribute -> the inverse L2 strength of its classifier (5-fold CV by training image over
-# 0.01 / 0.1 / 1: 0.1 was best or tied on both sources)
+# 0.01 / 0.1 / 1: VQA-RAD 0.985 / 0.985 / 0.981, SLAKE 0.949 / 0.956 / 0.958)
 CLASSIFIER_C = {"region": 0.1}
 
 
