@@ -26,6 +26,7 @@ import numpy as np
 from bench_report import append_section, machine
 
 from medloupe.mini.answerer import MiniAnswerer, plain_yes_no
+from medloupe.mini.attributes import most_probable
 from medloupe.mini.data import fold, training_examples
 from medloupe.mini.features import image_features
 from medloupe.mini.train import fit_answerer
@@ -78,7 +79,7 @@ def main() -> None:
                     for by in (True, False)
                 ]
                 region_hits[source_of[image]].append(
-                    tuple(bool(s) and max(s, key=s.__getitem__) == stated for s in said)
+                    tuple(bool(s) and most_probable(s) == stated for s in said)
                 )
             for i in np.flatnonzero(folds == f):
                 e = examples[i]

@@ -22,7 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from medloupe.mini.attributes import PROBES, AttributeClassifier, answer_claims, value_shares
+from medloupe.mini.attributes import (
+    PROBES,
+    AttributeClassifier,
+    answer_claims,
+    most_probable,
+    value_shares,
+)
 from medloupe.mini.yesno import YesNo
 from medloupe.text import attribute_claims, canonical, normalise
 
@@ -232,7 +238,7 @@ class MiniAnswerer:
         shares = self.attribute_shares(self.image_features(rgb), attribute)
         if not shares:
             return None
-        best = max(shares, key=lambda v: shares[v])
+        best = most_probable(shares)
         return best, shares[best]
 
     def attribute_shares(

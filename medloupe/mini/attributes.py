@@ -77,6 +77,11 @@ ANSWERS: dict[str, dict[str, frozenset[str]]] = {
 _ALL = {attr: frozenset().union(*values.values()) for attr, values in ANSWERS.items()}
 
 
+def most_probable(shares: Mapping[str, float]) -> str:
+    """The value ``shares`` gives the most probability."""
+    return max(shares, key=shares.__getitem__)
+
+
 @dataclass(frozen=True)
 class AttributeAnswer:
     """P(yes) for a question's claims and what it rests on (for the trace)."""
@@ -107,7 +112,7 @@ def answer_claims(
         got = shares(attribute)
         if got is None or value not in got:
             return None
-        best = max(got, key=lambda v: got[v])
+        best = most_probable(got)
         p_yes *= got[value]
         said.append(f"{attribute} {best} ({got[best]:.2f}), claimed {value}")
     return AttributeAnswer(p_yes, "read the image's attributes: " + "; ".join(said))

@@ -25,7 +25,7 @@ import numpy as np
 
 from medloupe.mini import yesno
 from medloupe.mini.answerer import FORMAT, build_head, plain_yes_no
-from medloupe.mini.attributes import CLASSIFIER_C, AttributeClassifier
+from medloupe.mini.attributes import CLASSIFIER_C, AttributeClassifier, most_probable
 from medloupe.mini.data import Example, every_kth, fold, held_out, training_examples
 from medloupe.mini.features import Progress, image_features
 from medloupe.mini.orientation import train_orientation
@@ -203,10 +203,7 @@ def _fit_attributes(
     classifier = AttributeClassifier.fit(
         np.stack([image_feats[p] for p in train]).astype(np.float64), [region[p] for p in train], c
     )
-    right = []
-    for p in hold:
-        shares = classifier.shares(image_feats[p])
-        right.append(max(shares, key=shares.__getitem__) == region[p])
+    right = [most_probable(classifier.shares(image_feats[p])) == region[p] for p in hold]
     return {"region": classifier}, {
         "region": {
             "values": classifier.values,
