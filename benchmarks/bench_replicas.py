@@ -153,11 +153,14 @@ def main() -> None:
     def tally(t: tuple[int, int, int, int, int]) -> str:
         return f"{t[0]} / {t[1]} / {t[2]} / {t[3]}"
 
+    cores = os.cpu_count() or 1
+    ceiling = cores / (one_cores / one)  # runs/s with every core busy at one replica's CPU per run
     rows = [
         ("runs per phase, workers per replica", f"{args.runs}, {args.workers}", f"lease {args.lease:g} s"),
         ("throughput, 1 server on SQLite", f"{sqlite_rate:.2f} runs/s", "the embedded default"),
-        ("throughput, 1 replica on PostgreSQL", f"{one:.2f} runs/s", f"{one / sqlite_rate:.2f}x SQLite; the replica kept {one_cores:.2f} of {os.cpu_count()} cores busy"),
-        ("throughput, 3 replicas on PostgreSQL", f"{three:.2f} runs/s", f"{three / one:.2f}x one replica (goal 2x); {three_cores:.2f} cores busy, so at most {os.cpu_count() / one_cores:.2f}x was to be had"),
+        ("throughput, 1 replica on PostgreSQL", f"{one:.2f} runs/s", f"{one / sqlite_rate:.2f}x SQLite; the replica kept {one_cores:.2f} of {cores} cores busy"),
+        ("throughput, 3 replicas on PostgreSQL", f"{three:.2f} runs/s", f"{three / one:.2f}x one replica (goal 2x); {three_cores:.2f} cores busy, so at most {cores / one_cores:.2f}x was to be had"),
+        ("CPU per run, 1 vs 3 replicas", f"{one_cores / one:.2f} s vs {three_cores / three:.2f} s", f"at {one_cores / one:.2f} CPU-s a run, {cores} cores finish at most {ceiling:.2f} runs/s: 3 replicas reached {three / ceiling:.0%} of that"),
         ("1 of 3 killed: done / failed / lost / completed twice", tally(kill_one), f"{kill_one[4]} taken over; all settled {settle_one:.1f} s after the kill; goal 0 lost, 0 twice"),
         ("all killed, 3 new: done / failed / lost / completed twice", tally(kill_all), f"{kill_all[4]} resumed; all settled {settle_all:.1f} s after the restart began"),
     ]
