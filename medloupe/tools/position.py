@@ -16,7 +16,7 @@ Relation = Literal["left", "right", "above", "below"]
 
 _REL = (
     r"(?:to|on) the (?:left|right)(?: side)? of|(?:left|right) of|above|below|over|"
-    r"under(?:neath)?|higher than|lower than"
+    r"under(?:neath)?|beneath|higher than|lower than"
 )
 _SPLIT = re.compile(
     rf"^\s*(?:is|are) (?P<a>.+?) (?:(?:located|positioned|situated|seen) )?(?P<rel>{_REL}) "
@@ -27,7 +27,7 @@ _RELATIONS: dict[str, Relation] = {  # the relation's word -> the relation as sh
     "left": "left",
     "right": "right",
     **dict.fromkeys(("above", "over", "higher"), "above"),
-    **dict.fromkeys(("below", "under", "underneath", "lower"), "below"),
+    **dict.fromkeys(("below", "under", "underneath", "beneath", "lower"), "below"),
 }
 _NAMED_SIDE = re.compile(r"^(?:the )?(?P<t>[a-z][a-z -]*?)$", re.I)
 _OF_THE_IMAGE = re.compile(r"\b(image|picture|scan|body|slice)\b", re.I)

@@ -49,6 +49,7 @@ def test_a_box_follows_its_pixels_under_each_d4_element(k: int) -> None:
         ("Is the liver above the right kidney in this image?", ("liver", "above", "right kidney")),
         ("Are the kidneys on the right side of the liver?", ("kidneys", "right", "liver")),
         ("Is the heart underneath the lung?", ("heart", "below", "lung")),
+        ("Is the liver situated beneath the heart?", ("liver", "below", "heart")),
         ("What is the organ on the left side of this image?", None),  # asks a name
         ("Is the liver on the left of the image?", None),  # a side of the image
         ("Is there a nodule in the left lung?", None),
