@@ -137,7 +137,7 @@ class RoleRequest(BaseModel):
         evidence_ids: every evidence id the answer may cite; observation_ids: the model's own
             looks among them.
         targets: what the question names that a tool can locate ("Liver"), in order (plan,
-            rethink).
+            rethink, answer).
         image: the whole image as the first look saw it (rethink).
     """
 

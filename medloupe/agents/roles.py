@@ -317,9 +317,12 @@ async def answer(
     confidence: float,
     evidence: list[Evidence],
     image_artifact: str | None = None,
+    *,
+    targets: Sequence[str] = (),
 ) -> tuple[AnswerDraft, Generation]:
     """The final answer with claims citing evidence ids, with the whole image beside the
-    evidence (``image_artifact``: an image-only server needs one in every request)."""
+    evidence (``image_artifact``: an image-only server needs one in every request);
+    ``targets``: what the question names that a tool can locate."""
 
     def text(level: int) -> str:
         return prompts.render(
@@ -337,6 +340,7 @@ async def answer(
         confidence=confidence,
         evidence_ids=[e.id for e in evidence],
         observation_ids=[e.id for e in evidence if e.kind == "observation"],
+        targets=list(targets),
     )
     images = [image_artifact] if image_artifact else []
     draft, gen, _ = await _ask(vlm, store, text, images, AnswerDraft, request)

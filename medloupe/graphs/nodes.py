@@ -364,8 +364,10 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
         )
     withheld = withheld_reason(state["question"], state.get("targets", []), decision.withheld)
     if decision.withheld and withheld is None:
-        notes.append(f"the second look withheld its answer for a reason that names nothing the "
-                     f"question asks about ({decision.withheld[:80]!r}); ignored")
+        notes.append(
+            f"the second look withheld its answer for a reason that names nothing the "
+            f"question asks about ({decision.withheld[:80]!r}); ignored"
+        )
     decision = decision.model_copy(update={"withheld": withheld})
     rnd = RethinkRound(
         round=step,
@@ -402,7 +404,10 @@ async def rethink(state: State, ctx: RunContext) -> dict[str, Any]:
 
 
 def second_look(
-    state: State, model: str, step: int, decision: RethinkDecision,
+    state: State,
+    model: str,
+    step: int,
+    decision: RethinkDecision,
     boxes: list[tuple[float, float, float, float]],
     crop_ids: list[str],
 ) -> Evidence:
@@ -463,6 +468,7 @@ async def answer(state: State, ctx: RunContext) -> dict[str, Any]:
                 state.get("current_confidence", 0.0),
                 evidence,
                 image.display_artifact,
+                targets=state.get("targets", []),
             )
             record_model_call(ctx, "answer", "final answer", gen, draft)
         except ModelReplyError as exc:

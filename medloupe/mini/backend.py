@@ -44,8 +44,10 @@ from medloupe.config import env_name
 from medloupe.errors import BackendError, BackendSpecError, InputError
 from medloupe.mini import BUNDLED, model_folder
 from medloupe.mini.answerer import MiniAnswerer, Prediction
+from medloupe.mini.tool import named_targets
 from medloupe.schemas import Claim, Draft, RethinkDecision
-from medloupe.tools.position import split_relation
+from medloupe.tools.markers import marker_in
+from medloupe.tools.position import relation_from_question, split_relation
 
 # Presence check of the second look: "no" at this confidence or more means "not in view".
 # Chosen on SLAKE's validate split (never its test split): of 98 "Does the picture contain
@@ -70,6 +72,7 @@ def presence_name(target: str) -> str:
     "lung")."""
     return target.lower().removeprefix("left ").removeprefix("right ")
 
+
 # on relative-position questions the answerer, trained on upright slices, was below chance
 # (MIRP rotates and flips slices): the grounder's or find_markers' boxes decide, or the
 # answer abstains
@@ -77,6 +80,7 @@ RELATIVE_NOTE = (
     "medloupe-mini does not judge relative positions from the whole image: the boxes of both "
     "structures or markers (the grounder's, find_markers') decide"
 )
+
 
 class MiniBackend(VLMBackend):
     """The answerer of ``folder`` behind the VLM backend contract."""
@@ -238,12 +242,7 @@ def _answer(request: RoleRequest) -> AnswerDraft:
     current, conf = request.answer, request.confidence
     cited = request.observation_ids
     if split_relation(request.question) is not None:
-        return AnswerDraft(
-            confidence=0.0,
-            abstained=True,
-            abstention_reason=f"{RELATIVE_NOTE}, and they did not locate both (see the ground "
-            "tool's targets; find_markers finds only dots and labels on the image)",
-        )
+        return AnswerDraft(confidence=0.0, abstained=True, abstention_reason=_unplaced(request))
     if current is None or not cited:
         return AnswerDraft(
             confidence=0.0,
@@ -263,6 +262,28 @@ def _answer(request: RoleRequest) -> AnswerDraft:
                 evidence_ids=cited[-2:],
             )
         ],
+    )
+
+
+def _unplaced(request: RoleRequest) -> str:
+    """Why a relative-position question goes unanswered: the side(s) named in words that no
+    tool can locate (none of ``request.targets``: "the aorta"), else that the boxes of both
+    were not found."""
+    named = relation_from_question(request.question)
+    sides = () if named is None else (named[0], named[2])
+    unknown = [
+        side[:30]
+        for side in sides
+        if marker_in(side) is None and not named_targets(side, request.targets)
+    ]
+    if unknown:
+        return (
+            f"{RELATIVE_NOTE}, and no tool here is trained to locate the "
+            f"{' or the '.join(unknown)} (see `medloupe tools`)"
+        )
+    return (
+        f"{RELATIVE_NOTE}, and they did not locate both (see the ground tool's targets; "
+        "find_markers finds only dots and labels on the image)"
     )
 
 

@@ -59,6 +59,43 @@ def test_relation_from_question(question: str, relation: tuple[str, str, str] | 
     assert relation_from_question(question) == relation
 
 
+@pytest.mark.parametrize(
+    ("question", "targets", "named", "unnamed"),
+    [
+        ("Is the aorta to the left of the spleen?", ["Spleen"], "the aorta", "spleen"),
+        ("Is the right iliopsoas below the prostate?", [], "right iliopsoas or the prostate", ""),
+        (
+            "Is the right lung middle lobe to the right of the heart?",
+            ["Right Lung", "Heart"],
+            "did not locate both",
+            "no tool",
+        ),  # both known: the boxes were not found
+        ("Is the red dot above the blue dot?", [], "did not locate both", "no tool"),
+        (f"Is the {'x' * 80} above the {'y' * 90}?", [], "x" * 30, "x" * 31),
+    ],
+)
+def test_mini_names_the_side_no_tool_can_locate(
+    question: str, targets: list[str], named: str, unnamed: str, tmp_path: Path
+) -> None:
+    """An unanswered relative-position question says which side no tool is trained to
+    locate (a marker is find_markers'), in an abstention reason that fits its field."""
+    import asyncio
+
+    from medloupe.agents.protocol import RoleRequest
+    from medloupe.agents.roles import AnswerDraft
+    from medloupe.artifacts import ArtifactStore
+    from medloupe.mini.backend import MiniBackend
+
+    request = RoleRequest(role="answer", question=question, targets=targets)
+    gen = asyncio.run(
+        MiniBackend().play(request, [], store=ArtifactStore(tmp_path), schema=AnswerDraft)
+    )
+    draft = AnswerDraft.model_validate(gen.parsed)
+    reason = draft.abstention_reason or ""
+    assert draft.abstained and named in reason
+    assert not unnamed or unnamed not in reason
+
+
 def test_a_slice_is_turned_only_when_as_displayed_is_implausible() -> None:
     """As displayed stands while its probability is at least ``keep_at`` (a doubtful estimate
     of a turned slice no longer falls back to as displayed when that is the least likely of
@@ -137,6 +174,7 @@ def test_relative_position_is_read_from_both_boxes_or_abstains(
     other = rows["btcv_img61_slice111.png"]["question_answer"][0]  # the aorta: not trained
     answer = _ask_json(tmp_path / "b", rq1 / "images/btcv_img61_slice111.png", other["question"])
     assert answer["abstained"] and "relative positions" in answer["abstention_reason"]
+    assert "no tool here is trained to locate the aorta" in answer["abstention_reason"]
 
 
 def test_the_ground_tool_says_when_it_found_the_slice_turned(
