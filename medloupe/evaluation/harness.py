@@ -228,7 +228,13 @@ class Evaluation:
         except (MedloupeError, OSError, ValueError, RuntimeError) as exc:
             # the item fails alone, recorded with its reason; the evaluation goes on
             record["error"] = f"{type(exc).__name__}: {exc}"
-            log.warning("item %s failed: %s", item.id, record["error"], exc_info=True)
+            # medloupe's own errors say what is wrong and how to fix it; others get a traceback
+            log.warning(
+                "item %s failed: %s",
+                item.id,
+                record["error"],
+                exc_info=not isinstance(exc, MedloupeError),
+            )
         finally:
             if run is not None:
                 calls = tool_calls(run.trace_path)

@@ -309,16 +309,20 @@ def test_harness_on_a_dev_slice(shared_datasets: Path, tmp_path: Path, settings:
 
 
 def test_failures_are_recorded_and_ablations_change_the_graph(
-    shared_datasets: Path, tmp_path: Path, settings: object
+    shared_datasets: Path, tmp_path: Path, settings: object, caplog: pytest.LogCaptureFixture
 ) -> None:
     item = next(i for i in dev_slice(shared_datasets) if i.task == "count")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     bad = EvalItem(id="bad", image=str(broken), question="How many?", answer="1", task="count")
     out = tmp_path / "a"
-    asyncio.run(Evaluation(out, settings=settings).run([bad, item]))  # type: ignore[arg-type]
+    with caplog.at_level("WARNING", logger="medloupe.evaluation.harness"):
+        asyncio.run(Evaluation(out, settings=settings).run([bad, item]))  # type: ignore[arg-type]
     records = {json.loads(line)["id"]: json.loads(line) for line in (out / "items.jsonl").open()}
     assert "CorruptImageError" in records["bad"]["error"] and not records["bad"]["correct"]
+    # the input error says what is wrong in one line: no traceback in the log
+    (warned,) = [r for r in caplog.records if "item bad failed" in r.getMessage()]
+    assert "CorruptImageError" in warned.getMessage() and not warned.exc_info
     assert not records[item.id].get("error")
     no_tools = asyncio.run(
         Evaluation(tmp_path / "b", ablation=Ablation(tools=False), settings=settings).run([item])  # type: ignore[arg-type]
