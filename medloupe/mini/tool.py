@@ -36,6 +36,7 @@ from medloupe.tools.base import (
     box_text,
     successful,
 )
+from medloupe.tools.compare import Extreme, size_comparison
 from medloupe.tools.position import (
     Relation,
     centre,
@@ -91,6 +92,7 @@ def target_from_question(question: str) -> str | None:
 
 _SIDES = ("left ", "right ")
 MAX_SUGGESTED = 3  # targets the rule-based plan grounds for one question
+MAX_COMPARED = 6  # ... for a size comparison (every side of each option: "lung, liver or heart")
 
 
 def named_targets(question: str, labels: Sequence[str]) -> list[str]:
@@ -275,11 +277,27 @@ class GroundTool(Tool):
         named = named_targets(question, self.grounder.labels)
         return [first, *(t for t in named if t != first)] if first else named
 
+    def compared(self, question: str) -> list[tuple[str, list[str]]] | None:
+        """The options of a size comparison (:func:`size_comparison`), each with the trained
+        targets it names (a bare sided name is both sides: "lung" -> both lungs); ``None``
+        for other questions and unless every option names one."""
+        asked = size_comparison(question)
+        if asked is None or not self.available().ok:
+            return None
+        options = [(o, named_targets(o, self.grounder.labels)) for o in asked[1]]
+        return options if all(labels for _, labels in options) else None
+
     def suggest(self, question: str, image: ImageRecord) -> list[dict[str, Any]] | None:
         """Ground what the question names (at most :data:`MAX_SUGGESTED` targets): a
         "locate" question's target, an organ whose look or size is asked, both sides of a
-        relative-position question."""
-        targets = self.targets(question)[:MAX_SUGGESTED]
+        relative-position question; every option of a size comparison (at most
+        :data:`MAX_COMPARED`)."""
+        options = self.compared(question)
+        if options is not None:
+            targets = list(dict.fromkeys(t for _, labels in options for t in labels))
+            targets = targets[:MAX_COMPARED]
+        else:
+            targets = self.targets(question)[:MAX_SUGGESTED]
         if not targets:
             return None
         modality = modality_key(question) or modality_key(image.modality)
@@ -289,10 +307,14 @@ class GroundTool(Tool):
     def states(self, question: str, evidence: list[Evidence]) -> Statement | None:
         """The box of what a "locate the X" question asks a box for ("where is the spleen,
         right or lower right?" asks for words: the box stays evidence, not the answer); the
-        answer of a relative-position question both of whose targets were grounded."""
+        answer of a relative-position question both of whose targets were grounded, and of a
+        size comparison all of whose options were."""
         relation = relation_from_question(question)
         if relation is not None:
             return self._relative(relation, evidence)
+        asked = size_comparison(question)
+        if asked is not None:
+            return self._compare(asked[0], question, evidence)
         target = target_from_question(question)
         if target is None or not asks_for_box(question):
             return None
@@ -336,14 +358,7 @@ class GroundTool(Tool):
             named = named_targets(phrase, labels)
             if len(named) != 1:
                 return None
-            hit = next(
-                (
-                    e
-                    for e in successful(evidence, self.name)
-                    if str((e.output or {}).get("label")) == named[0] and e.regions
-                ),
-                None,
-            )
+            hit = self._found(named[0], evidence)
             if hit is None:
                 return None
             found.append((named[0], hit))
@@ -368,6 +383,57 @@ class GroundTool(Tool):
             parts=("yes" if yes else "no",),
             claims=(claim,),
             regions=(ea.regions[0], eb.regions[0]),
+            confidence=confidence,
+        )
+
+    def _found(self, label: str, evidence: list[Evidence]) -> Evidence | None:
+        """The first successful call of this tool that boxed ``label``."""
+        return next(
+            (
+                e
+                for e in successful(evidence, self.name)
+                if str((e.output or {}).get("label")) == label and e.regions
+            ),
+            None,
+        )
+
+    def _compare(
+        self, extreme: Extreme, question: str, evidence: list[Evidence]
+    ) -> Statement | None:
+        """The option whose boxes cover the most (or least) of the image, as the question
+        names it; a sided organ named bare ("lung") adds both sides' boxes. ``None`` unless
+        every option's targets were grounded."""
+        options = self.compared(question)
+        if options is None:
+            return None
+        used: list[Evidence] = []
+        areas: list[tuple[str, float]] = []
+        for option, labels in options:
+            area = 0.0
+            for label in labels:
+                hit = self._found(label, evidence)
+                if hit is None:
+                    return None
+                x0, y0, x1, y1 = hit.regions[0].box_xyxy
+                area += (x1 - x0) * (y1 - y0)
+                used.append(hit)
+            areas.append((option, area))
+        pick = (max if extreme == "largest" else min)(areas, key=lambda a: a[1])[0]
+        right = float(np.prod([float((e.output or {}).get("confidence", 0.0)) for e in used]))
+        confidence = right + (1.0 - right) / len(areas)  # a missed box leaves a guess
+        sizes = ", ".join(f"the {o} {a:,.0f}" for o, a in areas)
+        claim = Claim(
+            text=(
+                f"In this image the boxes of medloupe-mini's grounder cover {sizes} pixels "
+                f"(both sides added for an organ named without one): the {pick} is the "
+                f"{extreme}. Every box right with calibrated chance {right:.2f}."
+            ),
+            evidence_ids=list(dict.fromkeys(e.id for e in used)),
+        )
+        return Statement(
+            parts=(pick,),
+            claims=(claim,),
+            regions=tuple(e.regions[0] for e in used),
             confidence=confidence,
         )
 

@@ -47,6 +47,9 @@ def test_question_options() -> None:
         "ectatic", "aneurysmal", "yes", "no",
     ]  # fmt: skip
     assert question_options("Which side is the effusion on, left or right?") == ["left", "right"]
+    # both options fold to one side (as scoring folds "lower right" to right): that side
+    spleen = "Where is the spleen in this image, right or lower right?"
+    assert question_options(spleen, {"left", "right"}) == ["right"]
     assert question_options("What organ is shown?") is None
     known = {"apex", "base", "contrast", "non contrast", "small bowel", "t1", "t2", "yes", "no"}
     q = "Are the ground glass opacities located more in the apex or base of the lung?"

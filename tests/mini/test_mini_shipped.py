@@ -207,6 +207,21 @@ def test_grounding_question_through_the_graph(shared_datasets: Path, tmp_path: P
     assert claim["evidence_ids"]
 
 
+def test_a_size_comparison_is_measured_from_the_grounders_boxes(
+    shared_datasets: Path, tmp_path: Path
+) -> None:
+    """SLAKE dev item (pelvic CT): the rule-based plan grounds every option and the answer is
+    the one whose box covers most, citing all three boxes (the head alone said "rectum")."""
+    item = _dev_item(shared_datasets, "Which is the biggest in this image, bladder, small bowel")
+    answer = _ask_json(tmp_path, shared_datasets / item["image"], item["question"])
+    assert answer["provenance"]["answer_source"] == "evidence-composer"
+    assert answer["short_answer"] == "bladder" == item["answer"].lower()
+    (claim,) = answer["claims"]
+    assert "the bladder is the largest" in claim["text"] and len(claim["evidence_ids"]) == 3
+    assert [r["label"] for r in answer["regions"][:3]] == ["Bladder 1", "Small Bowel 1", "Rectum 1"]
+    assert 1 / 3 < answer["confidence"] < 0.95
+
+
 def _png_data_uri(rgb: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
