@@ -124,9 +124,8 @@ def question_options(question: str, vocab: set[str] | None = None) -> list[str] 
         if left and right:
             listed = [canonical(s) for s in segments[1:-1] if 0 < len(normalise(s).split()) <= 3]
             options = list(dict.fromkeys([*listed, *_pair(left, right[:4], vocab)]))
-            # "right or lower right?": both fold to one side, which is then the answer
-            folded = options in (["left"], ["right"])
-            if (len(options) > 1 or folded) and all(options):
+            # options that fold to one answer ("right or lower right?") leave that answer
+            if options and all(options):
                 if yes_no and not _EXISTENCE.search(normalise(question)):
                     return options
                 return [*options, *(o for o in yes_no if o not in options)]

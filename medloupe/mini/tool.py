@@ -277,24 +277,24 @@ class GroundTool(Tool):
         named = named_targets(question, self.grounder.labels)
         return [first, *(t for t in named if t != first)] if first else named
 
-    def compared(self, question: str) -> list[tuple[str, list[str]]] | None:
-        """The options of a size comparison (:func:`size_comparison`), each with the trained
-        targets it names (a bare sided name is both sides: "lung" -> both lungs); ``None``
-        for other questions and unless every option names one."""
+    def compared(self, question: str) -> tuple[Extreme, list[tuple[str, list[str]]]] | None:
+        """The end a size comparison asks for and its options (:func:`size_comparison`), each
+        with the trained targets it names (a bare sided name is both sides: "lung" -> both
+        lungs); ``None`` for other questions and unless every option names one."""
         asked = size_comparison(question)
         if asked is None or not self.available().ok:
             return None
         options = [(o, named_targets(o, self.grounder.labels)) for o in asked[1]]
-        return options if all(labels for _, labels in options) else None
+        return (asked[0], options) if all(labels for _, labels in options) else None
 
     def suggest(self, question: str, image: ImageRecord) -> list[dict[str, Any]] | None:
         """Ground what the question names (at most :data:`MAX_SUGGESTED` targets): a
         "locate" question's target, an organ whose look or size is asked, both sides of a
         relative-position question; every option of a size comparison (at most
         :data:`MAX_COMPARED`)."""
-        options = self.compared(question)
-        if options is not None:
-            targets = list(dict.fromkeys(t for _, labels in options for t in labels))
+        compared = self.compared(question)
+        if compared is not None:
+            targets = list(dict.fromkeys(t for _, labels in compared[1] for t in labels))
             targets = targets[:MAX_COMPARED]
         else:
             targets = self.targets(question)[:MAX_SUGGESTED]
@@ -312,9 +312,9 @@ class GroundTool(Tool):
         relation = relation_from_question(question)
         if relation is not None:
             return self._relative(relation, evidence)
-        asked = size_comparison(question)
-        if asked is not None:
-            return self._compare(asked[0], question, evidence)
+        compared = self.compared(question)
+        if compared is not None:
+            return self._compare(*compared, evidence)
         target = target_from_question(question)
         if target is None or not asks_for_box(question):
             return None
@@ -398,14 +398,11 @@ class GroundTool(Tool):
         )
 
     def _compare(
-        self, extreme: Extreme, question: str, evidence: list[Evidence]
+        self, extreme: Extreme, options: list[tuple[str, list[str]]], evidence: list[Evidence]
     ) -> Statement | None:
-        """The option whose boxes cover the most (or least) of the image, as the question
-        names it; a sided organ named bare ("lung") adds both sides' boxes. ``None`` unless
-        every option's targets were grounded."""
-        options = self.compared(question)
-        if options is None:
-            return None
+        """The option (:meth:`compared`) whose boxes cover the most (or least) of the image,
+        as the question names it; a sided organ named bare ("lung") adds both sides' boxes.
+        ``None`` unless every option's targets were grounded."""
         used: list[Evidence] = []
         areas: list[tuple[str, float]] = []
         for option, labels in options:
