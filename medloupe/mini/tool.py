@@ -140,6 +140,14 @@ class GroundArgs(BaseModel):
     max_boxes: int = Field(default=3, ge=1, le=10, description="boxes returned at most")
 
 
+def _read_from_boxes(hits: Sequence[Evidence], answers: int) -> tuple[float, float]:
+    """``(every box right, confidence)`` of an answer read from the grounder's boxes in
+    ``hits``: the product of their calibrated confidences, and that plus a guess among the
+    ``answers`` possible ones when a box is off."""
+    right = float(np.prod([float((e.output or {}).get("confidence", 0.0)) for e in hits]))
+    return right, right + (1.0 - right) / answers
+
+
 class ScoredBox(BaseModel):
     box_xyxy: Box
     score: float = Field(ge=0.0, le=1.0, description="heatmap peak inside the box")
@@ -365,10 +373,7 @@ class GroundTool(Tool):
         (la, ea), (lb, eb) = found
         (ax, ay), (bx, by) = centre(ea.regions[0].box_xyxy), centre(eb.regions[0].box_xyxy)
         yes = holds(rel, (ax, ay), (bx, by))
-        both = float((ea.output or {}).get("confidence", 0.0)) * float(
-            (eb.output or {}).get("confidence", 0.0)
-        )
-        confidence = both + (1.0 - both) * 0.5  # a missed box leaves a coin flip
+        both, confidence = _read_from_boxes([ea, eb], 2)
         where = relation_words(rel)
         claim = Claim(
             text=(
@@ -416,8 +421,7 @@ class GroundTool(Tool):
                 used.append(hit)
             areas.append((option, area))
         pick = (max if extreme == "largest" else min)(areas, key=lambda a: a[1])[0]
-        right = float(np.prod([float((e.output or {}).get("confidence", 0.0)) for e in used]))
-        confidence = right + (1.0 - right) / len(areas)  # a missed box leaves a guess
+        right, confidence = _read_from_boxes(used, len(areas))
         sizes = ", ".join(f"the {o} {a:,.0f}" for o, a in areas)
         claim = Claim(
             text=(
